@@ -1,0 +1,55 @@
+"""Batched augmentation on the training device (kornia), and input normalisation.
+
+Loader output is (B, 3, S, S) uint8; everything here runs on whole batches, per-sample random,
+so the GPU does the work the paper's code did image by image on the CPU."""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+
+def _odd(n: float) -> int:
+    k = max(3, int(n))
+    return k if k % 2 else k + 1
+
+
+class TwoViewAugment(nn.Module):
+    """The paper's MoCo-v2 pipeline, applied independently to each sample of each view:
+    RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2,
+    Gaussian blur sigma in [0.1, 2] p=0.5, horizontal flip."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.pipe = K.AugmentationSequential(
+            K.RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0)),
+            K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+            K.RandomGrayscale(p=0.2),
+            # Kernel ~10% of the image side, as SimCLR/MoCo-v2 use at 224 px.
+            K.RandomGaussianBlur(_odd(0.1 * image_size), (0.1, 2.0), p=0.5),
+            K.RandomHorizontalFlip(),
+        )
+
+    @torch.no_grad()
+    def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> (2B, 3, S, S) float in [0, 1]: rows [0, B) view 1, [B, 2B) view 2."""
+        x = x_uint8.float().div_(255.0)
+        return self.pipe(torch.cat([x, x], dim=0)).clamp_(0.0, 1.0)
+
+
+class Normalize(nn.Module):
+    """[0, 1] float -> the backbone's expected input. Buffers move with .to(device)."""
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    """Eval transform: the loader already resized to S x S; just scale to [0, 1]."""
+    return x_uint8.float().div_(255.0)

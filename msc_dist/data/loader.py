@@ -1,0 +1,161 @@
+"""Streaming loader: each (rank, loader worker) reads its planned ranges, filters by label,
+decodes to fixed-size uint8 and yields whole batches. Augmentation happens later, on the
+training device, so the CPU only decodes and resizes (the paper's code spends most of its time
+in per-image CPU transforms).
+
+A batch is a dict: images (b, 3, S, S) uint8, labels (b,) long (-1 = unlabelled), keys [str],
+sources [str], corrupt [str] (keys skipped since the previous batch because they did not decode)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from msc_dist.data.plan import Range, plan
+from msc_dist.data.shards import DatasetInfo, iter_samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LabelFilter:
+    """Which samples a stream keeps. labels=None keeps all; otherwise a sample is kept when its
+    label is in ``labels``, or when it has no label and ``keep_unlabelled`` (normal by default)."""
+
+    labels: frozenset[int] | None = None
+    keep_unlabelled: bool = True
+
+    def __call__(self, label: int | None) -> bool:
+        if self.labels is None:
+            return True
+        return self.keep_unlabelled if label is None else label in self.labels
+
+
+def kept_counts(info: DatasetInfo, keep: LabelFilter) -> list[tuple[str, int]]:
+    return [(s.url, s.count_where(keep)) for s in info.shards]
+
+
+def _iter_range(r: Range, keep: LabelFilter):
+    """Samples [start, stop) among the kept ones of a shard; stops reading once past ``stop``."""
+    i = 0
+    for s in iter_samples(r.url):
+        if not keep(s.label):
+            continue
+        if i >= r.stop:
+            return
+        if i >= r.start:
+            yield s
+        i += 1
+
+
+class ShardStream(IterableDataset):
+    def __init__(
+        self,
+        counts: list[tuple[str, int]],
+        keep: LabelFilter,
+        image_size: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        *,
+        train: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle_buffer: int = 256,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.counts, self.keep, self.image_size, self.batch_size = counts, keep, image_size, batch_size
+        self.world_size, self.rank, self.train = world_size, rank, train
+        self.seed, self.epoch, self.shuffle_buffer, self.max_pixels = seed, epoch, shuffle_buffer, max_pixels
+
+    def _ranges(self, n_workers: int, worker: int, pass_: int) -> list[Range]:
+        # Training reshuffles shard order every epoch (and every wrap-around pass), identically
+        # on all ranks, so the union over ranks is still an exact partition.
+        shuffle = self.seed * 1_000_003 + self.epoch * 1009 + pass_ if self.train else None
+        return plan(self.counts, self.world_size, self.rank, n_workers, worker, shuffle)
+
+    def _decoded(self, n_workers: int, worker: int):
+        """(sample, array or None, error) in plan order; training wraps around until the
+        consumer stops, and gives up on a pass that decoded nothing (all corrupt or empty)."""
+        pass_ = 0
+        while True:
+            ok = 0
+            for r in self._ranges(n_workers, worker, pass_):
+                for s in _iter_range(r, self.keep):
+                    try:
+                        arr = decode_image(s.data, self.image_size, self.max_pixels)
+                    except BadImage as e:
+                        yield s, None, e
+                        continue
+                    ok += 1
+                    yield s, arr, None
+            if not self.train or ok == 0:
+                return
+            pass_ += 1
+
+    def _shuffled(self, it, rng: random.Random):
+        if not self.train or self.shuffle_buffer <= 1:
+            yield from it
+            return
+        buf = []
+        for item in it:
+            buf.append(item)
+            if len(buf) >= self.shuffle_buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        wi = get_worker_info()
+        n_workers, worker = (wi.num_workers, wi.id) if wi else (1, 0)
+        rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
+        imgs, labels, keys, sources, corrupt = [], [], [], [], []
+        for s, arr, err in self._shuffled(self._decoded(n_workers, worker), rng):
+            if arr is None:
+                log.warning("skipping corrupt sample key=%s shard=%s: %s", s.key, s.source, err)
+                corrupt.append(s.key)
+                continue
+            imgs.append(arr)
+            labels.append(-1 if s.label is None else s.label)
+            keys.append(s.key)
+            sources.append(s.source)
+            if len(imgs) == self.batch_size:
+                yield _collate(imgs, labels, keys, sources, corrupt)
+                imgs, labels, keys, sources, corrupt = [], [], [], [], []
+        if (imgs or corrupt) and not self.train:
+            yield _collate(imgs, labels, keys, sources, corrupt)
+        elif corrupt:
+            yield _collate([], [], [], [], corrupt)
+
+
+def _collate(imgs, labels, keys, sources, corrupt) -> dict:
+    if imgs:
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()  # (b, 3, S, S) uint8
+    else:
+        x = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
+    return {
+        "images": x,
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "keys": keys,
+        "sources": sources,
+        "corrupt": corrupt,
+    }
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    # batch_size=None: the stream yields whole batches itself (per loader worker).
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )

@@ -1,0 +1,109 @@
+"""Convert an image folder (subfolders = classes) or the MNIST npz into WebDataset shards."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+
+import numpy as np
+from PIL import Image
+
+from msc_dist import storage
+from msc_dist.data.shards import IMAGE_EXTS, DataError, DatasetInfo, ShardWriter
+
+
+def _key(rel: str) -> str:
+    # WebDataset keys end at the first dot and must not contain '/'.
+    return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(rel)[0])
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _resolve_class(name: str | None, classes: list[str]) -> int | None:
+    if name is None:
+        return None
+    if name in classes:
+        return classes.index(name)
+    raise DataError(f"normal class {name!r} not found; valid classes: {classes}")
+
+
+def _split(items: list, normal: int | None, fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded split: ``fraction`` of the normal items to train, the rest plus every other class to test."""
+    norm = [it for it in items if it[-1] == normal]
+    rng = random.Random(seed)
+    rng.shuffle(norm)
+    n_train = int(round(fraction * len(norm)))
+    train = sorted(norm[:n_train])
+    test = sorted(set(items) - set(train))
+    return train, test
+
+
+def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_class: str | None,
+                train_fraction: float, seed: int) -> dict[str, DatasetInfo]:
+    if not os.path.isdir(src):
+        raise DataError(f"{src!r} is not a folder")
+    classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
+    if not classes:
+        raise DataError(f"{src!r} has no class subfolders")
+    items = []
+    for ci, c in enumerate(classes):
+        for root, _, files in os.walk(os.path.join(src, c)):
+            for f in files:
+                ext = f.rsplit(".", 1)[-1].lower()
+                if ext in exts:
+                    items.append((os.path.relpath(os.path.join(root, f), src), ext, ci))
+    items.sort()
+    if not items:
+        raise DataError(f"no images with extensions {exts} under {src!r}")
+    normal = _resolve_class(normal_class, classes)
+    splits = {"": items} if normal is None else dict(zip(("train", "test"), _split(items, normal, train_fraction, seed)))
+    out_info = {}
+    for name, its in splits.items():
+        with ShardWriter(storage.join(out, name) if name else out, per_shard, classes) as w:
+            for rel, ext, label in its:
+                with open(os.path.join(src, rel), "rb") as f:
+                    w.write(_key(rel), f.read(), "jpg" if ext == "jpeg" else ext, label)
+        out_info[name or "all"] = w.close()
+    if normal is not None:
+        _write_split_record(out, normal_class, train_fraction, seed, splits)
+    return out_info
+
+
+def _write_split_record(out, normal_class, fraction, seed, splits) -> None:
+    import json
+
+    rec = {"normal_class": normal_class, "train_fraction": fraction, "seed": seed,
+           "train": [r for r, *_ in splits["train"]], "test": [r for r, *_ in splits["test"]]}
+    storage.write_bytes_atomic(storage.join(out, "split.json"), json.dumps(rec, indent=0).encode())
+
+
+def from_npz(src: str, out: str, per_shard: int, normal_class: str | None) -> dict[str, DatasetInfo]:
+    """MNIST-format npz: x_train/y_train/x_test/y_test (+ idx_*). Writes OUT/train and OUT/test.
+    With a normal class, train holds only that class (the one-class protocol); test holds all."""
+    d = np.load(src)
+    classes = [str(i) for i in range(int(max(d["y_train"].max(), d["y_test"].max())) + 1)]
+    normal = _resolve_class(normal_class, classes)
+    res = {}
+    for split in ("train", "test"):
+        x, y = d[f"x_{split}"], d[f"y_{split}"]
+        idx = d[f"idx_{split}"] if f"idx_{split}" in d else np.arange(len(x))
+        with ShardWriter(storage.join(out, split), per_shard, classes) as w:
+            for i in range(len(x)):
+                if split == "train" and normal is not None and int(y[i]) != normal:
+                    continue
+                w.write(f"{split}{int(idx[i]):06d}", _png(x[i]), "png", int(y[i]))
+        res[split] = w.close()
+    return res
+
+
+def make_shards(src: str, out: str, exts: list[str] | None = None, per_shard: int = 1000,
+                normal_class: str | None = None, train_fraction: float = 0.7, seed: int = 0) -> dict[str, DatasetInfo]:
+    if src.endswith(".npz"):
+        return from_npz(src, out, per_shard, normal_class)
+    return from_folder(src, out, [e.lower() for e in (exts or IMAGE_EXTS)], per_shard, normal_class, train_fraction, seed)

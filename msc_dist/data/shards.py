@@ -1,0 +1,232 @@
+"""WebDataset shard I/O: ``KEY.jpg|png|webp`` (+ optional ``KEY.cls``) inside tar files.
+
+A shard folder may hold ``shards.json`` (written by our writers): per-shard sample counts and
+per-label counts, so that the driver can plan an exact split without reading the data. Shards
+without one are scanned once (headers and labels only, no image decode).
+
+Everything goes through fsspec (``tarfile`` in stream mode over a file object): never a shell
+pipe built from a URL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from msc_dist import storage
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "shards.json"
+FORMAT = "msc-shards/1"
+
+
+class DataError(ValueError):
+    """The data cannot be used as given; raised on the driver before any worker starts."""
+
+
+@dataclass
+class ShardInfo:
+    url: str
+    count: int
+    # label -> count; None key (str "null" in JSON) for samples without a .cls member.
+    labels: dict[int | None, int] = field(default_factory=dict)
+
+    def count_where(self, keep) -> int:
+        return sum(n for lab, n in self.labels.items() if keep(lab))
+
+
+@dataclass
+class DatasetInfo:
+    spec: str
+    shards: list[ShardInfo]
+    classes: list[str] | None = None
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def label_counts(self) -> dict[int | None, int]:
+        out: dict[int | None, int] = {}
+        for s in self.shards:
+            for k, v in s.labels.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+@dataclass
+class Sample:
+    key: str
+    data: bytes | None  # encoded image bytes
+    ext: str | None
+    label: int | None
+    source: str  # shard URL
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    # WebDataset convention: the key is everything up to the first dot of the basename.
+    d, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(d, stem) if d else stem, ext.lower()
+
+
+def iter_samples(url: str) -> Iterator[Sample]:
+    """Stream one shard, grouping consecutive members by key. Members that are neither an image
+    nor a label are ignored. A sample with no image member yields data=None (counted as corrupt)."""
+    with storage.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        cur_key, img, ext, label = None, None, None, None
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, e = _split_key(m.name)
+            if key != cur_key:
+                if cur_key is not None:
+                    yield Sample(cur_key, img, ext, label, url)
+                cur_key, img, ext, label = key, None, None, None
+            if e in IMAGE_EXTS:
+                img, ext = tar.extractfile(m).read(), e
+            elif e == "cls":
+                raw = tar.extractfile(m).read().strip()
+                try:
+                    label = int(raw)
+                except ValueError:
+                    log.warning("%s: key %s has a non-integer .cls %r; treated as unlabelled", url, key, raw[:20])
+        if cur_key is not None:
+            yield Sample(cur_key, img, ext, label, url)
+
+
+def scan_shard(url: str) -> ShardInfo:
+    """Count samples and labels by reading the tar stream (no decode)."""
+    labels: dict[int | None, int] = {}
+    n = 0
+    for s in iter_samples(url):
+        n += 1
+        labels[s.label] = labels.get(s.label, 0) + 1
+    return ShardInfo(url, n, labels)
+
+
+def expand(spec: str) -> list[str]:
+    """A folder/prefix (its *.tar, sorted), a brace pattern (``shard-{000..009}.tar``), a glob,
+    or a single .tar; local or s3://. Several specs may be joined with '::'."""
+    urls: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        if "{" in part:
+            import braceexpand
+
+            urls.extend(braceexpand.braceexpand(part))
+            continue
+        fs = storage.filesystem(part)
+        proto = part.split("://", 1)[0] + "://" if storage.is_remote(part) else ""
+        path = storage.strip_protocol(part) if proto else part
+        if any(c in path for c in "*?["):
+            urls.extend(proto + p for p in sorted(fs.glob(path)))
+        elif path.endswith(".tar"):
+            urls.append(part)
+        elif fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(".tar"))
+            urls.extend(proto + p if proto else p for p in found)
+        elif not fs.exists(path):
+            raise DataError(f"data {part!r} does not exist (expected a folder of .tar shards, a brace pattern, or a .tar)")
+    return urls
+
+
+def _label_key(k: str) -> int | None:
+    return None if k == "null" else int(k)
+
+
+def _read_manifest(folder: str) -> dict | None:
+    url = storage.join(folder, MANIFEST)
+    if not storage.exists(url):
+        return None
+    return json.loads(storage.read_bytes(url))
+
+
+def describe(spec: str, scan_workers: int = 8) -> DatasetInfo:
+    """Shard list with counts: from ``shards.json`` where present, else by scanning."""
+    if spec is None or not str(spec).strip():
+        raise DataError("no data given: pass --data (a folder of WebDataset .tar shards, a brace pattern, or s3://...)")
+    is_folder = "{" not in spec and "::" not in spec and not spec.endswith(".tar") and not any(c in spec for c in "*?[")
+    if is_folder and storage.exists(spec):
+        man = _read_manifest(spec)
+        if man is not None:
+            shards = [
+                ShardInfo(storage.join(spec, s["name"]), int(s["count"]), {_label_key(k): int(v) for k, v in s["labels"].items()})
+                for s in man["shards"]
+            ]
+            return DatasetInfo(spec, shards, man.get("classes"))
+    urls = expand(spec)
+    if not urls:
+        raise DataError(f"data {spec!r} holds no .tar shards")
+    log.info("no %s beside %s: scanning %d shard(s) for counts", MANIFEST, spec, len(urls))
+    with ThreadPoolExecutor(max_workers=min(scan_workers, len(urls))) as ex:
+        shards = list(ex.map(scan_shard, urls))
+    return DatasetInfo(spec, shards, None)
+
+
+class ShardWriter:
+    """Writes numbered shards of at most ``per_shard`` samples into a folder or s3:// prefix,
+    then ``shards.json`` last, so a reader that finds the manifest finds every shard whole."""
+
+    def __init__(self, out: str, per_shard: int = 1000, classes: list[str] | None = None, prefix: str = "shard"):
+        self.out, self.per_shard, self.classes, self.prefix = out, per_shard, classes, prefix
+        self.shards: list[dict] = []
+        self._buf: io.BytesIO | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._n = 0
+        self._labels: dict[str, int] = {}
+        if not storage.is_remote(out):
+            import os
+
+            os.makedirs(out, exist_ok=True)
+
+    def _add(self, tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o444
+        tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, image: bytes, ext: str, label: int | None = None) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key must not contain '.' or '/': {key!r}")
+        if self._tar is None:
+            self._buf = io.BytesIO()
+            self._tar = tarfile.open(fileobj=self._buf, mode="w")
+        self._add(self._tar, f"{key}.{ext}", image)
+        if label is not None:
+            self._add(self._tar, f"{key}.cls", str(int(label)).encode())
+        lk = "null" if label is None else str(int(label))
+        self._labels[lk] = self._labels.get(lk, 0) + 1
+        self._n += 1
+        if self._n >= self.per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._tar is None or self._n == 0:
+            return
+        self._tar.close()
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        storage.write_bytes_atomic(storage.join(self.out, name), self._buf.getvalue())
+        self.shards.append({"name": name, "count": self._n, "labels": self._labels})
+        self._tar, self._buf, self._n, self._labels = None, None, 0, {}
+
+    def close(self) -> DatasetInfo:
+        self._flush()
+        man = {"format": FORMAT, "classes": self.classes, "shards": self.shards}
+        storage.write_bytes_atomic(storage.join(self.out, MANIFEST), json.dumps(man, indent=1).encode())
+        return describe(self.out)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()

@@ -1,0 +1,66 @@
+"""Running a FeatureModel over a shard stream, and the global center."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from msc_dist import dist
+from msc_dist.augment import to_unit
+
+
+@dataclass
+class Embedded:
+    z: torch.Tensor  # (N, D) float32 unit vectors, on CPU
+    labels: torch.Tensor  # (N,) long, -1 = unlabelled
+    keys: list[str]
+    corrupt: list[str] = field(default_factory=list)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on GPU; CPU runs in float32 (CPU bf16 is slower on most hosts)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def embed_batches(model, loader, device: torch.device, channels_last: bool = False) -> Embedded:
+    zs, labels, keys, corrupt = [], [], [], []
+    for batch in loader:
+        corrupt.extend(batch["corrupt"])
+        x = batch["images"]
+        if x.shape[0] == 0:
+            continue
+        x = to_unit(x.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            z = model(x)
+        zs.append(z.float().cpu())
+        labels.append(batch["labels"])
+        keys.extend(batch["keys"])
+    dim = model.dim if hasattr(model, "dim") else model.module.dim
+    z = torch.cat(zs) if zs else torch.zeros((0, dim))
+    lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    return Embedded(z, lab, keys, corrupt)
+
+
+def global_center(z_local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean of every rank's normal features, L2-normalised.
+
+    (sum, count) travel together in one float64 all-reduce, so every sample counts exactly once
+    whatever the per-rank counts: sum = [D] float64, count in the extra slot."""
+    d = z_local.shape[1]
+    packed = torch.zeros(d + 1, dtype=torch.float64)
+    packed[:d] = z_local.double().sum(0).cpu()
+    packed[d] = z_local.shape[0]
+    packed = dist.all_reduce_sum(packed)
+    n = int(packed[d].item())
+    if n == 0:
+        raise RuntimeError("no normal features on any rank: cannot compute the center")
+    c = F.normalize(packed[:d] / n, dim=0)
+    return c.float(), n

@@ -1,0 +1,78 @@
+"""The training job's one typed config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = None
+    eval_data: str | None = None
+    normal_classes: list[str] = field(default_factory=lambda: ["0"])
+    image_size: int = 224
+    loader_workers: int = 2
+    shuffle_buffer: int = 256
+    max_pixels: int = 64_000_000
+    demo_dir: str = os.path.join("~", ".cache", "msc_dist", "demo")
+    # model
+    backbone: str = "efficientnet_lite0"
+    weights: str | None = None
+    # optimisation (paper defaults)
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-5
+    weight_decay: float = 5e-5
+    momentum: float = 0.0
+    temperature: float = 0.25
+    angular_weight: float = 1.0
+    global_negatives: bool = False
+    steps_per_epoch: int | None = None
+    knn_k: int = 2
+    eval_every: int = 1
+    seed: int = 0
+    # cluster
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str = os.path.join("~", "msc_runs")
+    name: str = "msc"
+    max_failures: int = 3
+    keep_checkpoints: int = 3
+    ray_address: str | None = None
+
+
+HELP = {
+    "data": "normal training shards: folder, brace pattern or s3://... (none: generate and use the demo set)",
+    "eval_data": "labelled shards for per-epoch ROC-AUC (kNN to the normal training features)",
+    "normal_classes": "labels (ints or class names from shards.json) that count as normal",
+    "image_size": "square input side in pixels",
+    "loader_workers": "DataLoader worker processes per training worker",
+    "shuffle_buffer": "per-loader-worker shuffle buffer (samples)",
+    "max_pixels": "images above this many pixels are skipped as corrupt (decompression bombs)",
+    "demo_dir": "where the demo set is generated when --data is absent",
+    "backbone": "efficientnet_lite0 | resnet18 | resnet50 | resnet152",
+    "weights": "backbone weights file (state_dict); default: the packaged / torch hub cache weights",
+    "epochs": "training epochs (epoch 0 = frozen features, evaluated before training)",
+    "batch_size": "images per worker per step (each gives two views)",
+    "lr": "SGD learning rate",
+    "weight_decay": "SGD weight decay",
+    "momentum": "SGD momentum (the paper uses none)",
+    "temperature": "contrastive temperature",
+    "angular_weight": "weight of the angular center loss (0 turns it off)",
+    "global_negatives": "contrast against the other ranks' features too (gathered with gradients)",
+    "steps_per_epoch": "cap on optimiser steps per epoch (default: one pass over the data)",
+    "knn_k": "neighbours in the kNN score",
+    "eval_every": "evaluate every N epochs",
+    "seed": "seed for shuffling and augmentation",
+    "num_workers": "Ray Train workers (DDP ranks)",
+    "use_gpu": "one GPU per worker, NCCL; otherwise CPU and gloo",
+    "cpus_per_worker": "CPUs reserved per worker",
+    "storage_path": "run storage: folder or s3://bucket/prefix",
+    "name": "run name; rerunning with the same storage path and name resumes",
+    "max_failures": "worker-group restarts before the run fails",
+    "keep_checkpoints": "checkpoints kept (newest)",
+    "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray started in-process)",
+}

@@ -1,0 +1,151 @@
+"""The driver: validate data and config, then launch the Ray Train TorchTrainer.
+
+Everything that can be wrong with the inputs is found here, before any worker starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+from msc_dist import storage
+from msc_dist.backbones import REGISTRY, get_spec
+from msc_dist.config import ConfigError, to_json
+from msc_dist.data.loader import LabelFilter, kept_counts
+from msc_dist.data.plan import steps_per_epoch
+from msc_dist.data.shards import DataError, DatasetInfo, describe
+from msc_dist.train.config import TrainConfig
+from msc_dist.train.loop import DataPlan
+
+log = logging.getLogger("msc_dist.train")
+
+
+def resolve_labels(names: list[str], classes: list[str] | None) -> list[int]:
+    """Normal classes as ints: class names from shards.json, or integer labels."""
+    out = []
+    for n in names:
+        if classes and n in classes:
+            out.append(classes.index(n))
+            continue
+        try:
+            out.append(int(n))
+        except ValueError:
+            raise ConfigError(f"normal class {n!r} is neither an integer label nor a class name; valid classes: {classes}") from None
+    return sorted(set(out))
+
+
+def ensure_demo(cfg: TrainConfig) -> TrainConfig:
+    """No --data: generate the demo set once (reused when its manifests exist)."""
+    from msc_dist.data.demo import make_demo
+
+    root = os.path.expanduser(cfg.demo_dir)
+    train, test = os.path.join(root, "train"), os.path.join(root, "test")
+    if not (os.path.exists(os.path.join(train, "shards.json")) and os.path.exists(os.path.join(test, "shards.json"))):
+        print(f"no --data given: generating the demo set in {root}", flush=True)
+        make_demo(root)
+    return dataclasses.replace(cfg, data=train, eval_data=cfg.eval_data or test, normal_classes=["normal"])
+
+
+def validate(cfg: TrainConfig) -> tuple[TrainConfig, DataPlan]:
+    if cfg.backbone not in REGISTRY:
+        raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid names: {sorted(REGISTRY)}")
+    get_spec(cfg.backbone)
+    for k in ("epochs", "batch_size", "image_size", "num_workers"):
+        if getattr(cfg, k) < (0 if k == "epochs" else 1):
+            raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
+    if cfg.batch_size < 2:
+        raise ConfigError("batch_size must be at least 2 (the contrastive loss needs negatives)")
+    if cfg.weights and not storage.exists(cfg.weights):
+        raise ConfigError(f"--weights {cfg.weights!r} does not exist")
+    if cfg.data is None:
+        cfg = ensure_demo(cfg)
+    info = describe(cfg.data)
+    if info.count == 0:
+        raise DataError(f"data {cfg.data!r} holds no samples")
+    normal = resolve_labels(cfg.normal_classes, info.classes)
+    train_counts = kept_counts(info, LabelFilter(frozenset(normal)))
+    n = sum(c for _, c in train_counts)
+    if n == 0:
+        raise DataError(
+            f"data {cfg.data!r} has no normal samples: its labels are {_fmt(info)}, normal classes are "
+            f"{cfg.normal_classes} (= labels {normal}); set --normal-classes"
+        )
+    if steps_per_epoch(n, cfg.num_workers, cfg.batch_size) == 0:
+        raise DataError(
+            f"{n} normal samples are fewer than num_workers x batch_size = {cfg.num_workers * cfg.batch_size}: "
+            "lower --batch-size or --num-workers"
+        )
+    eval_counts = None
+    if cfg.eval_data:
+        ev = describe(cfg.eval_data)
+        labels = ev.label_counts()
+        if None in labels:
+            raise DataError(f"eval data {cfg.eval_data!r} has {labels[None]} unlabelled samples; every eval sample needs a .cls label")
+        if not any(lab in normal for lab in labels) or all(lab in normal for lab in labels):
+            raise DataError(f"eval data {cfg.eval_data!r} needs both normal {normal} and anomalous samples; its labels are {_fmt(ev)}")
+        eval_counts = [(s.url, s.count) for s in ev.shards]
+    return cfg, DataPlan(train_counts, normal, eval_counts)
+
+
+def _fmt(info: DatasetInfo) -> dict:
+    return {("unlabelled" if k is None else k): v for k, v in info.label_counts().items()}
+
+
+@dataclass
+class TrainOutcome:
+    metrics: dict
+    checkpoint: str | None  # URL/path of the latest checkpoint
+    run_dir: str
+    error: BaseException | None
+
+
+def main(cfg: TrainConfig) -> TrainOutcome:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from msc_dist.train.loop import ray_train_fn
+
+    cfg = dataclasses.replace(cfg, storage_path=cfg.storage_path if storage.is_remote(cfg.storage_path)
+                              else os.path.abspath(os.path.expanduser(cfg.storage_path)),
+                              demo_dir=os.path.expanduser(cfg.demo_dir))
+    cfg, plan = validate(cfg)
+    log.info("resolved config:\n%s", to_json(cfg))
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS (set by `ray job submit`) or --ray-address joins a cluster; else local Ray.
+        ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+                 runtime_env={"env_vars": storage.forwarded_env()}, log_to_driver=True)
+
+    fs, path = storage.pyarrow_filesystem(cfg.storage_path)
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+    # The resolved config beside the run (and inside every checkpoint).
+    storage.write_bytes_atomic(storage.join(run_dir, "config.json"), to_json(cfg).encode())
+
+    trainer = TorchTrainer(
+        ray_train_fn,
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan)},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+        err = None
+    except Exception as e:  # ray.train.TrainingFailedError and friends
+        result, err = None, e
+    if result is None:
+        raise err  # type: ignore[misc]
+    ck = result.checkpoint.path if result.checkpoint else None
+    if ck is not None and storage.is_remote(cfg.storage_path):
+        ck = cfg.storage_path.split("://", 1)[0] + "://" + ck
+    return TrainOutcome(dict(result.metrics or {}), ck, run_dir, result.error)

@@ -1,0 +1,240 @@
+"""The per-worker training loop. It knows nothing of Ray: ``run_worker`` takes a ``report``
+callable and an optional checkpoint folder to resume from, so Ray Train, the benchmark and tests
+drive the same code. Every rank makes the same collectives and reports the same number of times."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from msc_dist import dist
+from msc_dist.augment import TwoViewAugment
+from msc_dist.backbones import FeatureModel, build_model
+from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
+from msc_dist.data.plan import steps_per_epoch
+from msc_dist.features import Embedded, autocast, embed_batches, global_center
+from msc_dist.loss import msc_loss
+from msc_dist.scoring import knn_score, roc_auc
+from msc_dist.train import checkpoint as ckpt
+from msc_dist.train.config import TrainConfig
+
+log = logging.getLogger("msc_dist.train")
+
+Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint folder or None)
+
+
+@dataclass
+class DataPlan:
+    """What the driver worked out before any worker started (one scan of the data)."""
+
+    train_counts: list[tuple[str, int]]  # (shard url, normal samples)
+    normal_labels: list[int]
+    eval_counts: list[tuple[str, int]] | None = None  # (shard url, all samples)
+
+    @property
+    def n_train(self) -> int:
+        return sum(n for _, n in self.train_counts)
+
+
+def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: int = 0) -> ShardStream:
+    return ShardStream(
+        counts, keep, cfg.image_size, cfg.batch_size, dist.world_size(), dist.rank(),
+        train=train, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer, max_pixels=cfg.max_pixels,
+    )
+
+
+def _embed(cfg, model, counts, keep, device) -> Embedded:
+    loader = make_loader(_stream(cfg, counts, keep, train=False), cfg.loader_workers, device.type == "cuda")
+    return embed_batches(model, loader, device, channels_last=device.type == "cuda")
+
+
+def _count_corrupt(keys: list[str] | set[str]) -> int:
+    return int(dist.all_reduce_sum(torch.tensor([len(set(keys))], dtype=torch.float64)).item())
+
+
+def evaluate(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device, train_emb: Embedded | None = None) -> dict:
+    """kNN (k = cfg.knn_k) ROC-AUC of the eval set against the normal training features.
+    Every rank embeds its share; features are gathered; rank 0 scores."""
+    if plan.eval_counts is None:
+        return {}
+    model.eval()
+    normal = LabelFilter(frozenset(plan.normal_labels))
+    if train_emb is None:
+        train_emb = _embed(cfg, model, plan.train_counts, normal, device)
+    ev = _embed(cfg, model, plan.eval_counts, LabelFilter(None), device)
+    bank = dist.gather_varlen(train_emb.z)
+    q = dist.gather_varlen(ev.z)
+    labels = dist.gather_varlen(ev.labels)
+    corrupt = _count_corrupt(ev.corrupt)
+    if not dist.is_main_process():
+        return {}
+    is_anom = ~np.isin(labels.numpy(), plan.normal_labels)
+    scores = knn_score(q, bank, k=cfg.knn_k).numpy()
+    return {
+        "roc_auc": roc_auc(scores, is_anom),
+        "eval_samples": int(q.shape[0]),
+        "eval_corrupt": corrupt,
+        "score_normal_mean": float(scores[~is_anom].mean()) if (~is_anom).any() else float("nan"),
+        "score_anomaly_mean": float(scores[is_anom].mean()) if is_anom.any() else float("nan"),
+    }
+
+
+def _per_rank(n: int) -> list[int]:
+    """Each rank's own count, gathered so rank 0 can report all of them."""
+    return [int(v) for v in dist.gather_varlen(torch.tensor([n], dtype=torch.long)).tolist()]
+
+
+def _publish(report: Report, metrics: dict, model: FeatureModel, center, cfg, opt) -> None:
+    """Rank 0 writes the checkpoint folder; every rank calls report once."""
+    if dist.is_main_process():
+        with tempfile.TemporaryDirectory(prefix="msc-ckpt-") as d:
+            meta = {k: v for k, v in metrics.items()}
+            ckpt.save(d, model.state_dict(), center, dataclasses.asdict(cfg), meta, opt.state_dict())
+            report(metrics, d)
+    else:
+        report(metrics, None)
+
+
+def _log_epoch(m: dict) -> None:
+    if not dist.is_main_process():
+        return
+    parts = [f"epoch {m['epoch']}"]
+    for k in ("loss", "images_per_s", "roc_auc", "corrupt_skipped"):
+        if k in m and m[k] is not None:
+            v = m[k]
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+    print(" | ".join(parts), flush=True)  # worker stdout reaches the driver's console
+
+
+def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
+               device: torch.device) -> None:
+    torch.manual_seed(cfg.seed * 1000 + dist.rank())
+    model = build_model(cfg.backbone, cfg.weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    normal = LabelFilter(frozenset(plan.normal_labels))
+
+    start_epoch, step, center = 0, 0, None
+    if resume is not None:
+        c = resume
+        model.load_state_dict(c.model_state)
+        if c.optimizer_state is not None:
+            opt.load_state_dict(c.optimizer_state)
+        center, start_epoch, step = c.center.to(device), int(c.meta["epoch"]), int(c.meta.get("step", 0))
+        if dist.is_main_process():
+            print(f"resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
+    else:
+        # Epoch 0: the global center from frozen features, and the frozen-feature (kNN) baseline.
+        t0 = time.perf_counter()
+        model.eval()
+        emb = _embed(cfg, model, plan.train_counts, normal, device)
+        center_cpu, n = global_center(emb.z)
+        center = center_cpu.to(device)
+        metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
+                   "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
+                   "rank_center_samples": _per_rank(emb.z.shape[0])}
+        if dist.is_main_process() and emb.corrupt:
+            log.warning("rank %d skipped %d corrupt samples: %s", dist.rank(), len(emb.corrupt), sorted(set(emb.corrupt)))
+        metrics.update(evaluate(cfg, model, plan, device, train_emb=emb))
+        _log_epoch(metrics)
+        _publish(report, metrics, model, center, cfg, opt)
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_dist() else model
+    augment = TwoViewAugment(cfg.image_size).to(device)
+    n_steps = steps_per_epoch(plan.n_train, dist.world_size(), cfg.batch_size)
+    if cfg.steps_per_epoch:
+        n_steps = min(n_steps, cfg.steps_per_epoch)
+    b = cfg.batch_size
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
+        loader = make_loader(_stream(cfg, plan.train_counts, normal, train=True, epoch=epoch),
+                             cfg.loader_workers, device.type == "cuda")
+        it = iter(loader)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        corrupt: set[str] = set()
+        done, t0 = 0, time.perf_counter()
+        while done < n_steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"rank {dist.rank()}: data ran out after {done}/{n_steps} steps (too many corrupt samples?)"
+                ) from None
+            corrupt.update(batch["corrupt"])
+            x = batch["images"]
+            if x.shape[0] < b:
+                continue
+            x = x.to(device, non_blocking=True)
+            views = augment(x)  # (2B, 3, S, S): one forward for both views
+            if device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                z = ddp(views)  # (2B, D) float32 unit vectors
+            z1, z2 = z[:b], z[b:]
+            if cfg.global_negatives and dist.world_size() > 1:
+                from msc_dist.loss import mean_shift
+
+                k1 = dist.all_gather_with_grad(mean_shift(z1, center)[1])
+                k2 = dist.all_gather_with_grad(mean_shift(z2, center)[1])
+                loss = msc_loss(z1, z2, center, cfg.temperature, cfg.angular_weight,
+                                global_keys=(k1, k2), offset=dist.rank() * b)
+            else:
+                loss = msc_loss(z1, z2, center, cfg.temperature, cfg.angular_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double()
+            done += 1
+            step += 1
+        del it, loader
+        mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
+        elapsed = time.perf_counter() - t0
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "loss": mean_loss,
+                   "steps": n_steps, "rank_steps": _per_rank(done), "images_per_s": n_steps * b * dist.world_size() / max(elapsed, 1e-9),
+                   "corrupt_skipped": _count_corrupt(corrupt), "epoch_seconds": elapsed}
+        if corrupt:
+            log.warning("rank %d skipped corrupt samples this epoch: %s", dist.rank(), sorted(corrupt))
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at epoch {epoch}")
+        if plan.eval_counts is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            metrics.update(evaluate(cfg, model, plan, device))
+        _log_epoch(metrics)
+        _publish(report, metrics, model, center, cfg, opt)
+
+
+def ray_train_fn(loop_config: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig(**loop_config["cfg"])
+    p = loop_config["plan"]
+    plan = DataPlan([tuple(x) for x in p["train_counts"]], p["normal_labels"],
+                    [tuple(x) for x in p["eval_counts"]] if p["eval_counts"] is not None else None)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    def report(metrics: dict, folder: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+    resume = None
+    ck = ray.train.get_checkpoint()  # the latest reported checkpoint, after a restart or a rerun
+    if ck is not None:
+        with ck.as_directory() as d:
+            resume = ckpt.load(d, with_optimizer=True)
+    run_worker(cfg, plan, report, resume, device)
