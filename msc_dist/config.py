@@ -100,19 +100,27 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, help_text: di
 
 def parse(cls: type[T], argv: list[str] | None, description: str, help_text: dict[str, str] | None = None) -> T:
     """defaults -> --config YAML -> CLI flags."""
+    return parse_explicit(cls, argv, description, help_text)[0]
+
+
+def parse_explicit(cls: type[T], argv: list[str] | None, description: str,
+                   help_text: dict[str, str] | None = None) -> tuple[T, set[str]]:
+    """As ``parse``, also returning the keys that the YAML file or the flags set."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML file with config keys (overridden by flags)")
     add_dataclass_args(parser, cls, help_text)
     ns = parser.parse_args(argv)
-    cfg = cls()
-    if ns.config:
-        cfg = from_dict(cls, load_yaml(ns.config), base=cfg, source=ns.config)
-    flags = {k: v for k, v in vars(ns).items() if k != "config" and v is not None}
+    cfg, explicit = cls(), set()
     try:
+        if ns.config:
+            data = load_yaml(ns.config)
+            cfg = from_dict(cls, data, base=cfg, source=ns.config)
+            explicit |= set(data)
+        flags = {k: v for k, v in vars(ns).items() if k != "config" and v is not None}
         cfg = from_dict(cls, flags, base=cfg, source="command line")
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:
         parser.error(str(e))
-    return cfg
+    return cfg, explicit | set(flags)
 
 
 def to_json(cfg: Any) -> str:

@@ -6,18 +6,18 @@ import json
 import logging
 import sys
 
-from msc_dist.config import ConfigError, parse
+from msc_dist.config import ConfigError, parse_explicit
 from msc_dist.data.shards import DataError
 from msc_dist.train.config import HELP, TrainConfig
 
 
 def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = parse(TrainConfig, argv, "MSC fine-tuning on Ray Train (no --data: the demo set on a local Ray)", HELP)
+    cfg, explicit = parse_explicit(TrainConfig, argv, "MSC fine-tuning on Ray Train (no --data: the demo set on a local Ray)", HELP)
     from msc_dist.train.job import main
 
     try:
-        out = main(cfg)
+        out = main(cfg, explicit)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

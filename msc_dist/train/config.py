@@ -29,6 +29,7 @@ class TrainConfig:
     temperature: float = 0.25
     angular_weight: float = 1.0
     global_negatives: bool = False
+    compile: bool = False
     steps_per_epoch: int | None = None
     knn_k: int = 2
     eval_every: int = 1
@@ -63,6 +64,7 @@ HELP = {
     "temperature": "contrastive temperature",
     "angular_weight": "weight of the angular center loss (0 turns it off)",
     "global_negatives": "contrast against the other ranks' features too (gathered with gradients)",
+    "compile": "torch.compile the backbone (worth it on GPUs for long runs)",
     "steps_per_epoch": "cap on optimiser steps per epoch (default: one pass over the data)",
     "knn_k": "neighbours in the kNN score",
     "eval_every": "evaluate every N epochs",

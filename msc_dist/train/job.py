@@ -35,7 +35,12 @@ def resolve_labels(names: list[str], classes: list[str] | None) -> list[int]:
     return sorted(set(out))
 
 
-def ensure_demo(cfg: TrainConfig) -> TrainConfig:
+# With no --data the job trains on the demo set; these replace the paper-scale defaults there
+# (a laptop run in minutes), unless the user set them.
+DEMO_DEFAULTS = {"image_size": 96, "epochs": 3, "batch_size": 32, "lr": 1e-4}
+
+
+def ensure_demo(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainConfig:
     """No --data: generate the demo set once (reused when its manifests exist)."""
     from msc_dist.data.demo import make_demo
 
@@ -44,10 +49,11 @@ def ensure_demo(cfg: TrainConfig) -> TrainConfig:
     if not (os.path.exists(os.path.join(train, "shards.json")) and os.path.exists(os.path.join(test, "shards.json"))):
         print(f"no --data given: generating the demo set in {root}", flush=True)
         make_demo(root)
-    return dataclasses.replace(cfg, data=train, eval_data=cfg.eval_data or test, normal_classes=["normal"])
+    preset = {k: v for k, v in DEMO_DEFAULTS.items() if k not in explicit}
+    return dataclasses.replace(cfg, data=train, eval_data=cfg.eval_data or test, normal_classes=["normal"], **preset)
 
 
-def validate(cfg: TrainConfig) -> tuple[TrainConfig, DataPlan]:
+def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainConfig, DataPlan]:
     if cfg.backbone not in REGISTRY:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid names: {sorted(REGISTRY)}")
     get_spec(cfg.backbone)
@@ -59,7 +65,7 @@ def validate(cfg: TrainConfig) -> tuple[TrainConfig, DataPlan]:
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"--weights {cfg.weights!r} does not exist")
     if cfg.data is None:
-        cfg = ensure_demo(cfg)
+        cfg = ensure_demo(cfg, explicit)
     info = describe(cfg.data)
     if info.count == 0:
         raise DataError(f"data {cfg.data!r} holds no samples")
@@ -100,7 +106,8 @@ class TrainOutcome:
     error: BaseException | None
 
 
-def main(cfg: TrainConfig) -> TrainOutcome:
+def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
+    """Validate, then train on Ray. ``explicit``: keys the user set (the demo preset leaves them)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -110,7 +117,7 @@ def main(cfg: TrainConfig) -> TrainOutcome:
     cfg = dataclasses.replace(cfg, storage_path=cfg.storage_path if storage.is_remote(cfg.storage_path)
                               else os.path.abspath(os.path.expanduser(cfg.storage_path)),
                               demo_dir=os.path.expanduser(cfg.demo_dir))
-    cfg, plan = validate(cfg)
+    cfg, plan = validate(cfg, explicit)
     log.info("resolved config:\n%s", to_json(cfg))
 
     if not ray.is_initialized():

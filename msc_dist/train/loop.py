@@ -22,7 +22,7 @@ from msc_dist.backbones import FeatureModel, build_model
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.features import Embedded, autocast, embed_batches, global_center
-from msc_dist.loss import msc_loss
+from msc_dist.loss import mean_shift, msc_loss
 from msc_dist.scoring import knn_score, roc_auc
 from msc_dist.train import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
@@ -115,6 +115,55 @@ def _log_epoch(m: dict) -> None:
     print(" | ".join(parts), flush=True)  # worker stdout reaches the driver's console
 
 
+def full_batches(loader, batch_size: int, n_steps: int, corrupt: set[str]):
+    """Exactly ``n_steps`` full (B, 3, S, S) uint8 batches; records skipped corrupt keys."""
+    it, done = iter(loader), 0
+    while done < n_steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise RuntimeError(
+                f"rank {dist.rank()}: data ran out after {done}/{n_steps} steps (too many corrupt samples?)"
+            ) from None
+        corrupt.update(batch["corrupt"])
+        if batch["images"].shape[0] == batch_size:
+            done += 1
+            yield batch["images"]
+
+
+class Stepper:
+    """One optimiser step: two augmented views on the device, one forward for both, MSC loss."""
+
+    def __init__(self, cfg: TrainConfig, model: FeatureModel, opt, center: torch.Tensor, device: torch.device):
+        self.cfg, self.opt, self.center, self.device = cfg, opt, center, device
+        self.augment = TwoViewAugment(cfg.image_size).to(device)
+        net = model
+        if cfg.compile:
+            net = torch.compile(net)
+        self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_dist() else net
+        self.global_negatives = cfg.global_negatives and dist.world_size() > 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, S, S) uint8 on the device -> detached float64 loss."""
+        cfg, c, b = self.cfg, self.center, x.shape[0]
+        views = self.augment(x)  # (2B, 3, S, S) in [0, 1]
+        if self.device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            z = self.net(views)  # (2B, D) float32 unit vectors
+        z1, z2 = z[:b], z[b:]
+        if self.global_negatives:
+            k1 = dist.all_gather_with_grad(mean_shift(z1, c)[1])  # (W*B, D)
+            k2 = dist.all_gather_with_grad(mean_shift(z2, c)[1])
+            loss = msc_loss(z1, z2, c, cfg.temperature, cfg.angular_weight, global_keys=(k1, k2), offset=dist.rank() * b)
+        else:
+            loss = msc_loss(z1, z2, c, cfg.temperature, cfg.angular_weight)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach().double()
+
+
 def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
                device: torch.device) -> None:
     torch.manual_seed(cfg.seed * 1000 + dist.rank())
@@ -133,7 +182,8 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
             opt.load_state_dict(c.optimizer_state)
         center, start_epoch, step = c.center.to(device), int(c.meta["epoch"]), int(c.meta.get("step", 0))
         if dist.is_main_process():
-            print(f"resumed from checkpoint at epoch {start_epoch} (step {step})", flush=True)
+            print(f"resumed from checkpoint at epoch {start_epoch} (step {step})"
+                  + ("; the run is already complete" if start_epoch >= cfg.epochs else ""), flush=True)
     else:
         # Epoch 0: the global center from frozen features, and the frozen-feature (kNN) baseline.
         t0 = time.perf_counter()
@@ -150,8 +200,7 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         _log_epoch(metrics)
         _publish(report, metrics, model, center, cfg, opt)
 
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_dist() else model
-    augment = TwoViewAugment(cfg.image_size).to(device)
+    stepper = Stepper(cfg, model, opt, center, device)
     n_steps = steps_per_epoch(plan.n_train, dist.world_size(), cfg.batch_size)
     if cfg.steps_per_epoch:
         n_steps = min(n_steps, cfg.steps_per_epoch)
@@ -160,44 +209,14 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
         loader = make_loader(_stream(cfg, plan.train_counts, normal, train=True, epoch=epoch),
                              cfg.loader_workers, device.type == "cuda")
-        it = iter(loader)
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         corrupt: set[str] = set()
         done, t0 = 0, time.perf_counter()
-        while done < n_steps:
-            try:
-                batch = next(it)
-            except StopIteration:
-                raise RuntimeError(
-                    f"rank {dist.rank()}: data ran out after {done}/{n_steps} steps (too many corrupt samples?)"
-                ) from None
-            corrupt.update(batch["corrupt"])
-            x = batch["images"]
-            if x.shape[0] < b:
-                continue
-            x = x.to(device, non_blocking=True)
-            views = augment(x)  # (2B, 3, S, S): one forward for both views
-            if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                z = ddp(views)  # (2B, D) float32 unit vectors
-            z1, z2 = z[:b], z[b:]
-            if cfg.global_negatives and dist.world_size() > 1:
-                from msc_dist.loss import mean_shift
-
-                k1 = dist.all_gather_with_grad(mean_shift(z1, center)[1])
-                k2 = dist.all_gather_with_grad(mean_shift(z2, center)[1])
-                loss = msc_loss(z1, z2, center, cfg.temperature, cfg.angular_weight,
-                                global_keys=(k1, k2), offset=dist.rank() * b)
-            else:
-                loss = msc_loss(z1, z2, center, cfg.temperature, cfg.angular_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach().double()
+        for x in full_batches(loader, b, n_steps, corrupt):
+            loss_sum += stepper(x.to(device, non_blocking=True))
             done += 1
             step += 1
-        del it, loader
+        del loader
         mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
         elapsed = time.perf_counter() - t0
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "loss": mean_loss,

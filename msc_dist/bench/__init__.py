@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m msc_dist.bench {train,...}``; each prints one JSON object."""

@@ -1,0 +1,68 @@
+"""Images/s of the whole training step in one process: shard reading, decoding, batching,
+host-to-device copy, two-view augmentation, one forward for both views, backward, optimiser."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+from msc_dist.backbones import build_model
+from msc_dist.data.demo import make_demo
+from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
+from msc_dist.data.shards import describe
+from msc_dist.train.config import TrainConfig
+from msc_dist.train.loop import Stepper, full_batches
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU threads={torch.get_num_threads()}"
+
+
+def bench_train(backbone: str, image_size: int, batch_size: int, device: str, steps: int, warmup: int,
+                loader_workers: int, data: str | None, compile: bool = False, weights: str | None = None) -> dict:
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            # Enough distinct JPEGs that the loader decodes real files throughout (it wraps around).
+            n = max(256, batch_size * 4)
+            make_demo(tmp, n_train=n, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=128)
+            data = os.path.join(tmp, "train")
+        info = describe(data)
+        keep = LabelFilter(None)
+        cfg = dataclasses.replace(TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
+                                  compile=compile, weights=weights)
+        model = build_model(backbone, weights).to(dev)
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        center = torch.nn.functional.normalize(torch.randn(model.dim, device=dev), dim=0)
+        stepper = Stepper(cfg, model, opt, center, dev)
+        stream = ShardStream(kept_counts(info, keep), keep, image_size, batch_size, train=True, shuffle_buffer=64)
+        loader = make_loader(stream, loader_workers, pin_memory=dev.type == "cuda")
+        corrupt: set[str] = set()
+        batches = full_batches(loader, batch_size, warmup + steps, corrupt)
+        for _ in range(warmup):
+            stepper(next(batches).to(dev, non_blocking=True))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        last = None
+        for _ in range(steps):
+            last = stepper(next(batches).to(dev, non_blocking=True))
+        float(last)  # wait for the device
+        dt = time.perf_counter() - t0
+    return {
+        "bench": "train", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+        "device": device_name(dev), "loader_workers": loader_workers, "compile": compile, "steps": steps,
+        "images_per_s": steps * batch_size / dt, "views_per_s": 2 * steps * batch_size / dt,
+        "step_ms": 1000 * dt / steps, "torch": torch.__version__,
+    }

@@ -1,0 +1,21 @@
+"""The README's quickstart is what CI runs: exactly two commands, the second in .ci/run."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, re.S)]
+
+
+def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
+    cmds = quickstart_commands()
+    assert len(cmds) == 2
+    train, test = cmds
+    assert "python -m msc_dist.train" in train and "pytest" in test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test in ci.splitlines()
