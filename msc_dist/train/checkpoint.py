@@ -54,3 +54,62 @@ def load(folder: str, with_optimizer: bool = False) -> LoadedCheckpoint:
     if with_optimizer and os.path.exists(os.path.join(folder, "optimizer.pt")):
         opt = _t("optimizer.pt")
     return LoadedCheckpoint(_t("model.pt"), _t("center.pt"), config, meta, opt)
+
+
+def read_remote(folder_url: str, with_optimizer: bool = False) -> tuple[LoadedCheckpoint, str]:
+    """Load a checkpoint folder from a local path or s3:// (through fsspec, no temp files).
+    Returns the checkpoint and its model id: the sha256 of model.pt."""
+    import hashlib
+    import io
+
+    from msc_dist import storage
+
+    def _bytes(name: str) -> bytes:
+        url = storage.join(folder_url, name)
+        if not storage.exists(url):
+            raise FileNotFoundError(f"{folder_url} is not a complete checkpoint: missing {name}")
+        return storage.read_bytes(url)
+
+    model_bytes = _bytes("model.pt")
+    opt = None
+    if with_optimizer and storage.exists(storage.join(folder_url, "optimizer.pt")):
+        opt = torch.load(io.BytesIO(_bytes("optimizer.pt")), map_location="cpu", weights_only=True)
+    ck = LoadedCheckpoint(
+        torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True),
+        torch.load(io.BytesIO(_bytes("center.pt")), map_location="cpu", weights_only=True),
+        json.loads(_bytes("config.json")),
+        json.loads(_bytes("meta.json")),
+        opt,
+    )
+    return ck, hashlib.sha256(model_bytes).hexdigest()
+
+
+def load_model(folder_url: str, device: str | torch.device = "cpu"):
+    """(FeatureModel in eval mode on device, center, config dict, model_id) from a checkpoint."""
+    from msc_dist.backbones import build_model
+
+    ck, model_id = read_remote(folder_url)
+    model = build_model(ck.config["backbone"], pretrained=False)  # every tensor comes from model.pt
+    model.load_state_dict(ck.model_state)
+    return model.to(device).eval(), ck.center.to(device), ck.config, model_id
+
+
+def resolve(url: str) -> str:
+    """A checkpoint folder as given, or the newest complete checkpoint (highest epoch) of a run folder."""
+    from msc_dist import storage
+
+    if storage.exists(storage.join(url, "meta.json")):
+        return url
+    fs = storage.filesystem(url)
+    remote = storage.is_remote(url)
+    base = storage.strip_protocol(url) if remote else url
+    best, best_epoch = None, -1
+    for meta in fs.glob(base.rstrip("/") + "/checkpoint_*/meta.json"):
+        with fs.open(meta, "rb") as f:
+            epoch = int(json.load(f)["epoch"])
+        if epoch > best_epoch:
+            folder = meta.rsplit("/", 1)[0]
+            best, best_epoch = (url.split("://", 1)[0] + "://" + folder) if remote else folder, epoch
+    if best is None:
+        raise FileNotFoundError(f"{url} is neither a checkpoint (no meta.json) nor a run folder with checkpoint_*/ inside")
+    return best

@@ -15,6 +15,7 @@ from msc_dist.config import ConfigError, to_json
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import DataError, DatasetInfo, describe
+from msc_dist.ray_env import init_ray
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan
 
@@ -108,7 +109,6 @@ class TrainOutcome:
 
 def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     """Validate, then train on Ray. ``explicit``: keys the user set (the demo preset leaves them)."""
-    import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -120,10 +120,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     cfg, plan = validate(cfg, explicit)
     log.info("resolved config:\n%s", to_json(cfg))
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS (set by `ray job submit`) or --ray-address joins a cluster; else local Ray.
-        ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
-                 runtime_env={"env_vars": storage.forwarded_env()}, log_to_driver=True)
+    init_ray(cfg.ray_address)
 
     fs, path = storage.pyarrow_filesystem(cfg.storage_path)
     run_dir = storage.join(cfg.storage_path, cfg.name)

@@ -1,0 +1,91 @@
+"""Model + index -> anomaly scores. Shared by offline scoring and serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from msc_dist.augment import to_unit
+from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from msc_dist.features import autocast
+from msc_dist.index import ShardedIndex, load_index
+from msc_dist.train.checkpoint import load_model
+
+
+@dataclass
+class ScoreResult:
+    score: float | None
+    is_anomaly: bool | None
+    threshold: float | None
+    neighbors: list[dict]  # [{"id": str, "distance": float}] nearest first (squared L2)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold,
+                "neighbors": self.neighbors, **({"error": self.error} if self.error else {})}
+
+
+class Scorer:
+    def __init__(self, checkpoint: str, index: str | ShardedIndex, device: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu_index: bool = False):
+        self.device = torch.device(device)
+        self.model, self.center, self.config, self.model_id = load_model(checkpoint, self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.index = index if isinstance(index, ShardedIndex) else load_index(index, self.model_id, use_gpu_index)
+        if self.index.manifest.model_id != self.model_id:
+            from msc_dist.index import IndexMismatch
+
+            raise IndexMismatch(f"index model_id {self.index.manifest.model_id[:12]}… does not match checkpoint {self.model_id[:12]}…")
+        self.checkpoint = checkpoint
+        self.image_size = int(self.config["image_size"])
+        self.max_pixels = max_pixels
+
+    @property
+    def threshold(self) -> float | None:
+        return self.index.manifest.threshold
+
+    def info(self) -> dict:
+        m = self.index.manifest
+        return {"model_id": self.model_id, "backbone": self.config["backbone"], "image_size": self.image_size,
+                "index_size": m.count, "dimension": m.dimension, "k": m.k, "threshold": m.threshold,
+                "target_fpr": m.target_fpr, "checkpoint": self.checkpoint}
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors."""
+        x = to_unit(images.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device):
+            z = self.model(x)
+        return z.float().cpu().numpy()
+
+    def score_embeddings(self, z: np.ndarray) -> list[ScoreResult]:
+        scores, dists, rows = self.index.score(z)
+        thr = self.threshold
+        out = []
+        for s, d, r in zip(scores, dists, rows):
+            nb = [{"id": str(self.index.ids[j]), "distance": float(dd)} for dd, j in zip(d, r) if j >= 0]
+            out.append(ScoreResult(float(s), None if thr is None else bool(s > thr), thr, nb))
+        return out
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_image(data, self.image_size, self.max_pixels)
+
+    def score_bytes(self, items: list[bytes]) -> list[ScoreResult]:
+        """Encoded images -> one result each; undecodable ones get an error, never an exception."""
+        arrays, ok, results = [], [], [None] * len(items)
+        for i, data in enumerate(items):
+            try:
+                arrays.append(self.decode(data))
+                ok.append(i)
+            except BadImage as e:
+                results[i] = ScoreResult(None, None, self.threshold, [], str(e))
+        if arrays:
+            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+            for i, r in zip(ok, self.score_embeddings(self.embed(x))):
+                results[i] = r
+        return results
