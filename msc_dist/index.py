@@ -200,7 +200,6 @@ def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = 
             raise IndexMismatch(f"{e.file}: holds {sub.ntotal} vectors of dimension {sub.d}, manifest says {e.count} x {man.dimension}")
         subs.append(sub)
         shards.add_shard(sub)
-    shards.subs_keepalive = subs  # IndexShards does not own its sub-indexes
     ids = pq.read_table(io.BytesIO(_read(man.ids_file)))["id"].to_numpy(zero_copy_only=False)
     if len(ids) != man.count or sum(e.count for e in man.shards) != man.count:
         raise IndexMismatch(f"manifest count {man.count} does not match shards / ids ({len(ids)})")
@@ -216,4 +215,6 @@ def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = 
             index = faiss.index_cpu_to_all_gpus(cpu_flat, co)
         else:
             index = faiss.index_cpu_to_all_gpus(shards, co)
-    return ShardedIndex(man, index, ids)
+    out = ShardedIndex(man, index, ids)
+    out._subs = subs  # IndexShards does not own its sub-indexes: keep them alive with it
+    return out
