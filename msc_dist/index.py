@@ -197,7 +197,8 @@ def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = 
     for e in man.shards:
         sub = faiss.deserialize_index(np.frombuffer(_read(e), dtype=np.uint8))
         if sub.d != man.dimension or sub.ntotal != e.count:
-            raise IndexMismatch(f"{e.file}: holds {sub.ntotal} vectors of dimension {sub.d}, manifest says {e.count} x {man.dimension}")
+            raise IndexMismatch(f"{e.file}: count/dimension mismatch: the file holds {sub.ntotal} vectors of dimension "
+                                f"{sub.d}, the manifest says {e.count} x {man.dimension}")
         subs.append(sub)
         shards.add_shard(sub)
     ids = pq.read_table(io.BytesIO(_read(man.ids_file)))["id"].to_numpy(zero_copy_only=False)

@@ -79,3 +79,19 @@ def local_ray(s3_server):
                                                                   "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_run(local_ray, tmp_path_factory):
+    """One short real training run on demo data, shared by the embedding/scoring/serving tests."""
+    from msc_dist.data.demo import make_demo
+    from msc_dist.train.config import TrainConfig
+    from msc_dist.train.job import main
+
+    root = tmp_path_factory.mktemp("trained")
+    make_demo(str(root / "demo"), n_train=96, n_test_normal=8, n_test_defect=8, size=64, per_shard=40)
+    cfg = TrainConfig(data=str(root / "demo" / "train"), epochs=1, image_size=64, batch_size=8, num_workers=2,
+                      loader_workers=0, lr=1e-4, storage_path=str(root / "runs"), name="shared")
+    out = main(cfg)
+    assert out.error is None
+    return {"root": root, "run_dir": out.run_dir, "checkpoint": out.checkpoint, "data": cfg.data}
