@@ -74,9 +74,13 @@ def local_ray(s3_server):
     """One local Ray for the session (started after the S3 env is set, so workers inherit it)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("MSC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                                  "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}})
+    # Serve's autoscaling metrics every 0.5 s (default 10 s), so the autoscaling test sees a decision in time.
+    for k in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
+        os.environ[k] = "0.5"
+    env = {k: os.environ[k] for k in ("MSC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+                                      "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 
@@ -95,3 +99,15 @@ def trained_run(local_ray, tmp_path_factory):
     out = main(cfg)
     assert out.error is None
     return {"root": root, "run_dir": out.run_dir, "checkpoint": out.checkpoint, "data": cfg.data}
+
+
+@pytest.fixture(scope="session")
+def embedded(trained_run, tmp_path_factory):
+    """The shared run embedded and indexed (3 shards, 20 % held out for the threshold)."""
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.embed.job import main as embed_main
+
+    out = tmp_path_factory.mktemp("embedded")
+    res = embed_main(EmbedConfig(checkpoint=trained_run["run_dir"], out=str(out), num_shards=3, batch_size=16,
+                                 calibration_fraction=0.2, target_fpr=0.05))
+    return {**trained_run, "out": str(out), "result": res}

@@ -27,14 +27,6 @@ from msc_dist.scorer import Scorer
 from msc_dist.scoring import roc_auc
 
 
-@pytest.fixture(scope="session")
-def embedded(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("embedded")
-    res = embed_main(EmbedConfig(checkpoint=trained_run["run_dir"], out=str(out), num_shards=3, batch_size=16,
-                                 calibration_fraction=0.2, target_fpr=0.05))
-    return {**trained_run, "out": str(out), "result": res}
-
-
 def test_embeddings_by_id_and_index(embedded):
     res, out = embedded["result"], embedded["out"]
     keys = [s.key for sh in describe(embedded["data"]).shards for s in iter_samples(sh.url)]

@@ -117,6 +117,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     cfg = dataclasses.replace(cfg, storage_path=cfg.storage_path if storage.is_remote(cfg.storage_path)
                               else os.path.abspath(os.path.expanduser(cfg.storage_path)),
                               demo_dir=os.path.expanduser(cfg.demo_dir))
+    demo = cfg.data is None
     cfg, plan = validate(cfg, explicit)
     log.info("resolved config:\n%s", to_json(cfg))
 
@@ -149,6 +150,13 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
         result, err = None, e
     if result is None:
         raise err  # type: ignore[misc]
+    if demo and result.error is None:
+        # The embedded default goes one step further: the index that `serve run serving/config.yaml` serves.
+        from msc_dist.embed.config import EmbedConfig
+        from msc_dist.embed.job import main as embed_main
+
+        emb = embed_main(EmbedConfig(checkpoint=run_dir, out=storage.join(run_dir, "serving"), ray_address=cfg.ray_address))
+        print(f"demo index for serving: {emb.out} ({emb.manifest.count} vectors, threshold {emb.manifest.threshold:.4f})")
     ck = result.checkpoint.path if result.checkpoint else None
     if ck is not None and storage.is_remote(cfg.storage_path):
         ck = cfg.storage_path.split("://", 1)[0] + "://" + ck

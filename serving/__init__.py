@@ -1,0 +1,1 @@
+"""Ray Serve application: ``serve run serving/config.yaml``."""

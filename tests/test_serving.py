@@ -1,0 +1,240 @@
+"""The Ray Serve app over HTTP on loopback: scores, bad input, auth, load, autoscaling, a killed replica."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serving/ folder at the repo root
+
+from msc_dist.data.demo import make_demo  # noqa: E402
+from msc_dist.data.shards import iter_samples  # noqa: E402
+from msc_dist.scorer import Scorer  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serveimgs")
+    make_demo(str(root), n_train=0, n_test_normal=6, n_test_defect=6, size=64, per_shard=50, seed=11)
+    return [s.data for s in iter_samples(str(root / "test" / "shard-000000.tar"))]
+
+
+@pytest.fixture(scope="module")
+def serving(embedded, tmp_path_factory):
+    from ray import serve
+
+    from serving.app import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = {"checkpoint": embedded["run_dir"], "index": embedded["out"], "max_body_bytes": 2_000_000,
+            "max_files": 4, "max_pixels": 10_000_000, "api_key_env": "MSC_TEST_NO_SUCH_VAR"}
+    fast_scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+                    "downscale_delay_s": 4, "look_back_period_s": 2}
+    serve.run(build_app({**base, "model_options": {"autoscaling_config": fast_scaling, "ray_actor_options": {"num_cpus": 1}},
+                         "gateway_options": {"ray_actor_options": {"num_cpus": 0.5}}}), name="msc", route_prefix="/")
+    key_file = tmp_path_factory.mktemp("secret") / "key"
+    key_file.write_text("s3cret-key\n")
+    serve.run(build_app({**base, "api_key_file": str(key_file),
+                         "model_options": {"ray_actor_options": {"num_cpus": 0.25}},
+                         "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}), name="secure", route_prefix="/secure")
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "scorer": Scorer(embedded["checkpoint"], embedded["out"])}
+    serve.shutdown()
+
+
+def test_scores_equal_the_offline_scorer(serving, images):
+    url, scorer = serving["url"], serving["scorer"]
+    expected = scorer.score_bytes(images[:5])
+    with httpx.Client(timeout=30) as c:
+        for data, exp in zip(images[:3], expected):
+            r = c.post(f"{url}/v1/score", content=data, headers={"content-type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            (got,) = r.json()
+            assert got["score"] == pytest.approx(exp.score, abs=1e-5)
+            assert [n["id"] for n in got["neighbors"]] == [n["id"] for n in exp.neighbors]
+            assert got["threshold"] == pytest.approx(scorer.threshold) and got["is_anomaly"] == exp.is_anomaly
+        files = [("files", (f"im{i}.jpg", d, "image/jpeg")) for i, d in enumerate(images[:4])]
+        r = c.post(f"{url}/v1/score", files=files)
+        assert r.status_code == 200, r.text
+        assert [x["score"] for x in r.json()] == pytest.approx([e.score for e in scorer.score_bytes(images[:4])], abs=1e-5)
+        info = c.get(f"{url}/v1/model").json()
+        assert info["model_id"] == scorer.model_id and info["index_size"] == scorer.index.count
+        assert info["image_size"] == 64 and info["backbone"] == "efficientnet_lite0"
+        assert c.get(f"{url}/healthz").json() == {"status": "ok"}
+        assert "/v1/score" in c.get(f"{url}/openapi.json").json()["paths"]
+
+
+def _png(w, h, mode="L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_input_gets_a_4xx_that_says_why_and_the_app_stays_healthy(serving, images):
+    url = serving["url"]
+    good = images[0]
+    cases = [
+        ("empty body", dict(content=b"", headers={"content-type": "image/jpeg"}), 400, "empty body"),
+        ("not an image", dict(content=b"%PDF-1.4 hello", headers={"content-type": "image/png"}), 422, "not a decodable image"),
+        ("truncated", dict(content=good[: len(good) // 2], headers={"content-type": "image/jpeg"}), 422, "not a decodable image"),
+        ("bomb", dict(content=_png(20000, 20000, "1"), headers={"content-type": "image/png"}), 413, "pixels"),
+        ("too big", dict(content=os.urandom(2_500_000), headers={"content-type": "image/jpeg"}), 413, "above the limit"),
+        ("wrong type", dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "not accepted"),
+        ("too many files", dict(files=[("f", (f"{i}.jpg", good, "image/jpeg")) for i in range(5)]), 413, "too many files"),
+        ("no files", dict(data={"a": "b"}, files=None), 400, None),
+    ]
+    with httpx.Client(timeout=30) as c:
+        for name, kw, status, text in cases:
+            if name == "no files":
+                r = c.post(f"{url}/v1/score", data={"a": "b"}, headers={"content-type": "multipart/form-data; boundary=x"})
+            else:
+                r = c.post(f"{url}/v1/score", **kw)
+            assert r.status_code == status, (name, r.status_code, r.text)
+            msg = r.json()["error"]["message"]
+            assert text is None or text in msg, (name, msg)
+        r = c.post(f"{url}/v1/score", content=good, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200 and r.json()[0]["score"] is not None
+
+
+def test_api_key(serving, images):
+    url, good = serving["url"], images[0]
+    h = {"content-type": "image/jpeg"}
+    with httpx.Client(timeout=30) as c:
+        assert c.post(f"{url}/secure/v1/score", content=good, headers=h).status_code == 401
+        r = c.post(f"{url}/secure/v1/score", content=good, headers={**h, "authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        r = c.post(f"{url}/secure/v1/score", content=good, headers={**h, "authorization": "Bearer s3cret-key"})
+        assert r.status_code == 200
+        assert c.post(f"{url}/v1/score", content=good, headers=h).status_code == 200  # auth off
+
+
+def _model_replicas(app: str = "msc") -> int:
+    from ray import serve
+
+    st = serve.status().applications[app].deployments["Model"]
+    return st.replica_states.get("RUNNING", 0)
+
+
+def test_load_autoscaling_up_and_down(serving, images):
+    url, scorer = serving["url"], serving["scorer"]
+    expected = [r.score for r in scorer.score_bytes(images)]
+    stop = time.time() + 20
+    stats = {"ok": 0, "5xx": 0, "wrong": 0, "other": 0}
+    lock = threading.Lock()
+    peak = [1]
+
+    def client(i):
+        with httpx.Client(timeout=30) as c:
+            j = i
+            while time.time() < stop:
+                j = (j + 1) % len(images)
+                r = c.post(f"{url}/v1/score", content=images[j], headers={"content-type": "image/jpeg"})
+                with lock:
+                    if r.status_code >= 500:
+                        stats["5xx"] += 1
+                    elif r.status_code != 200:
+                        stats["other"] += 1
+                    elif abs(r.json()[0]["score"] - expected[j]) > 1e-5:
+                        stats["wrong"] += 1
+                    else:
+                        stats["ok"] += 1
+
+    def watch():
+        while time.time() < stop:
+            peak[0] = max(peak[0], _model_replicas())
+            time.sleep(0.5)
+
+    with ThreadPoolExecutor(33) as ex:
+        futs = [ex.submit(client, i) for i in range(32)] + [ex.submit(watch)]
+        for f in futs:
+            f.result()
+    assert stats["5xx"] == 0 and stats["wrong"] == 0 and stats["other"] == 0 and stats["ok"] > 50, stats
+    from ray import serve
+
+    assert peak[0] > 1, f"no upscale under load: {serve.status().applications['msc'].deployments['Model']}"
+    deadline = time.time() + 90
+    while time.time() < deadline and _model_replicas() > 1:
+        time.sleep(1)
+    assert _model_replicas() == 1, "no downscale after the load"
+
+
+def _replica_pids(name: str) -> list[int]:
+    import ray
+    from ray._private import ray_constants
+
+    raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="ignore")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == raylet and cmd.startswith(name):
+                pids.append(int(d))
+    return pids
+
+
+def test_killed_replica_is_replaced_and_requests_are_answered(serving, images):
+    url = serving["url"]
+    pids = _replica_pids("ray::ServeReplica:msc:Model")
+    assert pids, "no Model replica process found"
+    for p in pids:
+        os.kill(p, signal.SIGKILL)
+    h = {"content-type": "image/jpeg"}
+    deadline, answered = time.time() + 120, 0
+    with httpx.Client(timeout=30) as c:
+        while time.time() < deadline and answered < 20:
+            r = c.post(f"{url}/v1/score", content=images[1], headers=h)
+            answered = answered + 1 if r.status_code == 200 else 0
+            if r.status_code != 200:
+                time.sleep(0.5)
+    assert answered >= 20, "requests were not answered after the replica was replaced"
+    assert set(_replica_pids("ray::ServeReplica:msc:Model")).isdisjoint(pids)
+
+
+def test_overload_gets_503_with_retry_after(embedded, serving, images):
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app({"checkpoint": embedded["run_dir"], "index": embedded["out"], "api_key_env": "NO_SUCH",
+                         "max_batch_size": 1, "batch_wait_timeout_s": 0.0,
+                         "model_options": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                                           "ray_actor_options": {"num_cpus": 0.25}},
+                         "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}),
+              name="tiny", route_prefix="/tiny")
+    url = serving["url"] + "/tiny"
+    files = [("f", (f"{i}.jpg", images[i % len(images)], "image/jpeg")) for i in range(4)]
+
+    def one(_):
+        with httpx.Client(timeout=60) as c:
+            return c.post(f"{url}/v1/score", files=files)
+
+    with ThreadPoolExecutor(16) as ex:
+        rs = list(ex.map(one, range(48)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    r503 = next(r for r in rs if r.status_code == 503)
+    assert r503.headers["retry-after"] == "1" and "overloaded" in r503.json()["error"]["message"]
+    serve.delete("tiny")
