@@ -1,0 +1,68 @@
+"""Embedding throughput end to end from shards, and kNN search throughput."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from msc_dist.backbones import build_model
+from msc_dist.bench.train import device_name
+from msc_dist.data.demo import make_demo
+from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
+from msc_dist.data.shards import describe
+from msc_dist.features import embed_batches
+
+
+def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_images: int, loader_workers: int,
+                data: str | None = None) -> dict:
+    """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU)."""
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            make_demo(tmp, n_train=n_images, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=256)
+            data = os.path.join(tmp, "train")
+        model = build_model(backbone).to(dev).eval()
+        if dev.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        keep = LabelFilter(None)
+        counts = kept_counts(describe(data), keep)
+
+        def run():
+            loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers, dev.type == "cuda")
+            return embed_batches(model, loader, dev, channels_last=dev.type == "cuda")
+
+        run()  # warm-up: cudnn autotuning, page cache
+        t0 = time.perf_counter()
+        emb = run()
+        dt = time.perf_counter() - t0
+    return {"bench": "embed", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+            "device": device_name(dev), "loader_workers": loader_workers, "images": int(emb.z.shape[0]),
+            "images_per_s": emb.z.shape[0] / dt, "torch": torch.__version__}
+
+
+def bench_search(n: int, d: int, queries: int, k: int, num_shards: int, use_gpu: bool, factory: str = "Flat") -> dict:
+    """Queries/s of the index as the Scorer loads it (sharded FAISS; GPUs when asked and present)."""
+    from msc_dist.index import load_index, write_index
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((n, d), dtype=np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    q = rng.standard_normal((queries, d), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_index(tmp, z, [str(i) for i in range(n)], "bench", num_shards=num_shards, factory=factory, k=k)
+        idx = load_index(tmp, use_gpu=use_gpu)
+        idx.search(q[:64], k)  # warm-up
+        t0 = time.perf_counter()
+        idx.search(q, k)
+        dt = time.perf_counter() - t0
+    import faiss
+
+    return {"bench": "search", "n": n, "d": d, "queries": queries, "k": k, "num_shards": num_shards, "factory": factory,
+            "gpu": bool(use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0),
+            "faiss_threads": faiss.omp_get_max_threads(), "queries_per_s": queries / dt}
