@@ -170,7 +170,10 @@ def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = 
     import pyarrow.parquet as pq
 
     faiss = _faiss()
-    folder = path if path.rstrip("/").endswith("index") else storage.join(path, "index")
+    # Either the embedding job's --out (holding index/) or the index/ folder itself.
+    folder = storage.join(path, "index")
+    if not storage.exists(storage.join(folder, MANIFEST)) and storage.exists(storage.join(path, MANIFEST)):
+        folder = path
     man_url = storage.join(folder, MANIFEST)
     if not storage.exists(man_url):
         raise IndexMismatch(f"no {MANIFEST} in {folder}: the index is missing or its job did not finish")

@@ -38,6 +38,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     storage_path: str = os.path.join("~", "msc_runs")
     name: str = "msc"
     max_failures: int = 3
@@ -72,6 +73,7 @@ HELP = {
     "num_workers": "Ray Train workers (DDP ranks)",
     "use_gpu": "one GPU per worker, NCCL; otherwise CPU and gloo",
     "cpus_per_worker": "CPUs reserved per worker",
+    "placement_strategy": "PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (STRICT_SPREAD: one worker per node)",
     "storage_path": "run storage: folder or s3://bucket/prefix",
     "name": "run name; rerunning with the same storage path and name resumes",
     "max_failures": "worker-group restarts before the run fails",

@@ -63,6 +63,9 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.batch_size < 2:
         raise ConfigError("batch_size must be at least 2 (the contrastive loss needs negatives)")
+    strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    if cfg.placement_strategy not in strategies:
+        raise ConfigError(f"unknown placement_strategy {cfg.placement_strategy!r}; valid: {list(strategies)}")
     if cfg.weights and not storage.exists(cfg.weights):
         raise ConfigError(f"--weights {cfg.weights!r} does not exist")
     if cfg.data is None:
@@ -133,7 +136,8 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
         train_loop_config={"cfg": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan)},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,

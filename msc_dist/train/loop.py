@@ -93,6 +93,14 @@ def _per_rank(n: int) -> list[int]:
     return [int(v) for v in dist.gather_varlen(torch.tensor([n], dtype=torch.long)).tolist()]
 
 
+def _is_hex(s: str) -> bool:
+    try:
+        int(s, 16)
+        return True
+    except ValueError:
+        return False
+
+
 def _publish(report: Report, metrics: dict, model: FeatureModel, center, cfg, opt) -> None:
     """Rank 0 writes the checkpoint folder; every rank calls report once."""
     if dist.is_main_process():
@@ -165,7 +173,7 @@ class Stepper:
 
 
 def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
-               device: torch.device) -> None:
+               device: torch.device, node_id: str = "local") -> None:
     torch.manual_seed(cfg.seed * 1000 + dist.rank())
     model = build_model(cfg.backbone, cfg.weights).to(device)
     if device.type == "cuda":
@@ -193,7 +201,9 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         center = center_cpu.to(device)
         metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
                    "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
-                   "rank_center_samples": _per_rank(emb.z.shape[0])}
+                   "rank_center_samples": _per_rank(emb.z.shape[0]),
+                   # which node each rank ran on (first 12 hex digits of the Ray node id)
+                   "rank_nodes": [f"{v:012x}" for v in _per_rank(int(node_id[:12], 16) if _is_hex(node_id[:12]) else 0)]}
         if dist.is_main_process() and emb.corrupt:
             log.warning("rank %d skipped %d corrupt samples: %s", dist.rank(), len(emb.corrupt), sorted(set(emb.corrupt)))
         metrics.update(evaluate(cfg, model, plan, device, train_emb=emb))
@@ -256,4 +266,4 @@ def ray_train_fn(loop_config: dict) -> None:
     if ck is not None:
         with ck.as_directory() as d:
             resume = ckpt.load(d, with_optimizer=True)
-    run_worker(cfg, plan, report, resume, device)
+    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id())
