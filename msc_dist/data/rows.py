@@ -3,6 +3,7 @@ range of a shard and returns decoded rows; undecodable samples become rows with 
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -14,12 +15,14 @@ from msc_dist.data.plan import Range
 log = logging.getLogger(__name__)
 
 
-def range_items(counts: list[tuple[str, int]], rows_per_task: int, **extra) -> list[dict]:
-    """Split (shard, kept count) into task items of at most ``rows_per_task`` samples."""
+def range_items(counts: list[tuple[str, int]], rows_per_task: int, keep: list[int] | None, **extra) -> list[dict]:
+    """Split (shard, kept count) into task items of at most ``rows_per_task`` samples. ``keep``
+    (labels kept, None = all) travels as JSON: Arrow turns an all-null column into floats."""
     items = []
     for url, n in counts:
         for start in range(0, n, rows_per_task):
-            items.append({"url": url, "start": start, "stop": min(n, start + rows_per_task), **extra})
+            items.append({"url": url, "start": start, "stop": min(n, start + rows_per_task),
+                          "keep": json.dumps(keep), **extra})
     return items
 
 
@@ -40,7 +43,8 @@ def read_shard_ranges(batch: dict) -> dict:
     ids, sources, labels, images, errors = [], [], [], [], []
     size = int(batch["image_size"][0])
     for i in range(len(batch["url"])):
-        keep = LabelFilter(None if batch["keep"][i] is None else frozenset(int(x) for x in batch["keep"][i]))
+        kept = json.loads(str(batch["keep"][i]))
+        keep = LabelFilter(None if kept is None else frozenset(int(x) for x in kept))
         r = Range(str(batch["url"][i]), int(batch["start"][i]), int(batch["stop"][i]))
         for s in _iter_range(r, keep):
             try:

@@ -102,7 +102,9 @@ class ScoreActor:
             res = self.scorer.score_embeddings(self.scorer.embed(x))
             for j, r in zip(np.flatnonzero(ok), res):
                 score[j], is_anom[j], neighbors[j] = r.score, bool(r.is_anomaly), json.dumps(r.neighbors)
-        return {"uri": batch["source"], "score": score, "is_anomaly": is_anom,
+        # Objects: id == source == the object URI. Shards: "<shard url>#<sample key>".
+        uri = np.array([s if s == i else f"{s}#{i}" for s, i in zip(batch["source"], batch["id"])], dtype=object)
+        return {"uri": uri, "score": score, "is_anomaly": is_anom,
                 "neighbors": np.array(neighbors, dtype=object), "error": batch["error"]}
 
 

@@ -1,0 +1,1 @@
+"""The paper's one-class protocol: ``python -m msc_dist.evaluate``."""

@@ -1,0 +1,79 @@
+"""PNG plots for an evaluation run (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from msc_dist.metrics import roc_curve  # noqa: E402
+
+FIGSIZE = (6.4, 4.8)
+DPI = 100  # 640 x 480 pixels
+
+
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> None:
+    """curves: method -> (scores, is_anomaly, auc)."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for m, (s, y, auc) in curves.items():
+        fpr, tpr, _ = roc_curve(s, y)
+        ax.plot(fpr, tpr, label=f"{m} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def histogram(path: str, scores: np.ndarray, y: np.ndarray, threshold: float | None, title: str) -> None:
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    bins = np.linspace(scores.min(), scores.max(), 40)
+    ax.hist(scores[~y], bins=bins, alpha=0.6, density=True, label=f"normal (n={int((~y).sum())})")
+    ax.hist(scores[y], bins=bins, alpha=0.6, density=True, label=f"anomalous (n={int(y.sum())})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="anomaly score (sum of squared distances to 2 nearest normals)", ylabel="density", title=title)
+    ax.legend()
+    _save(fig, path)
+
+
+def auc_per_epoch(path: str, series: dict[str, list[tuple[int, float]]], title: str) -> None:
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for m, pts in series.items():
+        if pts:
+            e, a = zip(*sorted(pts))
+            ax.plot(e, a, marker="o", label=m)
+    ax.set(xlabel="epoch (0 = frozen features)", ylabel="ROC-AUC (kNN, k=2)", title=title)
+    if any(series.values()):
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no fine-tuning run in this evaluation", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, path)
+
+
+def gallery(path: str, rows: list[tuple[str, float, bool, bytes, bytes | None]], title: str) -> None:
+    """rows: (caption, score, is_anomaly, image bytes, mask bytes or None), highest first."""
+    n = len(rows)
+    cols = 2 if any(r[4] is not None for r in rows) else 1
+    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols + 1.5, 2.2 * n), squeeze=False)
+    for i, (cap, score, anom, img, mask) in enumerate(rows):
+        axes[i][0].imshow(Image.open(io.BytesIO(img)).convert("RGB"))
+        axes[i][0].set_title(f"{cap}\nscore {score:.3f} {'ANOMALY' if anom else 'normal'}", fontsize=7)
+        if cols == 2:
+            if mask is not None:
+                axes[i][1].imshow(Image.open(io.BytesIO(mask)).convert("L"), cmap="gray")
+                axes[i][1].set_title("defect mask", fontsize=7)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from msc_dist.metrics import at_threshold, average_precision, fpr_at_tpr, roc_curve, summary
+from msc_dist.scoring import roc_auc
+
+
+@pytest.mark.parametrize("seed,ties", [(0, False), (1, True), (2, True)])
+def test_metrics_equal_scikit_learn(seed, ties):
+    rng = np.random.default_rng(seed)
+    y = rng.random(300) < 0.3
+    s = rng.normal(size=300) + 1.2 * y
+    if ties:
+        s = np.round(s, 1)
+    assert roc_auc(s, y) == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
+    assert average_precision(s, y) == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
+    fpr, tpr, thr = roc_curve(s, y)
+    f2, t2, th2 = skm.roc_curve(y, s, drop_intermediate=False)
+    assert np.allclose(fpr, f2) and np.allclose(tpr, t2) and np.allclose(thr[1:], th2[1:])
+    expected = min(f for f, t in zip(f2, t2) if t >= 0.95)
+    assert fpr_at_tpr(s, y) == pytest.approx(expected)
+    thr0 = float(np.median(s))
+    pred = s > thr0
+    r = at_threshold(s, y, thr0)
+    assert r["f1"] == pytest.approx(skm.f1_score(y, pred))
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
+    assert r["fpr"] == pytest.approx(fp / (fp + tn))
+    assert set(summary(s, y, thr0)) == {"roc_auc", "average_precision", "fpr_at_95_tpr", "f1_at_threshold",
+                                         "fpr_at_threshold", "threshold"}
