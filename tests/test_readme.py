@@ -19,3 +19,18 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     assert "python -m msc_dist.train" in train and "pytest" in test
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci.splitlines()
+
+
+def test_configuration_reference_lists_every_key():
+    import dataclasses
+
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.evaluate.config import EvalConfig
+    from msc_dist.score.config import ScoreConfig
+    from msc_dist.train.config import TrainConfig
+
+    text = (ROOT / "README.md").read_text()
+    ref = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    for cls in (TrainConfig, EmbedConfig, ScoreConfig, EvalConfig):
+        for f in dataclasses.fields(cls):
+            assert f"`--{f.name.replace('_', '-')}` / `{f.name}`" in ref, (cls.__name__, f.name)

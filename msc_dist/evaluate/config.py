@@ -41,5 +41,15 @@ HELP = {
     "calibration_fraction": "normal training samples held out of the index to set the threshold",
     "target_fpr": "false-positive rate on held-out normals that the threshold is set for",
     "gallery_k": "images in each half of the highest/lowest-scored gallery",
+    "backbone": "efficientnet_lite0 | resnet18 | resnet50 | resnet152",
+    "weights": "backbone weights file (default: packaged / torch hub cache)",
+    "image_size": "square input side in pixels",
+    "epochs": "fine-tuning epochs for msc and msc-noangular",
+    "batch_size": "images per worker per step",
+    "lr": "SGD learning rate",
+    "num_workers": "Ray Train workers",
+    "loader_workers": "DataLoader worker processes per training worker",
+    "use_gpu": "GPUs for training, embedding and scoring",
+    "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
 }
 VALID_METHODS = ("knn", "msc", "msc-noangular")
