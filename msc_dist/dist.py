@@ -40,14 +40,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
-def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
-    if not is_dist():
-        return t.clone()
-    buf = t.detach().to(_comm_device(t)).clone()
-    tdist.all_reduce(buf, op=tdist.ReduceOp.MIN)
-    return buf.to(t.device)
-
-
 def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """(B, ...) per rank -> (W*B, ...), rank order; gradients flow back to each owner.
     All ranks must pass the same B."""
