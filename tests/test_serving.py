@@ -244,3 +244,54 @@ def test_overload_gets_503_with_retry_after(embedded, serving, images):
     r503 = next(r for r in rs if r.status_code == 503)
     assert r503.headers["retry-after"] == "1" and "overloaded" in r503.json()["error"]["message"]
     serve.delete("tiny")
+
+
+def test_rolling_a_new_checkpoint_and_index_drops_no_request(embedded, serving, images, tmp_path):
+    """reconfigure (user_config) swaps in another checkpoint + index under load, with no error."""
+    import glob
+    import json
+
+    from ray import serve
+
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.embed.job import main as embed_main
+    from serving.app import build_app
+
+    ck0 = next(d for d in glob.glob(os.path.join(embedded["run_dir"], "checkpoint_*"))
+               if json.load(open(os.path.join(d, "meta.json")))["epoch"] == 0)
+    idx0 = str(tmp_path / "idx0")
+    embed_main(EmbedConfig(checkpoint=ck0, out=idx0))
+    new_id = Scorer(ck0, idx0).model_id
+
+    def app(user_config):
+        return build_app({"checkpoint": embedded["run_dir"], "index": embedded["out"], "api_key_env": "NO_SUCH",
+                          "model_options": {"num_replicas": 1, "user_config": user_config,
+                                            "ray_actor_options": {"num_cpus": 0.25}},
+                          "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}})
+
+    serve.run(app({"checkpoint": embedded["run_dir"], "index": embedded["out"]}), name="roll", route_prefix="/roll")
+    url = serving["url"] + "/roll"
+    old_id = httpx.get(f"{url}/v1/model", timeout=30).json()["model_id"]
+    assert old_id != new_id
+    codes, stop = [], threading.Event()
+
+    def client(i):
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                codes.append(c.post(f"{url}/v1/score", content=images[i], headers={"content-type": "image/jpeg"}).status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    serve.run(app({"checkpoint": ck0, "index": idx0}), name="roll", route_prefix="/roll")
+    deadline = time.time() + 60
+    while time.time() < deadline and httpx.get(f"{url}/v1/model", timeout=30).json()["model_id"] != new_id:
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert httpx.get(f"{url}/v1/model", timeout=30).json()["model_id"] == new_id
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    serve.delete("roll")
