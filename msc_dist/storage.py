@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 import posixpath
 import uuid
-from contextlib import contextmanager
-from typing import Iterator
-
 import fsspec
 
 ENDPOINT_ENV = ("MSC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -84,27 +81,6 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, url)
-
-
-@contextmanager
-def atomic_local_dir(path: str) -> Iterator[str]:
-    """Yield a temporary sibling folder; publish it as ``path`` only if the block succeeds."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(path):
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def pyarrow_filesystem(url: str):
