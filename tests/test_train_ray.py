@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 
-import pytest
 import torch
 
 from msc_dist import storage

@@ -3,10 +3,8 @@ and multi-image requests, next to the offline embedding throughput of the same b
 
 from __future__ import annotations
 
-import io
 import os
 import socket
-import statistics
 import sys
 import threading
 import time
