@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,6 +55,7 @@ def auc_per_epoch(path: str, series: dict[str, list[tuple[int, float]]], title: 
             e, a = zip(*sorted(pts))
             ax.plot(e, a, marker="o", label=m)
     ax.set(xlabel="epoch (0 = frozen features)", ylabel="ROC-AUC (kNN, k=2)", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if any(series.values()):
         ax.legend()
     else:
