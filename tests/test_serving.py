@@ -256,8 +256,8 @@ def test_rolling_a_new_checkpoint_and_index_drops_no_request(embedded, serving, 
     from msc_dist.embed.job import main as embed_main
     from serving.app import build_app
 
-    ck0 = next(d for d in glob.glob(os.path.join(embedded["run_dir"], "checkpoint_*"))
-               if json.load(open(os.path.join(d, "meta.json")))["epoch"] == 0)
+    ck0 = next(os.path.dirname(m) for m in glob.glob(os.path.join(embedded["run_dir"], "checkpoint_*", "meta.json"))
+               if json.load(open(m))["epoch"] == 0)
     idx0 = str(tmp_path / "idx0")
     embed_main(EmbedConfig(checkpoint=ck0, out=idx0))
     new_id = Scorer(ck0, idx0).model_id
