@@ -18,17 +18,23 @@ def _odd(n: float) -> int:
 class TwoViewAugment(nn.Module):
     """The paper's MoCo-v2 pipeline, applied independently to each sample of each view:
     RandomResizedCrop(scale 0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2,
-    Gaussian blur sigma in [0.1, 2] p=0.5, horizontal flip."""
+    Gaussian blur sigma in [0.1, 2] p=0.5, horizontal flip.
 
-    def __init__(self, image_size: int):
+    ``crop_min_scale`` and ``hflip`` exist because the contrastive loss teaches invariance to
+    whatever the views differ by: for data whose identity lives in orientation or in the whole
+    object (digits, text, oriented parts), flips and small crops teach the wrong invariance."""
+
+    def __init__(self, image_size: int, crop_min_scale: float = 0.2, hflip: bool = True):
         super().__init__()
+        if not 0.0 < crop_min_scale <= 1.0:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
         self.pipe = K.AugmentationSequential(
-            K.RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0)),
+            K.RandomResizedCrop((image_size, image_size), scale=(crop_min_scale, 1.0)),
             K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
             K.RandomGrayscale(p=0.2),
             # Kernel ~10% of the image side, as SimCLR/MoCo-v2 use at 224 px.
             K.RandomGaussianBlur(_odd(0.1 * image_size), (0.1, 2.0), p=0.5),
-            K.RandomHorizontalFlip(),
+            *([K.RandomHorizontalFlip()] if hflip else []),
         )
 
     @torch.no_grad()

@@ -17,3 +17,57 @@ def test_bench_prints_json(args, key):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["bench"] == args[0] and res[key] > 0
+
+
+@pytest.mark.parametrize("args,key", [
+    (["train", "--backbone", "resnet18", "--random-init", "--synthetic", "--image-size", "32", "--batch-size", "4",
+      "--steps", "1", "--warmup", "1", "--loader-workers", "0"], "images_per_s"),
+    (["search", "--backend", "torch", "--n", "3000", "--d", "64", "--queries", "300"], "queries_per_s"),
+])
+def test_bench_variants_print_json(args, key):
+    r = subprocess.run([sys.executable, "-m", "msc_dist.bench", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res[key] > 0
+    if args[0] == "train":
+        assert res["synthetic"] is True and res["pretrained"] is False
+    else:
+        assert res["backend"] == "torch"
+
+
+def test_bench_quality_one_class_protocol_on_real_digits(tmp_path):
+    """A tiny real MNIST subset through the one-process protocol: every method, every metric, the
+    frozen-feature epoch 0 identical for both fine-tuned methods, results saved per class."""
+    import numpy as np
+
+    from conftest import shared_dataset
+
+    src = np.load(shared_dataset("mnist") / "mnist.npz")
+    rng = np.random.default_rng(0)
+    tr, te = rng.choice(60000, 600, replace=False), rng.choice(10000, 200, replace=False)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=src["x_train"][tr], y_train=src["y_train"][tr], idx_train=tr,
+             x_test=src["x_test"][te], y_test=src["y_test"][te], idx_test=te)
+    out = tmp_path / "q.json"
+    r = subprocess.run([sys.executable, "-m", "msc_dist.bench", "quality", "--data", str(npz), "--classes", "0", "1",
+                        "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--lr", "1e-4",
+                        "--loader-workers", "0", "--no-hflip", "--crop-min-scale", "0.5", "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res == json.loads(out.read_text())
+    assert set(res["classes"]) == {"0", "1"}
+    assert res["config"]["hflip"] is False and res["config"]["crop_min_scale"] == 0.5
+    for c, per in res["classes"].items():
+        n_normal = int((src["y_train"][tr] == int(c)).sum())
+        for m in ("knn", "msc", "msc-noangular"):
+            assert per[m]["test_samples"] == 200
+            assert 0 < per[m]["index_size"] < n_normal  # the rest calibrates the threshold
+            for k in ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr"):
+                assert 0.0 <= per[m][k] <= 1.0, (c, m, k)
+        assert per["knn"]["roc_auc"] > 0.8  # frozen ImageNet features already tell these digits apart
+        e_msc, e_noang = per["msc"]["epoch_auc"], per["msc-noangular"]["epoch_auc"]
+        assert [e for e, _ in e_msc] == [0, 1] and e_msc[0] == e_noang[0]
+        assert e_msc[1] != e_noang[1]  # the angular term changed training
+    for m in ("knn", "msc"):
+        assert res["mean"][m]["roc_auc"] == pytest.approx(np.mean([res["classes"][c][m]["roc_auc"] for c in "01"]))

@@ -71,3 +71,21 @@ def test_resnets_from_a_local_weights_file(tmp_path, arch, dim, monkeypatch):
     cached = build_model(arch)
     assert torch.equal(cached.trunk.conv1.weight, ref.conv1.weight)
     assert isinstance(cached.trunk.fc, torch.nn.Identity)
+
+
+def test_augmentation_knobs_reach_the_pipeline_and_bad_values_name_the_range():
+    import kornia.augmentation as K
+
+    from msc_dist.augment import TwoViewAugment
+    from msc_dist.train.job import validate
+
+    names = lambda a: [type(m).__name__ for m in a.pipe.children()]  # noqa: E731
+    assert "RandomHorizontalFlip" in names(TwoViewAugment(32)) and "RandomHorizontalFlip" not in names(TwoViewAugment(32, hflip=False))
+    crop = next(m for m in TwoViewAugment(32, crop_min_scale=0.5).pipe.children() if isinstance(m, K.RandomResizedCrop))
+    assert tuple(crop._param_generator.scale) == (0.5, 1.0)  # kornia keeps the sampling range here
+    cfg = parse(TrainConfig, ["--no-hflip", "--crop-min-scale", "0.6"], "t")
+    assert (cfg.hflip, cfg.crop_min_scale) == (False, 0.6)
+    with pytest.raises(ConfigError, match=r"crop_min_scale must be in \(0, 1\]"):
+        validate(TrainConfig(crop_min_scale=1.5, data="/nonexistent"))
+    with pytest.raises(ValueError, match="crop_min_scale"):
+        TwoViewAugment(32, crop_min_scale=0.0)

@@ -1,9 +1,10 @@
-"""python -m msc_dist.bench {train,embed,search,serve} [...] -> one JSON line."""
+"""python -m msc_dist.bench {train,embed,search,serve,quality} [...] -> one JSON line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--loader-workers", type=int, default=2)
     t.add_argument("--data", default=None, help="shards to read (default: generated demo JPEGs)")
     t.add_argument("--compile", action="store_true")
+    t.add_argument("--random-init", action="store_true", help="random weights (throughput only; no weights needed)")
+    t.add_argument("--synthetic", action="store_true", help="random batches on the device, no loader (the step's ceiling)")
     e = sub.add_parser("embed", help="images/s of embedding, end to end from shards")
     e.add_argument("--backbone", default="efficientnet_lite0")
     e.add_argument("--image-size", type=int, default=224)
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--images", type=int, default=2048)
     e.add_argument("--loader-workers", type=int, default=2)
     e.add_argument("--data", default=None)
+    e.add_argument("--random-init", action="store_true", help="random weights (throughput only; no weights needed)")
     s = sub.add_parser("search", help="queries/s of exact k-NN search against N vectors")
     s.add_argument("--n", type=int, default=100_000)
     s.add_argument("--d", type=int, default=1280)
@@ -39,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--num-shards", type=int, default=1)
     s.add_argument("--factory", default="Flat")
     s.add_argument("--use-gpu", action="store_true")
+    s.add_argument("--backend", choices=["faiss", "torch"], default="faiss",
+                   help="faiss: the index as the Scorer loads it; torch: scoring.knn_score on --device")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     v = sub.add_parser("serve", help="HTTP throughput and latency of the Serve app vs offline embedding")
     v.add_argument("--checkpoint", default="~/msc_runs/msc")
     v.add_argument("--index", default="~/msc_runs/msc/serving")
@@ -47,15 +54,37 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--files-per-request", type=int, default=8)
     v.add_argument("--replicas", type=int, default=1)
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q = sub.add_parser("quality", help="one-class ROC-AUC etc. of knn / msc / msc-noangular in one process (MNIST npz)")
+    q.add_argument("--data", required=True, help="MNIST-format npz")
+    q.add_argument("--classes", nargs="+", default=None, help="normal classes to run in turn (default: all)")
+    q.add_argument("--methods", nargs="+", default=["knn", "msc", "msc-noangular"])
+    q.add_argument("--backbone", default="efficientnet_lite0")
+    q.add_argument("--weights", default=None)
+    q.add_argument("--image-size", type=int, default=224)
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--lr", type=float, default=1e-5)
+    q.add_argument("--crop-min-scale", type=float, default=0.2)
+    q.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--eval-every", type=int, default=1)
+    q.add_argument("--loader-workers", type=int, default=2)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    q.add_argument("--time-budget", type=float, default=None, help="seconds; no new class starts after it")
+    q.add_argument("--json-out", default=None, help="also write the result here")
     a = p.parse_args(argv)
     if a.cmd == "embed":
         from msc_dist.bench.embed_search import bench_embed
 
-        res = bench_embed(a.backbone, a.image_size, a.batch_size, a.device, a.images, a.loader_workers, a.data)
+        res = bench_embed(a.backbone, a.image_size, a.batch_size, a.device, a.images, a.loader_workers, a.data,
+                          pretrained=not a.random_init)
     elif a.cmd == "search":
-        from msc_dist.bench.embed_search import bench_search
+        from msc_dist.bench.embed_search import bench_search, bench_search_torch
 
-        res = bench_search(a.n, a.d, a.queries, a.k, a.num_shards, a.use_gpu, a.factory)
+        if a.backend == "torch":
+            res = bench_search_torch(a.n, a.d, a.queries, a.k, a.device)
+        else:
+            res = bench_search(a.n, a.d, a.queries, a.k, a.num_shards, a.use_gpu, a.factory)
     elif a.cmd == "serve":
         from msc_dist.bench.serve import bench_serve
 
@@ -64,7 +93,27 @@ def main(argv: list[str] | None = None) -> int:
         from msc_dist.bench.train import bench_train
 
         res = bench_train(a.backbone, a.image_size, a.batch_size, a.device, a.steps, a.warmup, a.loader_workers,
-                          a.data, a.compile, a.weights)
+                          a.data, a.compile, a.weights, pretrained=not a.random_init,
+                          synthetic=a.synthetic)
+    elif a.cmd == "quality":
+        import numpy as np
+
+        from msc_dist.bench.quality import bench_quality
+        from msc_dist.train.config import TrainConfig
+
+        classes = a.classes or [str(c) for c in sorted(set(int(v) for v in np.load(a.data)["y_test"]))]
+        base = TrainConfig(backbone=a.backbone, weights=a.weights, image_size=a.image_size, epochs=a.epochs,
+                           batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
+                           crop_min_scale=a.crop_min_scale, hflip=a.hflip,
+                           loader_workers=a.loader_workers, seed=a.seed, use_gpu=a.device.startswith("cuda"))
+        def save(r: dict) -> None:
+            if a.json_out:
+                with open(a.json_out + ".tmp", "w") as f:
+                    json.dump(r, f, indent=1)
+                os.replace(a.json_out + ".tmp", a.json_out)
+
+        res = bench_quality(a.data, classes, base, a.methods, a.device, a.time_budget,
+                            log=lambda m: print(m, file=sys.stderr, flush=True), on_class=save)
     print(json.dumps(res))
     return 0
 

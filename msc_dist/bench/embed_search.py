@@ -18,14 +18,14 @@ from msc_dist.features import embed_batches
 
 
 def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_images: int, loader_workers: int,
-                data: str | None = None) -> dict:
+                data: str | None = None, pretrained: bool = True) -> dict:
     """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU)."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
             make_demo(tmp, n_train=n_images, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=256)
             data = os.path.join(tmp, "train")
-        model = build_model(backbone).to(dev).eval()
+        model = build_model(backbone, pretrained=pretrained).to(dev).eval()
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -42,7 +42,34 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
         dt = time.perf_counter() - t0
     return {"bench": "embed", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
             "device": device_name(dev), "loader_workers": loader_workers, "images": int(emb.z.shape[0]),
-            "images_per_s": emb.z.shape[0] / dt, "torch": torch.__version__}
+            "images_per_s": emb.z.shape[0] / dt, "pretrained": pretrained, "torch": torch.__version__}
+
+
+def _unit_rows(rng, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def bench_search_torch(n: int, d: int, queries: int, k: int, device: str) -> dict:
+    """Queries/s of ``scoring.knn_score`` (exact, float32, chunked matmul + top-k) with the bank on
+    ``device``: the path the training job's per-epoch evaluation uses."""
+    from msc_dist.scoring import knn_score
+
+    dev = torch.device(device)
+    rng = np.random.default_rng(0)
+    bank = torch.from_numpy(_unit_rows(rng, n, d)).to(dev)
+    q = torch.from_numpy(_unit_rows(rng, queries, d)).to(dev)
+    chunk = 1024
+    knn_score(q[:chunk], bank, k, chunk)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    s = knn_score(q, bank, k, chunk)
+    float(s.sum())  # wait for the device
+    dt = time.perf_counter() - t0
+    return {"bench": "search", "backend": "torch", "n": n, "d": d, "queries": queries, "k": k,
+            "device": device_name(dev), "queries_per_s": queries / dt}
 
 
 def bench_search(n: int, d: int, queries: int, k: int, num_shards: int, use_gpu: bool, factory: str = "Flat") -> dict:
@@ -50,10 +77,8 @@ def bench_search(n: int, d: int, queries: int, k: int, num_shards: int, use_gpu:
     from msc_dist.index import load_index, write_index
 
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((n, d), dtype=np.float32)
-    z /= np.linalg.norm(z, axis=1, keepdims=True)
-    q = rng.standard_normal((queries, d), dtype=np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    z = _unit_rows(rng, n, d)
+    q = _unit_rows(rng, queries, d)
     with tempfile.TemporaryDirectory() as tmp:
         write_index(tmp, z, [str(i) for i in range(n)], "bench", num_shards=num_shards, factory=factory, k=k)
         idx = load_index(tmp, use_gpu=use_gpu)
@@ -63,6 +88,6 @@ def bench_search(n: int, d: int, queries: int, k: int, num_shards: int, use_gpu:
         dt = time.perf_counter() - t0
     import faiss
 
-    return {"bench": "search", "n": n, "d": d, "queries": queries, "k": k, "num_shards": num_shards, "factory": factory,
+    return {"bench": "search", "backend": "faiss", "n": n, "d": d, "queries": queries, "k": k, "num_shards": num_shards, "factory": factory,
             "gpu": bool(use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0),
             "faiss_threads": faiss.omp_get_max_threads(), "queries_per_s": queries / dt}

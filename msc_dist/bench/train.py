@@ -26,7 +26,10 @@ def device_name(device: torch.device) -> str:
 
 
 def bench_train(backbone: str, image_size: int, batch_size: int, device: str, steps: int, warmup: int,
-                loader_workers: int, data: str | None, compile: bool = False, weights: str | None = None) -> dict:
+                loader_workers: int, data: str | None, compile: bool = False, weights: str | None = None,
+                pretrained: bool = True, synthetic: bool = False) -> dict:
+    """``synthetic``: random uint8 batches made on the device, no loader: the step's own ceiling,
+    to tell a data-starved GPU from a slow step."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         if data is None:
@@ -38,7 +41,7 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         keep = LabelFilter(None)
         cfg = dataclasses.replace(TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
                                   compile=compile, weights=weights)
-        model = build_model(backbone, weights).to(dev)
+        model = build_model(backbone, weights, pretrained=pretrained).to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
@@ -50,6 +53,11 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         loader = make_loader(stream, loader_workers, pin_memory=dev.type == "cuda")
         corrupt: set[str] = set()
         batches = full_batches(loader, batch_size, warmup + steps, corrupt)
+        if synthetic:
+            g = torch.Generator(device=dev).manual_seed(0)
+            fixed = [torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g, device=dev,
+                                   dtype=torch.uint8) for _ in range(4)]
+            batches = (fixed[i % 4] for i in range(warmup + steps))
         for _ in range(warmup):
             stepper(next(batches).to(dev, non_blocking=True))
         if dev.type == "cuda":
@@ -63,6 +71,7 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
     return {
         "bench": "train", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
         "device": device_name(dev), "loader_workers": loader_workers, "compile": compile, "steps": steps,
+        "pretrained": pretrained, "synthetic": synthetic,
         "images_per_s": steps * batch_size / dt, "views_per_s": 2 * steps * batch_size / dt,
         "step_ms": 1000 * dt / steps, "torch": torch.__version__,
     }

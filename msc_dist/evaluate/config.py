@@ -20,6 +20,8 @@ class EvalConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-5
+    crop_min_scale: float = 0.2
+    hflip: bool = True
     num_workers: int = 1
     loader_workers: int = 2
     use_gpu: bool = False
@@ -47,6 +49,8 @@ HELP = {
     "epochs": "fine-tuning epochs for msc and msc-noangular",
     "batch_size": "images per worker per step",
     "lr": "SGD learning rate",
+    "crop_min_scale": "smallest RandomResizedCrop area fraction of a training view (paper: 0.2)",
+    "hflip": "random horizontal flips in the training views",
     "num_workers": "Ray Train workers",
     "loader_workers": "DataLoader worker processes per training worker",
     "use_gpu": "GPUs for training, embedding and scoring",

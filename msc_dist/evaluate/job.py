@@ -80,6 +80,7 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
     normal_label = info.classes.index(normal) if info.classes and normal in info.classes else int(normal)
     tcfg = TrainConfig(data=train, eval_data=test, normal_classes=[normal], backbone=cfg.backbone, weights=cfg.weights,
                        image_size=cfg.image_size, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       crop_min_scale=cfg.crop_min_scale, hflip=cfg.hflip,
                        num_workers=cfg.num_workers, loader_workers=cfg.loader_workers, use_gpu=cfg.use_gpu,
                        seed=cfg.seed, storage_path=os.path.join(cdir, "runs"), keep_checkpoints=cfg.epochs + 1,
                        ray_address=cfg.ray_address)
@@ -139,7 +140,8 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
 def markdown(results: dict, methods: list[str], cfg: EvalConfig) -> str:
     lines = [f"# One-class evaluation: {cfg.data}", "",
              f"backbone {cfg.backbone}, image size {cfg.image_size}, epochs {cfg.epochs}, batch {cfg.batch_size} x "
-             f"{cfg.num_workers} workers, lr {cfg.lr}, seed {cfg.seed}, threshold at {cfg.target_fpr:.0%} FPR on "
+             f"{cfg.num_workers} workers, lr {cfg.lr}, crop scale >= {cfg.crop_min_scale}, "
+             f"{'' if cfg.hflip else 'no '}flips, seed {cfg.seed}, threshold at {cfg.target_fpr:.0%} FPR on "
              f"{cfg.calibration_fraction:.0%} held-out normals", ""]
     for metric in METRIC_COLS:
         lines += [f"## {metric}", "", "| normal class | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]

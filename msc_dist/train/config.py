@@ -28,6 +28,8 @@ class TrainConfig:
     momentum: float = 0.0
     temperature: float = 0.25
     angular_weight: float = 1.0
+    crop_min_scale: float = 0.2
+    hflip: bool = True
     global_negatives: bool = False
     compile: bool = False
     steps_per_epoch: int | None = None
@@ -64,6 +66,8 @@ HELP = {
     "momentum": "SGD momentum (the paper uses none)",
     "temperature": "contrastive temperature",
     "angular_weight": "weight of the angular center loss (0 turns it off)",
+    "crop_min_scale": "smallest RandomResizedCrop area fraction of a view (paper: 0.2)",
+    "hflip": "random horizontal flips in the views (turn off where orientation matters: digits, text)",
     "global_negatives": "contrast against the other ranks' features too (gathered with gradients)",
     "compile": "torch.compile the backbone (worth it on GPUs for long runs)",
     "steps_per_epoch": "cap on optimiser steps per epoch (default: one pass over the data)",

@@ -63,6 +63,8 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.batch_size < 2:
         raise ConfigError("batch_size must be at least 2 (the contrastive loss needs negatives)")
+    if not 0.0 < cfg.crop_min_scale <= 1.0:
+        raise ConfigError(f"crop_min_scale must be in (0, 1], got {cfg.crop_min_scale}")
     strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     if cfg.placement_strategy not in strategies:
         raise ConfigError(f"unknown placement_strategy {cfg.placement_strategy!r}; valid: {list(strategies)}")

@@ -144,7 +144,7 @@ class Stepper:
 
     def __init__(self, cfg: TrainConfig, model: FeatureModel, opt, center: torch.Tensor, device: torch.device):
         self.cfg, self.opt, self.center, self.device = cfg, opt, center, device
-        self.augment = TwoViewAugment(cfg.image_size).to(device)
+        self.augment = TwoViewAugment(cfg.image_size, cfg.crop_min_scale, cfg.hflip).to(device)
         net = model
         if cfg.compile:
             net = torch.compile(net)
