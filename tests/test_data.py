@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import shared_dataset
@@ -103,6 +104,37 @@ def test_decode_limits_and_errors():
     Image.new("L", (3000, 3000)).save(big, format="PNG")
     with pytest.raises(BadImage, match="above the limit"):
         decode_image(big.getvalue(), 32, max_pixels=1_000_000)
+
+
+def test_decode_matches_the_plain_pil_pipeline_for_every_mode():
+    """The fast paths (no copying convert for RGB, grayscale resized before it becomes RGB) give
+    exactly the pixels of convert("RGB") then resize, for each mode real data sets use."""
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    cases = {"RGB": base, "L": base.convert("L"), "P": base.convert("P"), "RGBA": base.convert("RGBA"),
+             "I;16": Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16))}
+    for mode, im in cases.items():
+        for fmt in ("PNG", "JPEG") if mode in ("RGB", "L") else ("PNG",):
+            buf = io.BytesIO()
+            im.save(buf, format=fmt)
+            for size in (32, 50, 96):
+                ref = Image.open(io.BytesIO(buf.getvalue()))
+                ref.draft("RGB", (size, size))
+                ref = ref.convert("RGB").resize((size, size), Image.BILINEAR)
+                got = decode_image(buf.getvalue(), size)
+                assert got.dtype == np.uint8 and got.shape == (size, size, 3)
+                assert np.array_equal(got, np.asarray(ref)), (mode, fmt, size)
+
+
+def test_loader_batches_are_channels_last_views_of_the_decoded_pixels(tmp_path):
+    write_shards(tmp_path, [6])
+    keep = LabelFilter(None)
+    batch = next(iter(make_loader(ShardStream(kept_counts(describe(str(tmp_path)), keep), keep, 24, 6), 0)))
+    x = batch["images"]
+    assert x.shape == (6, 3, 24, 24) and x.dtype == torch.uint8
+    assert x.is_contiguous(memory_format=torch.channels_last)  # no transposing copy on the CPU
+    want = np.stack([decode_image(s.data, 24) for s in iter_samples(describe(str(tmp_path)).shards[0].url)])
+    assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), want)
 
 
 def test_label_filter_keeps_normals_only(tmp_path):

@@ -29,9 +29,16 @@ def decode_image(data: bytes | None, size: int, max_pixels: int = DEFAULT_MAX_PI
                 raise BadImage(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
             # JPEG: let libjpeg downscale by 1/2..1/8 during decode (much cheaper than decoding full size).
             img.draft("RGB", (size, size))
-            img = img.convert("RGB")
+            img.load()  # decode now, inside this try: truncated data raises here
+            # Grayscale is resized before it becomes RGB (a third of the work, identical pixels:
+            # bilinear resizing is per channel); other modes (palette, alpha, CMYK) convert first.
+            # convert() copies even when there is nothing to convert, so it runs only when needed.
+            if img.mode not in ("RGB", "L"):
+                img = img.convert("RGB")
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
+            if img.mode != "RGB":
+                img = img.convert("RGB")
             return np.asarray(img, dtype=np.uint8)
     except BadImage:
         raise
