@@ -80,6 +80,7 @@ if want bench; then
 if [ "${SMOKE:-0}" = 1 ]; then S=32 ST=2 W=1 BB=8 NI=64 NS=20000 NQ=500; else S=224 ST=20 W=5 BB=256 NI=8192 NS=1000000 NQ=10000; fi
 LW=$((NPROC > 2 ? NPROC - 2 : 1))
 B="python3 -m msc_dist.bench"
+$B load --image-size $S --batch-size $BB --images $NI --loader-workers $LW | tee -a "$WORK/bench.jsonl"
 $B train --backbone efficientnet_lite0 --image-size $S --batch-size $BB --steps $ST --warmup $W --loader-workers $LW | tee -a "$WORK/bench.jsonl"
 $B train --backbone efficientnet_lite0 --image-size $S --batch-size $BB --steps $ST --warmup $W --synthetic | tee -a "$WORK/bench.jsonl"
 $B train --backbone efficientnet_lite0 --image-size $S --batch-size 64 --steps $ST --warmup $W --loader-workers $LW | tee -a "$WORK/bench.jsonl"

@@ -22,6 +22,7 @@ def test_bench_prints_json(args, key):
 @pytest.mark.parametrize("args,key", [
     (["train", "--backbone", "resnet18", "--random-init", "--synthetic", "--image-size", "32", "--batch-size", "4",
       "--steps", "1", "--warmup", "1", "--loader-workers", "0"], "images_per_s"),
+    (["load", "--image-size", "32", "--images", "64", "--batch-size", "16", "--loader-workers", "1"], "images_per_s"),
     (["search", "--backend", "torch", "--n", "3000", "--d", "64", "--queries", "300"], "queries_per_s"),
 ])
 def test_bench_variants_print_json(args, key):
@@ -31,6 +32,8 @@ def test_bench_variants_print_json(args, key):
     assert res[key] > 0
     if args[0] == "train":
         assert res["synthetic"] is True and res["pretrained"] is False
+    elif args[0] == "load":
+        assert res["images"] == 64  # every image, once
     else:
         assert res["backend"] == "torch"
 

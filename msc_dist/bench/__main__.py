@@ -1,4 +1,4 @@
-"""python -m msc_dist.bench {train,embed,search,serve,quality} [...] -> one JSON line."""
+"""python -m msc_dist.bench {train,embed,load,search,serve,quality} [...] -> one JSON line."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--loader-workers", type=int, default=2)
     e.add_argument("--data", default=None)
     e.add_argument("--random-init", action="store_true", help="random weights (throughput only; no weights needed)")
+    ld = sub.add_parser("load", help="images/s of the loader alone (reading, decoding, batching)")
+    ld.add_argument("--image-size", type=int, default=224)
+    ld.add_argument("--batch-size", type=int, default=256)
+    ld.add_argument("--images", type=int, default=2048)
+    ld.add_argument("--loader-workers", type=int, default=2)
+    ld.add_argument("--data", default=None)
     s = sub.add_parser("search", help="queries/s of exact k-NN search against N vectors")
     s.add_argument("--n", type=int, default=100_000)
     s.add_argument("--d", type=int, default=1280)
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
         res = bench_embed(a.backbone, a.image_size, a.batch_size, a.device, a.images, a.loader_workers, a.data,
                           pretrained=not a.random_init)
+    elif a.cmd == "load":
+        from msc_dist.bench.embed_search import bench_load
+
+        res = bench_load(a.image_size, a.batch_size, a.images, a.loader_workers, a.data)
     elif a.cmd == "search":
         from msc_dist.bench.embed_search import bench_search, bench_search_torch
 

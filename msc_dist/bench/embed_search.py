@@ -91,3 +91,26 @@ def bench_search(n: int, d: int, queries: int, k: int, num_shards: int, use_gpu:
     return {"bench": "search", "backend": "faiss", "n": n, "d": d, "queries": queries, "k": k, "num_shards": num_shards, "factory": factory,
             "gpu": bool(use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0),
             "faiss_threads": faiss.omp_get_max_threads(), "queries_per_s": queries / dt}
+
+
+def bench_load(image_size: int, batch_size: int, n_images: int, loader_workers: int, data: str | None = None) -> dict:
+    """Images/s of the loader alone (shard reading, decoding, batching, worker IPC): what the
+    training and embedding steps can be fed at most. Compare with ``bench train --synthetic``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if data is None:
+            make_demo(tmp, n_train=n_images, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=256)
+            data = os.path.join(tmp, "train")
+        keep = LabelFilter(None)
+        counts = kept_counts(describe(data), keep)
+
+        def run() -> int:
+            loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers)
+            return sum(int(b["images"].shape[0]) for b in loader)
+
+        run()  # warm-up: page cache
+        t0 = time.perf_counter()
+        n = run()
+        dt = time.perf_counter() - t0
+    return {"bench": "load", "image_size": image_size, "batch_size": batch_size, "loader_workers": loader_workers,
+            "images": n, "images_per_s": n / dt, "ms_per_image_per_worker": 1000 * dt * max(1, loader_workers) / n,
+            "cpus": os.cpu_count()}
