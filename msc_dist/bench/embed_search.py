@@ -10,10 +10,8 @@ import numpy as np
 import torch
 
 from msc_dist.backbones import build_model
-from msc_dist.bench.train import device_name
-from msc_dist.data.demo import make_demo
-from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
-from msc_dist.data.shards import describe
+from msc_dist.bench.train import device_name, shard_counts
+from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.features import embed_batches
 
 
@@ -22,15 +20,11 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
     """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU)."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            make_demo(tmp, n_train=n_images, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=256)
-            data = os.path.join(tmp, "train")
+        counts, keep = shard_counts(tmp, data, n_images, image_size), LabelFilter(None)
         model = build_model(backbone, pretrained=pretrained).to(dev).eval()
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
             torch.backends.cudnn.benchmark = True
-        keep = LabelFilter(None)
-        counts = kept_counts(describe(data), keep)
 
         def run():
             loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers, dev.type == "cuda")
@@ -97,11 +91,7 @@ def bench_load(image_size: int, batch_size: int, n_images: int, loader_workers: 
     """Images/s of the loader alone (shard reading, decoding, batching, worker IPC): what the
     training and embedding steps can be fed at most. Compare with ``bench train --synthetic``."""
     with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            make_demo(tmp, n_train=n_images, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=256)
-            data = os.path.join(tmp, "train")
-        keep = LabelFilter(None)
-        counts = kept_counts(describe(data), keep)
+        counts, keep = shard_counts(tmp, data, n_images, image_size), LabelFilter(None)
 
         def run() -> int:
             loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers)

@@ -19,6 +19,14 @@ from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import Stepper, full_batches
 
 
+def shard_counts(tmp: str, data: str | None, n_images: int, image_size: int, per_shard: int = 256) -> list[tuple[str, int]]:
+    """(shard url, samples) of ``data``, or of ``n_images`` demo JPEGs generated under ``tmp``."""
+    if data is None:
+        make_demo(tmp, n_train=n_images, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=per_shard)
+        data = os.path.join(tmp, "train")
+    return kept_counts(describe(data), LabelFilter(None))
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -32,13 +40,6 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
     to tell a data-starved GPU from a slow step."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        if data is None:
-            # Enough distinct JPEGs that the loader decodes real files throughout (it wraps around).
-            n = max(256, batch_size * 4)
-            make_demo(tmp, n_train=n, n_test_normal=0, n_test_defect=0, size=max(96, image_size), per_shard=128)
-            data = os.path.join(tmp, "train")
-        info = describe(data)
-        keep = LabelFilter(None)
         cfg = dataclasses.replace(TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
                                   compile=compile, weights=weights)
         model = build_model(backbone, weights, pretrained=pretrained).to(dev)
@@ -49,15 +50,18 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         center = torch.nn.functional.normalize(torch.randn(model.dim, device=dev), dim=0)
         stepper = Stepper(cfg, model, opt, center, dev)
-        stream = ShardStream(kept_counts(info, keep), keep, image_size, batch_size, train=True, shuffle_buffer=64)
-        loader = make_loader(stream, loader_workers, pin_memory=dev.type == "cuda")
-        corrupt: set[str] = set()
-        batches = full_batches(loader, batch_size, warmup + steps, corrupt)
         if synthetic:
             g = torch.Generator(device=dev).manual_seed(0)
             fixed = [torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g, device=dev,
                                    dtype=torch.uint8) for _ in range(4)]
             batches = (fixed[i % 4] for i in range(warmup + steps))
+        else:
+            # Enough distinct JPEGs that the loader decodes real files throughout (it wraps around).
+            keep = LabelFilter(None)
+            counts = shard_counts(tmp, data, max(256, batch_size * 4), image_size, per_shard=128)
+            stream = ShardStream(counts, keep, image_size, batch_size, train=True, shuffle_buffer=64)
+            loader = make_loader(stream, loader_workers, pin_memory=dev.type == "cuda")
+            batches = full_batches(loader, batch_size, warmup + steps, set())
         for _ in range(warmup):
             stepper(next(batches).to(dev, non_blocking=True))
         if dev.type == "cuda":
