@@ -106,16 +106,16 @@ def main(argv: list[str] | None = None) -> int:
                           a.data, a.compile, a.weights, pretrained=not a.random_init,
                           synthetic=a.synthetic)
     elif a.cmd == "quality":
-        import numpy as np
-
         from msc_dist.bench.quality import bench_quality
+        from msc_dist.evaluate.job import list_classes
         from msc_dist.train.config import TrainConfig
 
-        classes = a.classes or [str(c) for c in sorted(set(int(v) for v in np.load(a.data)["y_test"]))]
+        classes = a.classes or list_classes(a.data)
         base = TrainConfig(backbone=a.backbone, weights=a.weights, image_size=a.image_size, epochs=a.epochs,
                            batch_size=a.batch_size, lr=a.lr, eval_every=a.eval_every,
                            crop_min_scale=a.crop_min_scale, hflip=a.hflip,
                            loader_workers=a.loader_workers, seed=a.seed, use_gpu=a.device.startswith("cuda"))
+
         def save(r: dict) -> None:
             if a.json_out:
                 with open(a.json_out + ".tmp", "w") as f:
