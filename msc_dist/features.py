@@ -20,24 +20,37 @@ class Embedded:
     corrupt: list[str] = field(default_factory=list)
 
 
+def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """The model on the device in channels_last, on CPU as on GPU: the loader already yields
+    channels_last pixels, and both cuDNN and oneDNN run these convolutions faster in it (CPU,
+    efficientnet_lite0 at 128 px: forward 1.4x, forward + backward 1.4-2x; same arithmetic)."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def unit_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float [0, 1] on the device, channels_last (a no-op when the
+    pixels already are, as the loader's are)."""
+    return to_unit(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+
+
 def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on GPU; CPU runs in float32 (CPU bf16 is slower on most hosts)."""
+    """bf16 autocast on GPU; CPU runs in float32. (On an AVX512-BF16 CPU, channels_last, bf16
+    measured 2x faster for embedding but no faster for training; left off so that CPU scores are
+    float32's and a CPU-trained model's features do not change when it is served on CPU.)"""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
 
 
 @torch.no_grad()
-def embed_batches(model, loader, device: torch.device, channels_last: bool = False) -> Embedded:
+def embed_batches(model, loader, device: torch.device) -> Embedded:
     zs, labels, keys, corrupt = [], [], [], []
     for batch in loader:
         corrupt.extend(batch["corrupt"])
         x = batch["images"]
         if x.shape[0] == 0:
             continue
-        x = to_unit(x.to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = unit_input(x, device)
         with autocast(device):
             z = model(x)
         zs.append(z.float().cpu())

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from msc_dist.augment import to_unit
 from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
-from msc_dist.features import autocast
+from msc_dist.features import autocast, unit_input
 from msc_dist.index import ShardedIndex, load_index
 from msc_dist.train.checkpoint import load_model
 
@@ -32,8 +31,6 @@ class Scorer:
                  max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu_index: bool = False):
         self.device = torch.device(device)
         self.model, self.center, self.config, self.model_id = load_model(checkpoint, self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
         self.index = index if isinstance(index, ShardedIndex) else load_index(index, self.model_id, use_gpu_index)
         if self.index.manifest.model_id != self.model_id:
             from msc_dist.index import IndexMismatch
@@ -56,9 +53,7 @@ class Scorer:
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors."""
-        x = to_unit(images.to(self.device, non_blocking=True))
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = unit_input(images, self.device)
         with autocast(self.device):
             z = self.model(x)
         return z.float().cpu().numpy()

@@ -41,10 +41,10 @@ def test_bench_quality_one_class_protocol_on_real_digits(tmp_path):
     np.savez(npz, x_train=src["x_train"][tr], y_train=src["y_train"][tr], idx_train=tr,
              x_test=src["x_test"][te], y_test=src["y_test"][te], idx_test=te)
     out = tmp_path / "q.json"
-    r = subprocess.run([sys.executable, "-m", "msc_dist.bench", "quality", "--data", str(npz), "--classes", "0", "1",
-                        "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--lr", "1e-4",
-                        "--loader-workers", "0", "--no-hflip", "--crop-min-scale", "0.5", "--json-out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "msc_dist.bench", "quality", "--data", str(npz), "--classes", "0", "1",
+           "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--lr", "1e-4",
+           "--loader-workers", "0", "--no-hflip", "--crop-min-scale", "0.5", "--json-out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res == json.loads(out.read_text())
@@ -63,3 +63,13 @@ def test_bench_quality_one_class_protocol_on_real_digits(tmp_path):
         assert e_msc[1] != e_noang[1]  # the angular term changed training
     for m in ("knn", "msc"):
         assert res["mean"][m]["roc_auc"] == pytest.approx(np.mean([res["classes"][c][m]["roc_auc"] for c in "01"]))
+
+    # --eval-every 0 skips the ROC-AUC per epoch (a test-set pass each) and changes nothing else:
+    # the same seed trains the same model to the same final metrics.
+    r0 = subprocess.run(cmd[:cmd.index("--classes")] + ["--classes", "0", "--methods", "msc", "--eval-every", "0"]
+                        + cmd[cmd.index("--image-size"):cmd.index("--json-out")], capture_output=True, text=True, timeout=600)
+    assert r0.returncode == 0, r0.stderr[-3000:]
+    fast = json.loads(r0.stdout.strip().splitlines()[-1])["classes"]["0"]["msc"]
+    assert [a for _, a in fast["epoch_auc"]] == [None, None]
+    for k in ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_95_tpr"):
+        assert fast[k] == pytest.approx(res["classes"]["0"]["msc"][k], abs=1e-6), k

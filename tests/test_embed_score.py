@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from msc_dist import storage
 from msc_dist.data.demo import make_demo
@@ -115,6 +116,7 @@ def test_offline_scoring_of_an_s3_bucket(embedded, bucket, s3_server):
 
     # The offline score of an image equals the Scorer's score of the same image.
     scorer = Scorer(embedded["checkpoint"], embedded["out"])
+    assert scorer.model.trunk.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # placed on CPU too
     uris = list(scored)[:6]
     direct = scorer.score_bytes([bucket[u][1] for u in uris])
     for u, d in zip(uris, direct):

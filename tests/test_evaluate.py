@@ -51,8 +51,8 @@ def test_all_classes_run_writes_table_json_and_plots_and_repeats(local_ray, fold
     expected = {f"roc-class-{c}.png": (640, 480) for c in ("normal", "spot")}
     expected |= {f"auc-per-epoch-class-{c}.png": (640, 480) for c in ("normal", "spot")}
     expected |= {f"hist-class-{c}-{m}.png": (640, 480) for c in ("normal", "spot") for m in ("knn", "msc", "msc-noangular")}
-    # galleries: 2 highest + 2 lowest rows, one column (no masks in this set)
-    expected |= {f"gallery-class-{c}-{m}.png": (390, 880) for c in ("normal", "spot") for m in ("knn", "msc", "msc-noangular")}
+    # galleries: a row of the 2 highest, a row of the 2 lowest (no masks in this set)
+    expected |= {f"gallery-class-{c}-{m}.png": (480, 550) for c in ("normal", "spot") for m in ("knn", "msc", "msc-noangular")}
     for name, size in expected.items():
         with Image.open(out / "plots" / name) as im:
             im.load()
@@ -76,3 +76,32 @@ def test_bad_method_and_class_are_clear_errors(folder, tmp_path):
         main(EvalConfig(data=str(folder), normal_class="normal", methods=["svm"], out=str(tmp_path)))
     with pytest.raises(DataError, match="valid classes: \\['normal', 'spot'\\]"):
         main(EvalConfig(data=str(folder), normal_class="cat", out=str(tmp_path)))
+
+
+def test_gallery_puts_each_mask_under_its_image(tmp_path):
+    """Rows: highest images, their masks, lowest images, their masks; the mask panel shows the
+    mask's own pixels (a white stripe on black) right under its image."""
+    import io
+
+    from msc_dist.evaluate import plots
+
+    def png(a: np.ndarray) -> bytes:
+        b = io.BytesIO()
+        Image.fromarray(a).save(b, format="PNG")
+        return b.getvalue()
+
+    img = png(np.full((64, 64, 3), 128, np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 28:36] = 255
+    hi = [(f"t{i} (anomalous)", 2.0 - i, True, img, png(mask)) for i in range(2)]
+    lo = [(f"n{i} (normal)", 0.1, False, img, None) for i in range(2)]
+    plots.gallery(str(tmp_path / "g.png"), hi, lo, "title")
+    with Image.open(tmp_path / "g.png") as im:
+        g = np.asarray(im.convert("L"))
+    assert g.shape == (1050, 480)  # (2.5 x 4 rows + 0.5) x 100 dpi, 2.4 x 2 columns x 100 dpi
+    # second panel row (the highest images' masks): white column in the middle of a black square
+    band = g[int(0.5 * 100 + 2.5 * 100 + 60):int(0.5 * 100 + 2.5 * 200 - 20), :240]
+    assert (band > 250).any() and (band < 5).any()
+    # first panel row (the images themselves): uniform grey, no white stripe
+    top = g[int(0.5 * 100 + 60):int(0.5 * 100 + 2.5 * 100 - 20), :240]
+    assert not (top < 5).any()

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--lr", type=float, default=1e-5)
     q.add_argument("--crop-min-scale", type=float, default=0.2)
     q.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
-    q.add_argument("--eval-every", type=int, default=1)
+    q.add_argument("--eval-every", type=int, default=1, help="ROC-AUC every N epochs; 0: final metrics only")
     q.add_argument("--loader-workers", type=int, default=2)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

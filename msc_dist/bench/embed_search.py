@@ -12,7 +12,7 @@ import torch
 from msc_dist.backbones import build_model
 from msc_dist.bench.train import device_name, shard_counts
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
-from msc_dist.features import embed_batches
+from msc_dist.features import embed_batches, place
 
 
 def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_images: int, loader_workers: int,
@@ -21,14 +21,12 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         counts, keep = shard_counts(tmp, data, n_images, image_size), LabelFilter(None)
-        model = build_model(backbone, pretrained=pretrained).to(dev).eval()
-        if dev.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+        model = place(build_model(backbone, pretrained=pretrained), dev).eval()
+        torch.backends.cudnn.benchmark = True
 
         def run():
             loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers, dev.type == "cuda")
-            return embed_batches(model, loader, dev, channels_last=dev.type == "cuda")
+            return embed_batches(model, loader, dev)
 
         run()  # warm-up: cudnn autotuning, page cache
         t0 = time.perf_counter()

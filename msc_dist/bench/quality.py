@@ -21,6 +21,7 @@ from msc_dist.backbones import build_model
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.make_shards import from_npz
 from msc_dist.embed.job import held_out
+from msc_dist.features import place
 from msc_dist.index import threshold_at_fpr
 from msc_dist.metrics import summary
 from msc_dist.scoring import knn_score
@@ -53,9 +54,12 @@ def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], devi
         label = int(normal)
         plan = DataPlan(kept_counts(info["train"], LabelFilter(frozenset([label]))), [label],
                         kept_counts(info["test"], LabelFilter(None)))
+        # eval_every <= 0: no ROC-AUC per epoch (each costs a pass over the test set), final metrics only
+        train_plan = plan if base.eval_every > 0 else dataclasses.replace(plan, eval_counts=None)
         runs = [m for m in methods if m != "knn"]
         for m in runs:
-            cfg = dataclasses.replace(base, angular_weight=0.0 if m == "msc-noangular" else base.angular_weight)
+            cfg = dataclasses.replace(base, angular_weight=0.0 if m == "msc-noangular" else base.angular_weight,
+                                      eval_every=max(1, base.eval_every))
             epochs, last = [], {}
             t0 = time.perf_counter()
 
@@ -64,19 +68,15 @@ def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], devi
                 if folder is not None and metrics["epoch"] == cfg.epochs:
                     last["state"] = ckpt.load(folder).model_state
 
-            run_worker(cfg, plan, report, None, device)
-            model = build_model(cfg.backbone, cfg.weights).to(device)
+            run_worker(cfg, train_plan, report, None, device)
+            model = place(build_model(cfg.backbone, cfg.weights), device)
             model.load_state_dict(last["state"])
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
             out[m] = _final_metrics(cfg, model, plan, device, calibration_fraction, target_fpr) | {
                 "epoch_auc": [(e["epoch"], e.get("roc_auc")) for e in epochs],
                 "train_images_per_s": [e["images_per_s"] for e in epochs if "images_per_s" in e],
                 "seconds": time.perf_counter() - t0}
         if "knn" in methods:
-            model = build_model(base.backbone, base.weights).to(device)
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
+            model = place(build_model(base.backbone, base.weights), device)
             out["knn"] = _final_metrics(base, model, plan, device, calibration_fraction, target_fpr)
     return out
 

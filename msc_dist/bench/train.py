@@ -15,6 +15,7 @@ from msc_dist.backbones import build_model
 from msc_dist.data.demo import make_demo
 from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
 from msc_dist.data.shards import describe
+from msc_dist.features import place
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import Stepper, full_batches
 
@@ -42,10 +43,8 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
                                   compile=compile, weights=weights)
-        model = build_model(backbone, weights, pretrained=pretrained).to(dev)
-        if dev.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-            torch.backends.cudnn.benchmark = True
+        model = place(build_model(backbone, weights, pretrained=pretrained), dev)
+        torch.backends.cudnn.benchmark = True
         model.train()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         center = torch.nn.functional.normalize(torch.randn(model.dim, device=dev), dim=0)

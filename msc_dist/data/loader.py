@@ -138,8 +138,8 @@ class ShardStream(IterableDataset):
 def _collate(imgs, labels, keys, sources, corrupt) -> dict:
     if imgs:
         # (b, 3, S, S) uint8 view of the (b, S, S, 3) stack: channels_last strides, no transposing
-        # copy (a tenth of the loader's time at 224 px). The GPU wants channels_last anyway, and the
-        # embedding job, scorer and server feed the same layout, so every path computes alike.
+        # copy (a tenth of the loader's time at 224 px). The models run in channels_last (features.place),
+        # and the embedding job, scorer and server feed the same layout, so every path computes alike.
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
     else:
         x = torch.zeros((0, 3, 1, 1), dtype=torch.uint8)

@@ -70,22 +70,17 @@ class EmbedActor:
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _, self.config, self.model_id = load_model(checkpoint, self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from msc_dist.augment import to_unit
-        from msc_dist.features import autocast
+        from msc_dist.features import autocast, unit_input
 
         n, ok = len(batch["id"]), np.array([not e for e in batch["error"]], dtype=bool)
         emb = np.full((n, self.model.dim), np.nan, dtype=np.float32)
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2).to(self.device, non_blocking=True)
-            x = to_unit(x)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            # (b, S, S, 3) rows -> (b, 3, S, S) channels_last view, no copy
+            x = unit_input(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2), self.device)
             with torch.no_grad(), autocast(self.device):
                 emb[ok] = self.model(x).float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "image"}

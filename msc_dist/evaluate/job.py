@@ -120,19 +120,19 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
     for m, (s, y, auc, keys, thr) in curves.items():
         plots.histogram(os.path.join(pdir, f"hist-class-{normal}-{m}.png"), s, y, thr, f"{m}, normal class {normal} (AUC {auc:.3f})")
         order = np.argsort(-s)
-        pick = list(order[: cfg.gallery_k]) + list(order[-cfg.gallery_k:])
-        want = {keys[i] for i in pick}
+        top, bottom = list(order[: cfg.gallery_k]), list(order[::-1][: cfg.gallery_k])  # each most extreme first
+        want = {keys[i] for i in top + bottom}
         data = {smp.key: smp.data for sh in info.shards for smp in iter_samples(sh.url) if smp.key in want}
-        rows_g = []
-        for rank, i in enumerate(pick):
+
+        def panel(i: int) -> tuple:
             k = keys[i]
             mask_path = os.path.splitext(sources[k])[0] + ".png" if k in sources else None
             mask = open(mask_path, "rb").read() if mask_path and os.path.exists(mask_path) else None
-            tag = "highest" if rank < cfg.gallery_k else "lowest"
-            rows_g.append((f"{tag}: {k} ({'anomalous' if y[i] else 'normal'})", float(s[i]),
-                           bool(thr is not None and s[i] > thr), data[k], mask))
-        plots.gallery(os.path.join(pdir, f"gallery-class-{normal}-{m}.png"), rows_g,
-                      f"{m}, normal class {normal}: highest and lowest scores")
+            return (f"{k} ({'anomalous' if y[i] else 'normal'})", float(s[i]),
+                    bool(thr is not None and s[i] > thr), data[k], mask)
+
+        plots.gallery(os.path.join(pdir, f"gallery-class-{normal}-{m}.png"), [panel(i) for i in top],
+                      [panel(i) for i in bottom], f"{m}, normal class {normal}: highest and lowest scores")
     res["epoch_auc"] = {m: pts for m, pts in series.items()}
     return res
 

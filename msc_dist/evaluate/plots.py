@@ -63,19 +63,36 @@ def auc_per_epoch(path: str, series: dict[str, list[tuple[int, float]]], title: 
     _save(fig, path)
 
 
-def gallery(path: str, rows: list[tuple[str, float, bool, bytes, bytes | None]], title: str) -> None:
-    """rows: (caption, score, is_anomaly, image bytes, mask bytes or None), highest first."""
-    n = len(rows)
-    cols = 2 if any(r[4] is not None for r in rows) else 1
-    fig, axes = plt.subplots(n, cols, figsize=(2.4 * cols + 1.5, 2.2 * n), squeeze=False)
-    for i, (cap, score, anom, img, mask) in enumerate(rows):
-        axes[i][0].imshow(Image.open(io.BytesIO(img)).convert("RGB"))
-        axes[i][0].set_title(f"{cap}\nscore {score:.3f} {'ANOMALY' if anom else 'normal'}", fontsize=7)
-        if cols == 2:
-            if mask is not None:
-                axes[i][1].imshow(Image.open(io.BytesIO(mask)).convert("L"), cmap="gray")
-                axes[i][1].set_title("defect mask", fontsize=7)
-        for ax in axes[i]:
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    _save(fig, path)
+GALLERY_CELL = (2.4, 2.5)  # inches per image panel (width, height incl. its caption)
+
+
+def gallery(path: str, highest: list[tuple[str, float, bool, bytes, bytes | None]],
+            lowest: list[tuple[str, float, bool, bytes, bytes | None]], title: str) -> None:
+    """Each list: (caption, score, is_anomaly, image bytes, mask bytes or None), in score order.
+    One row of the highest-scored images, one of the lowest; where the data set has masks, each
+    image's mask sits right under it. Size: (2.4 * k) x (2.5 * rows + 0.5) inches at 100 dpi."""
+    groups = [("highest", highest), ("lowest", lowest)]
+    masks = any(r[4] is not None for r in highest + lowest)
+    per = 2 if masks else 1  # panel rows per group: the images, then their masks
+    ncols = max(1, len(highest), len(lowest))
+    w, h = GALLERY_CELL
+    fig, axes = plt.subplots(2 * per, ncols, figsize=(w * ncols, h * 2 * per + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for g, (name, items) in enumerate(groups):
+        for j, (cap, score, anom, img, mask) in enumerate(items):
+            ax = axes[g * per][j]
+            ax.imshow(Image.open(io.BytesIO(img)).convert("RGB"))
+            ax.set_title(f"{name} #{j + 1}: {cap}\nscore {score:.3f} {'ANOMALY' if anom else 'normal'}", fontsize=7)
+            if masks:
+                m = axes[g * per + 1][j]
+                if mask is not None:
+                    m.imshow(Image.open(io.BytesIO(mask)).convert("L"), cmap="gray", vmin=0, vmax=255)
+                    m.set_title("defect mask", fontsize=7)
+                else:
+                    m.text(0.5, 0.5, "no mask", ha="center", va="center", fontsize=7, transform=m.transAxes)
+    fig.suptitle(title, fontsize=10)
+    # leave the top 0.5 inch to the title: tight_layout alone lets it overlap the first captions
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)

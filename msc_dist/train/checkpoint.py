@@ -87,11 +87,12 @@ def read_remote(folder_url: str, with_optimizer: bool = False) -> tuple[LoadedCh
 def load_model(folder_url: str, device: str | torch.device = "cpu"):
     """(FeatureModel in eval mode on device, center, config dict, model_id) from a checkpoint."""
     from msc_dist.backbones import build_model
+    from msc_dist.features import place
 
     ck, model_id = read_remote(folder_url)
     model = build_model(ck.config["backbone"], pretrained=False)  # every tensor comes from model.pt
     model.load_state_dict(ck.model_state)
-    return model.to(device).eval(), ck.center.to(device), ck.config, model_id
+    return place(model, device).eval(), ck.center.to(device), ck.config, model_id
 
 
 def resolve(url: str) -> str:

@@ -21,7 +21,7 @@ from msc_dist.augment import TwoViewAugment
 from msc_dist.backbones import FeatureModel, build_model
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.data.plan import steps_per_epoch
-from msc_dist.features import Embedded, autocast, embed_batches, global_center
+from msc_dist.features import Embedded, autocast, embed_batches, global_center, place
 from msc_dist.loss import mean_shift, msc_loss
 from msc_dist.scoring import knn_score, roc_auc
 from msc_dist.train import checkpoint as ckpt
@@ -54,7 +54,7 @@ def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: 
 
 def _embed(cfg, model, counts, keep, device) -> Embedded:
     loader = make_loader(_stream(cfg, counts, keep, train=False), cfg.loader_workers, device.type == "cuda")
-    return embed_batches(model, loader, device, channels_last=device.type == "cuda")
+    return embed_batches(model, loader, device)
 
 
 def _count_corrupt(keys: list[str] | set[str]) -> int:
@@ -154,9 +154,7 @@ class Stepper:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, S, S) uint8 on the device -> detached float64 loss."""
         cfg, c, b = self.cfg, self.center, x.shape[0]
-        views = self.augment(x)  # (2B, 3, S, S) in [0, 1]
-        if self.device.type == "cuda":
-            views = views.contiguous(memory_format=torch.channels_last)
+        views = self.augment(x).contiguous(memory_format=torch.channels_last)  # (2B, 3, S, S) in [0, 1]
         with autocast(self.device):
             z = self.net(views)  # (2B, D) float32 unit vectors
         z1, z2 = z[:b], z[b:]
@@ -175,9 +173,7 @@ class Stepper:
 def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
                device: torch.device, node_id: str = "local") -> None:
     torch.manual_seed(cfg.seed * 1000 + dist.rank())
-    model = build_model(cfg.backbone, cfg.weights).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = place(build_model(cfg.backbone, cfg.weights), device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     normal = LabelFilter(frozenset(plan.normal_labels))
@@ -217,6 +213,10 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
     b = cfg.batch_size
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
+        # This epoch's augmentations and loader-worker seeds depend on (seed, rank, epoch) alone, not
+        # on what ran before: evaluation passes draw from the global RNG (each DataLoader takes a
+        # base seed), and a run resumed from a checkpoint must train as the uninterrupted one did.
+        torch.manual_seed((cfg.seed * 1000 + dist.rank()) * 1009 + epoch)
         loader = make_loader(_stream(cfg, plan.train_counts, normal, train=True, epoch=epoch),
                              cfg.loader_workers, device.type == "cuda")
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)

@@ -1,0 +1,46 @@
+"""The training loop itself, in one process (no Ray): what the Ray job, the benchmarks and
+`bench quality` all run."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from msc_dist.data.demo import make_demo
+from msc_dist.data.loader import LabelFilter, kept_counts
+from msc_dist.train import checkpoint as ckpt
+from msc_dist.train.config import TrainConfig
+from msc_dist.train.loop import DataPlan, run_worker
+
+
+def test_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path):
+    """Stop after epoch 1, resume from its checkpoint, train epoch 2: the weights equal a run that
+    never stopped, although that run evaluated (DataLoaders drawing from the global RNG) between
+    its epochs and the resumed one did not."""
+    train, test = make_demo(str(tmp_path / "demo"), n_train=48, n_test_normal=8, n_test_defect=8, size=40,
+                            per_shard=16)
+    plan = DataPlan(kept_counts(train, LabelFilter(frozenset({0}))), [0], kept_counts(test, LabelFilter(None)))
+    cfg = TrainConfig(image_size=32, batch_size=8, epochs=2, lr=1e-3, loader_workers=0, steps_per_epoch=3)
+    cpu = torch.device("cpu")
+
+    def run(c: TrainConfig, resume=None) -> dict[int, str]:
+        kept = {}
+
+        def report(metrics: dict, folder: str | None) -> None:
+            kept[metrics["epoch"]] = shutil.copytree(folder, tmp_path / f"e{metrics['epoch']}-{len(list(tmp_path.iterdir()))}")
+
+        run_worker(c, plan, report, resume, cpu)
+        return kept
+
+    straight = run(cfg)
+    assert sorted(straight) == [0, 1, 2]
+    first = run(TrainConfig(**{**cfg.__dict__, "epochs": 1}))
+    resumed = run(cfg, ckpt.load(str(first[1]), with_optimizer=True))
+    assert sorted(resumed) == [2]
+
+    a, b = ckpt.load(str(straight[2])).model_state, ckpt.load(str(resumed[2])).model_state
+    trained = [k for k in a if not torch.equal(a[k], ckpt.load(str(straight[1])).model_state[k])]
+    assert trained, "epoch 2 changed no weight: the test would prove nothing"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
