@@ -27,7 +27,7 @@ from msc_dist.metrics import summary
 from msc_dist.scoring import knn_score
 from msc_dist.train import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
-from msc_dist.train.loop import DataPlan, _embed, run_worker
+from msc_dist.train.loop import DataPlan, embed_counts, run_worker
 
 METHODS = ("knn", "msc", "msc-noangular")
 
@@ -36,8 +36,8 @@ def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_
                    target_fpr: float) -> dict:
     model.eval()
     normal = set(plan.normal_labels)
-    tr = _embed(cfg, model, plan.train_counts, LabelFilter(frozenset(normal)), device)
-    te = _embed(cfg, model, plan.eval_counts, LabelFilter(None), device)
+    tr = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(normal)), device)
+    te = embed_counts(cfg, model, plan.eval_counts, LabelFilter(None), device)
     cal = held_out(tr.keys, calibration_fraction, cfg.seed)
     bank, cal_z = tr.z[torch.from_numpy(~cal)], tr.z[torch.from_numpy(cal)]
     thr = threshold_at_fpr(knn_score(cal_z, bank, k=cfg.knn_k).numpy(), target_fpr) if cal.any() else None

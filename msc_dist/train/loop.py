@@ -52,7 +52,8 @@ def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: 
     )
 
 
-def _embed(cfg, model, counts, keep, device) -> Embedded:
+def embed_counts(cfg, model, counts, keep, device) -> Embedded:
+    """This rank's share of (shard url, count) shards, the samples `keep` admits, as features."""
     loader = make_loader(_stream(cfg, counts, keep, train=False), cfg.loader_workers, device.type == "cuda")
     return embed_batches(model, loader, device)
 
@@ -69,8 +70,8 @@ def evaluate(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device, trai
     model.eval()
     normal = LabelFilter(frozenset(plan.normal_labels))
     if train_emb is None:
-        train_emb = _embed(cfg, model, plan.train_counts, normal, device)
-    ev = _embed(cfg, model, plan.eval_counts, LabelFilter(None), device)
+        train_emb = embed_counts(cfg, model, plan.train_counts, normal, device)
+    ev = embed_counts(cfg, model, plan.eval_counts, LabelFilter(None), device)
     bank = dist.gather_varlen(train_emb.z)
     q = dist.gather_varlen(ev.z)
     labels = dist.gather_varlen(ev.labels)
@@ -192,7 +193,7 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         # Epoch 0: the global center from frozen features, and the frozen-feature (kNN) baseline.
         t0 = time.perf_counter()
         model.eval()
-        emb = _embed(cfg, model, plan.train_counts, normal, device)
+        emb = embed_counts(cfg, model, plan.train_counts, normal, device)
         center_cpu, n = global_center(emb.z)
         center = center_cpu.to(device)
         metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
