@@ -10,7 +10,7 @@ import torch
 from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
 from msc_dist.features import autocast, unit_input
 from msc_dist.index import ShardedIndex, load_index
-from msc_dist.train.checkpoint import load_model
+from msc_dist.checkpoint import load_model
 
 
 @dataclass

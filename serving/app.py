@@ -75,7 +75,7 @@ class Model:
             dev = s.get("device", "auto")
             if dev == "auto":
                 dev = "cuda" if torch.cuda.is_available() else "cpu"
-            from msc_dist.train.checkpoint import resolve
+            from msc_dist.checkpoint import resolve
 
             # Scorer checks the index manifest's model_id against the checkpoint: a mismatch
             # stops the replica from starting, with a message that says so.

@@ -9,7 +9,7 @@ import torch
 
 from msc_dist.data.demo import make_demo
 from msc_dist.data.loader import LabelFilter, kept_counts
-from msc_dist.train import checkpoint as ckpt
+from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, run_worker
 

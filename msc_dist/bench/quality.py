@@ -25,7 +25,7 @@ from msc_dist.features import place
 from msc_dist.index import threshold_at_fpr
 from msc_dist.metrics import summary
 from msc_dist.scoring import knn_score
-from msc_dist.train import checkpoint as ckpt
+from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, embed_counts, run_worker
 

@@ -71,9 +71,9 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
 
     from msc_dist.bench.embed_search import bench_embed
 
-    from msc_dist.train.checkpoint import read_remote, resolve
+    from msc_dist.checkpoint import load, resolve
 
-    tcfg = read_remote(resolve(os.path.expanduser(checkpoint)))[0].config
+    tcfg = load(resolve(os.path.expanduser(checkpoint))).config
     size, backbone = int(tcfg["image_size"]), tcfg["backbone"]
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     port = _port()

@@ -66,7 +66,7 @@ class EmbedActor:
     def __init__(self, checkpoint: str, use_gpu: bool = False):
         import torch
 
-        from msc_dist.train.checkpoint import load_model
+        from msc_dist.checkpoint import load_model
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _, self.config, self.model_id = load_model(checkpoint, self.device)

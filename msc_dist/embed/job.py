@@ -20,7 +20,7 @@ from msc_dist.data.shards import DataError, describe
 from msc_dist.embed.config import EmbedConfig
 from msc_dist.index import IndexManifest, remove_manifest, write_index
 from msc_dist.ray_env import init_ray
-from msc_dist.train import checkpoint as ckpt
+from msc_dist import checkpoint as ckpt
 from msc_dist.train.job import resolve_labels
 
 log = logging.getLogger("msc_dist.embed")
@@ -126,7 +126,8 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     if not 0 < cfg.target_fpr < 1:
         raise ConfigError(f"target_fpr must be in (0, 1), got {cfg.target_fpr}")
     ck_url = ckpt.resolve(cfg.checkpoint)
-    ck, model_id = ckpt.read_remote(ck_url)
+    ck = ckpt.load(ck_url)
+    model_id = ck.model_id
     tcfg = ck.config
     data = cfg.data or tcfg.get("data")
     if not data:

@@ -24,7 +24,7 @@ from msc_dist.data.plan import steps_per_epoch
 from msc_dist.features import Embedded, autocast, embed_batches, global_center, place
 from msc_dist.loss import mean_shift, msc_loss
 from msc_dist.scoring import knn_score, roc_auc
-from msc_dist.train import checkpoint as ckpt
+from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
 
 log = logging.getLogger("msc_dist.train")

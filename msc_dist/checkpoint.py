@@ -24,6 +24,7 @@ class LoadedCheckpoint:
     config: dict[str, Any]
     meta: dict[str, Any]
     optimizer_state: dict | None
+    model_id: str = ""  # sha256 of model.pt
 
 
 def save(folder: str, model_state, center: torch.Tensor, config: dict, meta: dict, optimizer_state=None) -> None:
@@ -39,26 +40,9 @@ def save(folder: str, model_state, center: torch.Tensor, config: dict, meta: dic
         json.dump(meta, f, indent=2, sort_keys=True, default=float)
 
 
-def load(folder: str, with_optimizer: bool = False) -> LoadedCheckpoint:
-    def _t(name):
-        return torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
-
-    missing = [n for n in ("model.pt", "center.pt", "config.json", "meta.json") if not os.path.exists(os.path.join(folder, n))]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a complete checkpoint: missing {missing}")
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    opt = None
-    if with_optimizer and os.path.exists(os.path.join(folder, "optimizer.pt")):
-        opt = _t("optimizer.pt")
-    return LoadedCheckpoint(_t("model.pt"), _t("center.pt"), config, meta, opt)
-
-
-def read_remote(folder_url: str, with_optimizer: bool = False) -> tuple[LoadedCheckpoint, str]:
+def load(folder_url: str, with_optimizer: bool = False) -> LoadedCheckpoint:
     """Load a checkpoint folder from a local path or s3:// (through fsspec, no temp files).
-    Returns the checkpoint and its model id: the sha256 of model.pt."""
+    ``model_id`` is the sha256 of model.pt."""
     import hashlib
     import io
 
@@ -70,18 +54,15 @@ def read_remote(folder_url: str, with_optimizer: bool = False) -> tuple[LoadedCh
             raise FileNotFoundError(f"{folder_url} is not a complete checkpoint: missing {name}")
         return storage.read_bytes(url)
 
+    def _tensor(data: bytes):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
     model_bytes = _bytes("model.pt")
     opt = None
     if with_optimizer and storage.exists(storage.join(folder_url, "optimizer.pt")):
-        opt = torch.load(io.BytesIO(_bytes("optimizer.pt")), map_location="cpu", weights_only=True)
-    ck = LoadedCheckpoint(
-        torch.load(io.BytesIO(model_bytes), map_location="cpu", weights_only=True),
-        torch.load(io.BytesIO(_bytes("center.pt")), map_location="cpu", weights_only=True),
-        json.loads(_bytes("config.json")),
-        json.loads(_bytes("meta.json")),
-        opt,
-    )
-    return ck, hashlib.sha256(model_bytes).hexdigest()
+        opt = _tensor(_bytes("optimizer.pt"))
+    return LoadedCheckpoint(_tensor(model_bytes), _tensor(_bytes("center.pt")), json.loads(_bytes("config.json")),
+                            json.loads(_bytes("meta.json")), opt, hashlib.sha256(model_bytes).hexdigest())
 
 
 def load_model(folder_url: str, device: str | torch.device = "cpu"):
@@ -89,10 +70,10 @@ def load_model(folder_url: str, device: str | torch.device = "cpu"):
     from msc_dist.backbones import build_model
     from msc_dist.features import place
 
-    ck, model_id = read_remote(folder_url)
+    ck = load(folder_url)
     model = build_model(ck.config["backbone"], pretrained=False)  # every tensor comes from model.pt
     model.load_state_dict(ck.model_state)
-    return place(model, device).eval(), ck.center.to(device), ck.config, model_id
+    return place(model, device).eval(), ck.center.to(device), ck.config, ck.model_id
 
 
 def resolve(url: str) -> str:
