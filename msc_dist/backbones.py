@@ -117,7 +117,22 @@ def _torchvision_resnet(arch: str) -> Callable[[str | None], nn.Module]:
     return build
 
 
+def _tiny_cnn(weights: str | None, pretrained: bool = True) -> nn.Module:
+    """A deliberately cheap random-init network (seeded): for benchmarks and tests of the data
+    plane, where the jobs' own overheads, not the model, must dominate. Not for detection."""
+    if weights:
+        raise ValueError("tiny_cnn has no weights: it is a seeded random network for benchmarks and tests")
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, stride=2, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g) * 0.1)
+    return net
+
+
 REGISTRY: dict[str, BackboneSpec] = {
+    "tiny_cnn": BackboneSpec("tiny_cnn", 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ("0.",), _tiny_cnn),
     "efficientnet_lite0": BackboneSpec(
         "efficientnet_lite0", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
         # stem + the first three block stages (of seven)

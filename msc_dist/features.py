@@ -43,6 +43,21 @@ def autocast(device: torch.device, enabled: bool = True):
 
 
 @torch.no_grad()
+def embed_images(model, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The one embedding forward: (B, 3, S, S) uint8 (any layout; the loader's channels_last view
+    is used without a copy) -> (B, D) float32 unit vectors on the CPU. The center pass, the
+    embedding and scoring jobs, the Scorer and the server all embed through here."""
+    with autocast(device):
+        z = model(unit_input(images, device))
+    return z.float().cpu()
+
+
+def embed_hwc(model, images, device: torch.device) -> torch.Tensor:
+    """(B, S, S, 3) uint8 rows, as the decoder and the Ray Data jobs hold them -> (B, D)."""
+    return embed_images(model, torch.from_numpy(images).permute(0, 3, 1, 2), device)
+
+
+@torch.no_grad()
 def embed_batches(model, loader, device: torch.device) -> Embedded:
     zs, labels, keys, corrupt = [], [], [], []
     for batch in loader:
@@ -50,10 +65,7 @@ def embed_batches(model, loader, device: torch.device) -> Embedded:
         x = batch["images"]
         if x.shape[0] == 0:
             continue
-        x = unit_input(x, device)
-        with autocast(device):
-            z = model(x)
-        zs.append(z.float().cpu())
+        zs.append(embed_images(model, x, device))
         labels.append(batch["labels"])
         keys.extend(batch["keys"])
     dim = model.dim if hasattr(model, "dim") else model.module.dim

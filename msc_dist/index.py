@@ -1,29 +1,48 @@
-"""A sharded FAISS index of normal-set embeddings, its manifest, and search.
+"""A sharded FAISS index of normal-set embeddings, published as versions, and its search.
 
-Layout (a folder or s3:// prefix):
+Layout (a folder or s3:// prefix, the embedding job's --out):
 
-    index/shard-0000.faiss ...   FAISS indexes over unit vectors, inner-product metric
-    index/ids.parquet             row i = the sample id of global vector i (shards are successive)
-    index/manifest.json           written last: dimension, metric, counts, k, model_id, threshold,
-                                  creation time, sha256 of every file
+    current.json                               the pointer: which version is live (written last)
+    versions/<id>/manifest.json                dimension, metric, counts, k, model id, threshold,
+                                               sha256 of every file of the version
+    versions/<id>/index/shard-0000.faiss       FAISS indexes over unit vectors, inner-product metric
+    versions/<id>/index/shard-0000.ids.parquet row i = the sample id of that shard's vector i
+    versions/<id>/embeddings/part-*.parquet    the embedding rows (cal-*: the calibration hold-out)
 
-A job that dies before the manifest leaves no manifest; ``load_index`` refuses files that do not
-match their manifest (count, dimension, checksum, model id)."""
+A (re)build writes a new version folder beside the live one and publishes it by replacing the
+small pointer file: a job that dies part-way leaves the previous version live and loadable.
+``keep_versions`` published versions are kept (the live one and the one before it by default);
+older ones and unpublished leftovers of killed runs are deleted after publishing. Readers follow
+the pointer, or pin a version by loading its folder. ``load_index`` refuses files that do not
+match their manifest (count, dimension, checksum, model id).
+
+Every shard is built by its own function call from its own rows (``build_shard_from_parts``):
+the embedding job runs those as parallel Ray tasks; ``write_index`` runs them in-process for
+vectors already in memory. Trained factories (IVF, PQ) are trained once on a seeded sample and
+the trained empty index is handed to every shard. The threshold comes from calibration
+vectors searched in each shard and merged: exactly the search of the whole index."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import numpy as np
 
 from msc_dist import storage
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
-FORMAT = "msc-index/1"
+POINTER = "current.json"
+FORMAT = "msc-index/2"
+MAX_TRAIN_ROWS = 256 * 1024
 
 
 class IndexMismatch(ValueError):
@@ -36,9 +55,11 @@ def sha256(data: bytes) -> str:
 
 @dataclass
 class ShardEntry:
-    file: str
+    file: str  # relative to index/, e.g. "<version>/shard-0000.faiss"
     count: int
     sha256: str
+    ids_file: str = ""
+    ids_sha256: str = ""
 
 
 @dataclass
@@ -46,8 +67,8 @@ class IndexManifest:
     dimension: int
     count: int
     shards: list[ShardEntry]
-    ids_file: ShardEntry
     model_id: str
+    version: str = ""
     k: int = 2
     metric: str = "inner_product"
     factory: str = "Flat"
@@ -55,15 +76,25 @@ class IndexManifest:
     target_fpr: float | None = None
     calibration_samples: int = 0
     created: float = field(default_factory=time.time)
-    extra: dict = field(default_factory=dict)  # backbone, image size, checkpoint, ...
+    extra: dict = field(default_factory=dict)  # backbone, image size, checkpoint, embeddings files, ...
     format: str = FORMAT
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexManifest":
         d = dict(d)
+        if d.get("format") != FORMAT:
+            raise IndexMismatch(f"unknown index format {d.get('format')!r} (expected {FORMAT!r}): rebuild the index "
+                                "with python -m msc_dist.embed")
         d["shards"] = [ShardEntry(**s) for s in d["shards"]]
-        d["ids_file"] = ShardEntry(**d["ids_file"])
         return cls(**d)
+
+
+def new_version() -> str:
+    return f"v-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def version_root(out: str, version: str) -> str:
+    return storage.join(out, "versions", version)
 
 
 def _faiss():
@@ -72,24 +103,81 @@ def _faiss():
     return faiss
 
 
-def build_faiss(z: np.ndarray, factory: str = "Flat", seed: int = 0):
-    """One FAISS index over (N, D) float32 unit vectors with the inner-product metric."""
+def needs_training(factory: str, d: int = 8) -> bool:
     faiss = _faiss()
-    d = z.shape[1]
+    return not faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT).is_trained
+
+
+def train_empty(sample: np.ndarray, factory: str) -> bytes | None:
+    """The trained, empty index for ``factory`` (None when it needs no training), serialised so
+    that every shard task starts from the same one."""
+    faiss = _faiss()
+    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if index.is_trained:
+        return None
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return faiss.serialize_index(index).tobytes()
+
+
+def seeded_sample(z: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    if len(z) <= n:
+        return z
+    return z[np.sort(np.random.default_rng(seed).choice(len(z), size=n, replace=False))]
+
+
+def _new_index(d: int, factory: str, trained: bytes | None):
+    faiss = _faiss()
+    if trained is not None:
+        return faiss.deserialize_index(np.frombuffer(trained, dtype=np.uint8))
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        sample = z[rng.choice(len(z), size=min(len(z), 256 * 1024), replace=False)]
-        index.train(np.ascontiguousarray(sample))
-    index.add(np.ascontiguousarray(z))
+        raise ValueError(f"factory {factory!r} needs training: pass the trained empty index")
     return index
 
 
-def remove_manifest(out: str) -> None:
-    """First step of every (re)build: without a manifest, nothing half-written looks whole."""
-    man_url = storage.join(out, "index", MANIFEST)
-    if storage.exists(man_url):
-        storage.filesystem(man_url).rm(storage.strip_protocol(man_url) if storage.is_remote(man_url) else man_url)
+def to_sq_dist(sims: np.ndarray) -> np.ndarray:
+    """Inner products of unit vectors -> squared L2 distances (2 - 2 cos), clipped at 0."""
+    return np.maximum(2.0 - 2.0 * sims, 0.0).astype(np.float32)
+
+
+def _write_table(url: str, table) -> str:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    storage.write_bytes_atomic(url, data)
+    return sha256(data)
+
+
+def _write_shard(root: str, shard_no: int, index, ids: list[str]) -> ShardEntry:
+    """Shard files under the version folder ``root``; names in the entry are relative to it."""
+    import pyarrow as pa
+
+    faiss = _faiss()
+    name = f"index/shard-{shard_no:04d}"
+    data = faiss.serialize_index(index).tobytes()
+    storage.write_bytes_atomic(storage.join(root, name + ".faiss"), data)
+    ids_sha = _write_table(storage.join(root, name + ".ids.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
+    return ShardEntry(name + ".faiss", int(index.ntotal), sha256(data), name + ".ids.parquet", ids_sha)
+
+
+def calibration_distances(index, cal: np.ndarray | None, k: int) -> np.ndarray:
+    """(M, k) squared distances from each calibration vector to its k nearest in this shard
+    (inf where the shard holds fewer than k)."""
+    if cal is None or len(cal) == 0:
+        return np.zeros((0, k), np.float32)
+    sims, rows = index.search(np.ascontiguousarray(cal, dtype=np.float32), k)
+    d = to_sq_dist(sims)
+    d[rows < 0] = np.inf
+    return d
+
+
+def merged_scores(per_shard: list[np.ndarray], k: int) -> np.ndarray:
+    """Per-shard (M, k) distances -> the global score: the sum of the k smallest over all shards,
+    exactly what one search of the whole index gives."""
+    d = np.sort(np.concatenate(per_shard, axis=1), axis=1)[:, :k]
+    return d.sum(axis=1)
 
 
 def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
@@ -97,59 +185,149 @@ def threshold_at_fpr(normal_scores: np.ndarray, target_fpr: float) -> float:
     return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1.0 - target_fpr, method="higher"))
 
 
-def write_index(out: str, z: np.ndarray, ids: list[str], model_id: str, *, num_shards: int = 1,
-                factory: str = "Flat", k: int = 2, calibration: np.ndarray | None = None,
-                target_fpr: float = 0.01, extra: dict | None = None) -> IndexManifest:
-    """Write shards and ids, then the manifest last. An old manifest is removed first, so a crash
-    part-way leaves no manifest rather than one that points at a mix of old and new files.
-    ``calibration``: (M, D) held-out normal embeddings; the threshold is the score at
-    ``target_fpr`` on them, searched in the index as built (approximate factories included)."""
-    import pyarrow as pa
+def threshold_from_shards(per_shard: list[np.ndarray], k: int, target_fpr: float) -> float | None:
+    if not per_shard or per_shard[0].shape[0] == 0:
+        return None
+    return threshold_at_fpr(merged_scores(per_shard, k), target_fpr)
+
+
+# --- Building from the embedding job's Parquet parts (one call per shard, in workers) --------
+
+def iter_parts(urls: list[str], batch_rows: int = 65536) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, (n, D) float32) batches from Parquet parts, streamed: a task's memory holds one batch
+    beside what it builds."""
     import pyarrow.parquet as pq
 
-    faiss = _faiss()
+    for url in urls:
+        with storage.open_file(url, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=["id", "embedding"]):
+                emb = rb.column(1)
+                d = emb.type.list_size
+                z = emb.values.to_numpy(zero_copy_only=False).reshape(-1, d).astype(np.float32, copy=False)
+                yield rb.column(0).to_pylist(), z
+
+
+def read_vectors(urls: list[str], max_rows: int | None = None) -> tuple[list[str], np.ndarray]:
+    ids, zs, n = [], [], 0
+    for i, z in iter_parts(urls):
+        ids += i
+        zs.append(z)
+        n += len(i)
+        if max_rows is not None and n >= max_rows:
+            break
+    if not zs:
+        return [], np.zeros((0, 0), np.float32)
+    return ids, np.concatenate(zs)
+
+
+def train_from_parts(urls: list[str], factory: str, seed: int = 0, max_rows: int = MAX_TRAIN_ROWS) -> bytes | None:
+    """Train the empty index once, on up to ``max_rows`` rows of ``urls`` (the caller picks a
+    seeded subset of whole parts: one read of those parts, no pass over the rest)."""
+    _, z = read_vectors(urls, max_rows=max_rows)
+    return train_empty(seeded_sample(z, max_rows, seed), factory)
+
+
+def build_shard_from_parts(root: str, shard_no: int, part_urls: list[str], cal_urls: list[str],
+                           factory: str, trained: bytes | None, k: int) -> dict:
+    """Build, write and calibrate one index shard from its Parquet parts. Returns its manifest
+    entry and the (M, k) distances of the calibration vectors to its nearest members."""
+    index, ids = None, []
+    for batch_ids, z in iter_parts(part_urls):
+        if index is None:
+            index = _new_index(z.shape[1], factory, trained)
+        index.add(np.ascontiguousarray(z))
+        ids += batch_ids
+    if index is None:
+        raise ValueError(f"index shard {shard_no} has no rows (parts: {part_urls[:3]}...)")
+    entry = _write_shard(root, shard_no, index, ids)
+    cal = [calibration_distances(index, z, k) for _, z in iter_parts(cal_urls)]
+    return {"entry": asdict(entry), "cal": np.concatenate(cal) if cal else np.zeros((0, k), np.float32)}
+
+
+def assign_parts(parts: list[tuple[str, int]], num_shards: int) -> list[list[str]]:
+    """Parts (url, rows) in order -> contiguous groups of about equal row counts, one per shard."""
+    total = sum(n for _, n in parts)
+    num_shards = max(1, min(num_shards, len([p for p in parts if p[1] > 0])))
+    groups: list[list[str]] = [[] for _ in range(num_shards)]
+    seen = 0
+    for url, n in parts:
+        if n == 0:
+            continue
+        g = min(num_shards - 1, int(seen * num_shards / max(total, 1)))
+        groups[g].append(url)
+        seen += n
+    return [g for g in groups if g]
+
+
+# --- Publishing ---------------------------------------------------------------------------------
+
+def read_pointer(out: str) -> dict | None:
+    url = storage.join(out, POINTER)
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
+
+
+def publish(out: str, man: IndexManifest, keep_versions: int = 2) -> None:
+    """Make ``man`` (its files already under versions/<id>/) the live version: its manifest, then
+    the pointer in one atomic write. Then delete what nothing needs: published versions beyond
+    the newest ``keep_versions`` and unpublished leftovers older than this one (a rebuild that
+    started later and is still running is newer, and stays)."""
+    from msc_dist.data.shards import safe_name
+
+    safe_name(man.version, "index version")
+    root = version_root(out, man.version)
+    data = json.dumps(asdict(man), indent=1).encode()
+    storage.write_bytes_atomic(storage.join(root, MANIFEST), data)
+    pointer = {"format": "msc-index-pointer/1", "version": man.version, "manifest_sha256": sha256(data),
+               "published": time.time()}
+    storage.write_bytes_atomic(storage.join(out, POINTER), json.dumps(pointer, indent=1).encode())
+    base = storage.join(out, "versions")
+    fs = storage.filesystem(base)
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(storage.path_of(base), detail=False))
+    published = [n for n in names if n != man.version and storage.exists(storage.join(base, n, MANIFEST))]
+    keep = {man.version, *published[::-1][:max(0, keep_versions - 1)]}
+    for n in names:
+        if n not in keep and (n in published or n < man.version):
+            log.info("deleting index version %s", n)
+            fs.rm(storage.path_of(storage.join(base, n)), recursive=True)
+
+
+def write_index(out: str, z: np.ndarray, ids: list[str], model_id: str, *, num_shards: int = 1,
+                factory: str = "Flat", k: int = 2, calibration: np.ndarray | None = None,
+                target_fpr: float = 0.01, extra: dict | None = None, seed: int = 0) -> IndexManifest:
+    """In-process build of vectors already in memory (tests, benchmarks, small sets), with the
+    same shard, calibration and publishing steps as the embedding job's parallel build."""
     z = np.ascontiguousarray(z, dtype=np.float32)
     if z.ndim != 2 or len(ids) != z.shape[0]:
         raise ValueError(f"embeddings {z.shape} and {len(ids)} ids do not match")
     if len(set(ids)) != len(ids):
         raise ValueError("sample ids must be unique")
-    folder = storage.join(out, "index")
-    man_url = storage.join(folder, MANIFEST)
-    remove_manifest(out)
+    version = new_version()
+    trained = train_empty(seeded_sample(z, MAX_TRAIN_ROWS, seed), factory) if needs_training(factory) else None
     num_shards = max(1, min(num_shards, len(z)))
     bounds = np.linspace(0, len(z), num_shards + 1).astype(int)
-    shards, built = [], []
+    shards, cal = [], []
     for i in range(num_shards):
-        part = z[bounds[i]:bounds[i + 1]]
-        built.append(build_faiss(part, factory))
-        data = faiss.serialize_index(built[-1]).tobytes()
-        name = f"shard-{i:04d}.faiss"
-        storage.write_bytes_atomic(storage.join(folder, name), data)
-        shards.append(ShardEntry(name, len(part), sha256(data)))
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"id": pa.array(ids, pa.string())}), buf)
-    ids_data = buf.getvalue()
-    storage.write_bytes_atomic(storage.join(folder, "ids.parquet"), ids_data)
-    threshold = None
-    if calibration is not None and len(calibration):
-        sh = faiss.IndexShards(z.shape[1], True, True)
-        for b in built:
-            sh.add_shard(b)
-        sims, _ = sh.search(np.ascontiguousarray(calibration, dtype=np.float32), k)
-        threshold = threshold_at_fpr(np.maximum(2.0 - 2.0 * sims, 0.0).sum(1), target_fpr)
-    man = IndexManifest(z.shape[1], len(z), shards, ShardEntry("ids.parquet", len(ids), sha256(ids_data)), model_id,
-                        k=k, factory=factory, threshold=threshold, target_fpr=target_fpr if threshold is not None else None,
+        index = _new_index(z.shape[1], factory, trained)
+        index.add(z[bounds[i]:bounds[i + 1]])
+        shards.append(_write_shard(version_root(out, version), i, index, list(ids[bounds[i]:bounds[i + 1]])))
+        cal.append(calibration_distances(index, calibration, k))
+    threshold = threshold_from_shards(cal, k, target_fpr) if calibration is not None and len(calibration) else None
+    man = IndexManifest(z.shape[1], len(z), shards, model_id, version=version, k=k, factory=factory,
+                        threshold=threshold, target_fpr=target_fpr if threshold is not None else None,
                         calibration_samples=0 if calibration is None else len(calibration), extra=extra or {})
-    storage.write_bytes_atomic(man_url, json.dumps(asdict(man), indent=1).encode())
+    publish(out, man)
     return man
 
+
+# --- Loading and search -------------------------------------------------------------------------
 
 class ShardedIndex:
     """Loaded, verified index. ``search`` returns squared L2 distances (on unit vectors,
     2 - 2 cos) and global row numbers; ``ids[row]`` is the sample id."""
 
-    def __init__(self, manifest: IndexManifest, index, ids: np.ndarray):
-        self.manifest, self.index, self.ids = manifest, index, ids
+    def __init__(self, manifest: IndexManifest, index, ids: np.ndarray, root: str = ""):
+        self.manifest, self.index, self.ids, self.root = manifest, index, ids, root  # root: the version folder
 
     @property
     def count(self) -> int:
@@ -158,7 +336,7 @@ class ShardedIndex:
     def search(self, q: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = k or self.manifest.k
         sims, rows = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        return np.maximum(2.0 - 2.0 * sims, 0.0).astype(np.float32), rows
+        return to_sq_dist(sims), rows
 
     def score(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The paper's score, the sum of squared distances to the k nearest, plus the neighbours."""
@@ -166,47 +344,76 @@ class ShardedIndex:
         return d.sum(axis=1), d, rows
 
 
+def resolve_version(path: str) -> str:
+    """The version folder to load: the one ``current.json`` points at, or ``path`` itself when it
+    is a version folder (a pinned version)."""
+    if storage.exists(storage.join(path, MANIFEST)):
+        return path
+    pointer = read_pointer(path)
+    if pointer is None:
+        raise IndexMismatch(f"no {POINTER} (nor {MANIFEST}) in {path}: the index is missing or its job did not finish")
+    from msc_dist.data.shards import DataError, safe_name
+
+    try:
+        return version_root(path, safe_name(pointer["version"], storage.join(path, POINTER)))
+    except DataError as e:
+        raise IndexMismatch(str(e)) from None
+
+
+def read_manifest(path: str) -> tuple[IndexManifest, str]:
+    """(manifest, version folder) of the live (or pinned) version, checked against the pointer."""
+    root = resolve_version(path)
+    url = storage.join(root, MANIFEST)
+    if not storage.exists(url):
+        raise IndexMismatch(f"{url} is missing: the pointer names a version that is not there")
+    data = storage.read_bytes(url)
+    pointer = read_pointer(path) if root != path else None
+    if pointer is not None and pointer.get("manifest_sha256") not in (None, sha256(data)):
+        raise IndexMismatch(f"{url}: checksum does not match {POINTER}")
+    return IndexManifest.from_json(json.loads(data)), root
+
+
 def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = False) -> ShardedIndex:
     import pyarrow.parquet as pq
 
+    from msc_dist.data.shards import DataError, safe_name
+
     faiss = _faiss()
-    # Either the embedding job's --out (holding index/) or the index/ folder itself.
-    folder = storage.join(path, "index")
-    if not storage.exists(storage.join(folder, MANIFEST)) and storage.exists(storage.join(path, MANIFEST)):
-        folder = path
+    man, folder = read_manifest(path)
     man_url = storage.join(folder, MANIFEST)
-    if not storage.exists(man_url):
-        raise IndexMismatch(f"no {MANIFEST} in {folder}: the index is missing or its job did not finish")
-    man = IndexManifest.from_json(json.loads(storage.read_bytes(man_url)))
-    if man.format != FORMAT:
-        raise IndexMismatch(f"{man_url}: unknown format {man.format!r} (expected {FORMAT!r})")
     if expected_model_id is not None and man.model_id != expected_model_id:
         raise IndexMismatch(
             f"index model_id {man.model_id[:12]}… does not match the checkpoint's {expected_model_id[:12]}…: "
             "the index was built with another model; rebuild it with python -m msc_dist.embed"
         )
 
-    def _read(entry: ShardEntry) -> bytes:
-        url = storage.join(folder, entry.file)
+    def _read(name: str, digest: str) -> bytes:
+        try:
+            url = storage.join(folder, safe_name(name, man_url))
+        except DataError as e:
+            raise IndexMismatch(str(e)) from None
         if not storage.exists(url):
             raise IndexMismatch(f"{url} is listed in the manifest but missing")
         data = storage.read_bytes(url)
-        if sha256(data) != entry.sha256:
+        if sha256(data) != digest:
             raise IndexMismatch(f"{url}: checksum does not match the manifest (file changed or partial)")
         return data
 
     shards = faiss.IndexShards(man.dimension, True, True)  # threaded, successive ids
-    subs = []
+    subs, ids = [], []
     for e in man.shards:
-        sub = faiss.deserialize_index(np.frombuffer(_read(e), dtype=np.uint8))
+        sub = faiss.deserialize_index(np.frombuffer(_read(e.file, e.sha256), dtype=np.uint8))
         if sub.d != man.dimension or sub.ntotal != e.count:
             raise IndexMismatch(f"{e.file}: count/dimension mismatch: the file holds {sub.ntotal} vectors of dimension "
                                 f"{sub.d}, the manifest says {e.count} x {man.dimension}")
+        sub_ids = pq.read_table(io.BytesIO(_read(e.ids_file, e.ids_sha256)))["id"].to_numpy(zero_copy_only=False)
+        if len(sub_ids) != e.count:
+            raise IndexMismatch(f"{e.ids_file}: {len(sub_ids)} ids for {e.count} vectors")
         subs.append(sub)
+        ids.append(sub_ids)
         shards.add_shard(sub)
-    ids = pq.read_table(io.BytesIO(_read(man.ids_file)))["id"].to_numpy(zero_copy_only=False)
-    if len(ids) != man.count or sum(e.count for e in man.shards) != man.count:
-        raise IndexMismatch(f"manifest count {man.count} does not match shards / ids ({len(ids)})")
+    if sum(e.count for e in man.shards) != man.count:
+        raise IndexMismatch(f"manifest count {man.count} does not match its shards ({sum(e.count for e in man.shards)})")
     index = shards
     if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         co = faiss.GpuMultipleClonerOptions()
@@ -219,6 +426,6 @@ def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = 
             index = faiss.index_cpu_to_all_gpus(cpu_flat, co)
         else:
             index = faiss.index_cpu_to_all_gpus(shards, co)
-    out = ShardedIndex(man, index, ids)
+    out = ShardedIndex(man, index, np.concatenate(ids) if ids else np.zeros(0, dtype=object), folder)
     out._subs = subs  # IndexShards does not own its sub-indexes: keep them alive with it
     return out

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
-from msc_dist.features import autocast, unit_input
+from msc_dist.features import embed_images
 from msc_dist.index import ShardedIndex, load_index
 from msc_dist.checkpoint import load_model
 
@@ -50,13 +50,9 @@ class Scorer:
                 "index_size": m.count, "dimension": m.dimension, "k": m.k, "threshold": m.threshold,
                 "target_fpr": m.target_fpr, "checkpoint": self.checkpoint}
 
-    @torch.no_grad()
     def embed(self, images: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors."""
-        x = unit_input(images, self.device)
-        with autocast(self.device):
-            z = self.model(x)
-        return z.float().cpu().numpy()
+        """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors (the one embedding forward)."""
+        return embed_images(self.model, images, self.device).numpy()
 
     def score_embeddings(self, z: np.ndarray) -> list[ScoreResult]:
         scores, dists, rows = self.index.score(z)

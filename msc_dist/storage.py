@@ -95,3 +95,96 @@ def pyarrow_filesystem(url: str):
 
 def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+# --- Bounded, retried reads for the batch jobs ------------------------------------------------
+
+_FS_CACHE: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
+def cached_filesystem(url: str) -> fsspec.AbstractFileSystem:
+    """One filesystem per (protocol, endpoint) and process: a worker that reads thousands of
+    objects reuses its connection pool. S3 clients retry throttling and 5xx with adaptive backoff.
+    Keyed by endpoint, so a test server that moved is never reached through a stale client."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    key = (protocol, s3_endpoint() if protocol in ("s3", "s3a") else None, os.getpid())
+    fs = _FS_CACHE.get(key)
+    if fs is None:
+        if protocol in ("s3", "s3a"):
+            kwargs: dict = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}}}
+            if key[1]:
+                kwargs["client_kwargs"] = {"endpoint_url": key[1]}
+            fs = fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
+        else:
+            fs = fsspec.filesystem(protocol)
+        _FS_CACHE[key] = fs
+    return fs
+
+
+def path_of(url: str) -> str:
+    return strip_protocol(url) if is_remote(url) else url
+
+
+class TooLarge(ValueError):
+    """An object or member above its byte limit; nothing beyond the limit was read."""
+
+
+def read_capped(url: str, max_bytes: int) -> bytes:
+    """The whole object if it holds at most ``max_bytes``; reads at most max_bytes + 1 bytes
+    (one ranged GET on S3, no separate HEAD), so an oversized object costs no more than the limit."""
+    fs = cached_filesystem(url)
+    if is_remote(url):
+        data = fs.cat_file(path_of(url), start=0, end=max_bytes + 1)
+    else:
+        with open(url, "rb") as f:
+            data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise TooLarge(f"object is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TooLarge)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: connection drops, time-outs, throttling and 5xx answers. A missing or
+    forbidden object, or bad data, is not."""
+    if isinstance(e, _PERMANENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    name = type(e).__name__
+    if name in ("ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+                "ServerDisconnectedError", "ClientPayloadError", "ResponseStreamingError", "IncompleteReadError"):
+        return True
+    code = str(getattr(e, "response", {}).get("Error", {}).get("Code", "")) if hasattr(e, "response") else ""
+    return code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+                    "ServiceUnavailable", "503", "500")
+
+
+def backoff_s(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential back-off with full jitter (attempt = 1, 2, ...)."""
+    import random
+
+    return random.uniform(0, min(cap, base * 2 ** attempt))
+
+
+def retrying(fn, *args, attempts: int = 4, what: str = "read", **kwargs):
+    """``fn(*args, **kwargs)``, retried on transient storage errors with back-off."""
+    import logging
+    import time
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            wait = backoff_s(attempt)
+            logging.getLogger(__name__).warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(e).__name__,
+                                                e, attempt, attempts - 1, wait)
+            time.sleep(wait)
+
+
+def size(url: str) -> int:
+    return int(cached_filesystem(url).size(path_of(url)))

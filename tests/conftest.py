@@ -109,5 +109,6 @@ def embedded(trained_run, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("embedded")
     res = embed_main(EmbedConfig(checkpoint=trained_run["run_dir"], out=str(out), num_shards=3, batch_size=16,
+                                 rows_per_task=8, rows_per_file=32,
                                  calibration_fraction=0.2, target_fpr=0.05))
     return {**trained_run, "out": str(out), "result": res}

@@ -194,3 +194,74 @@ def test_demo_set_is_labelled_and_deterministic(tmp_path):
     assert te.label_counts() == {0: 4, 1: 2, 2: 2, 3: 2}
     make_demo(str(tmp_path / "b"), n_train=8, n_test_normal=4, n_test_defect=6, size=32, per_shard=5)
     assert (tmp_path / "a/train/shard-000000.tar").read_bytes() == (tmp_path / "b/train/shard-000000.tar").read_bytes()
+
+
+def _tiny_shard(folder, n=12, extra=None):
+    with ShardWriter(str(folder), per_shard=1000) as w:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), i * 10, np.uint8)).save(buf, format="PNG")
+            w.write(f"k{i:03d}", buf.getvalue(), "png", i % 2)
+    url = os.path.join(str(folder), "shard-000000.tar")
+    if extra:
+        import tarfile
+
+        with tarfile.open(url, "a") as t:
+            for name, data in extra.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return url
+
+
+def test_a_dropped_connection_reopens_the_shard_and_loses_nothing(tmp_path, monkeypatch):
+    """A transient error mid-shard (the connection drops twice) costs a reopen after a back-off,
+    not the worker: every sample still comes once, in order. A missing shard raises at once."""
+    from msc_dist import storage
+    from msc_dist.data.shards import ByteCounter
+
+    url = _tiny_shard(tmp_path)
+    real_open, opens = storage.open_file, []
+
+    class Flaky:
+        def __init__(self, f, fail_after):
+            self.f, self.left = f, fail_after
+
+        def read(self, n=-1):
+            self.left -= 1
+            if self.left < 0:
+                raise ConnectionResetError("connection reset by peer")
+            return self.f.read(min(n, 1024) if n and n > 0 else 1024)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def flaky_open(u, mode="rb"):
+        opens.append(u)
+        f = real_open(u, mode)
+        return Flaky(f, 6) if len(opens) <= 2 else f
+
+    monkeypatch.setattr(storage, "open_file", flaky_open)
+    monkeypatch.setattr(storage, "backoff_s", lambda attempt: 0.0)
+    counter = ByteCounter()
+    keys = [s.key for s in iter_samples(url, counter=counter)]
+    assert keys == [f"k{i:03d}" for i in range(12)] and len(opens) == 3
+    assert counter.n >= os.path.getsize(url)  # the re-reads are counted: read amplification is visible
+    opens.clear()
+    with pytest.raises(FileNotFoundError):
+        list(iter_samples(str(tmp_path / "missing.tar")))
+    assert len(opens) == 1  # not retried
+
+
+def test_tar_members_above_the_limit_are_not_read(tmp_path):
+    url = _tiny_shard(tmp_path, n=3, extra={"big.png": b"\x89PNG" + b"0" * 5000})
+    got = {s.key: s for s in iter_samples(url, max_member_bytes=4096)}
+    assert got["big"].data is None and "above the limit of 4096" in got["big"].error
+    assert all(got[f"k{i:03d}"].data for i in range(3))
+    with pytest.raises(DataError, match="refusing file name"):
+        (tmp_path / "shards.json").write_text(json.dumps({"format": "msc-shards/1", "classes": None, "shards": [
+            {"name": "../../etc/x.tar", "count": 1, "labels": {"null": 1}}]}))
+        describe(str(tmp_path))

@@ -131,7 +131,7 @@ def test_two_nodes_train_embed_serve(two_node_cluster, tmp_path):
 
     _submit(submit + ["python", "-m", "msc_dist.embed", "--checkpoint", str(runs / "mn"), "--out", str(out),
                    "--batch-size", "16"], 300, env)
-    assert (out / "index" / "manifest.json").exists()
+    assert (out / "current.json").exists()
 
     cfg = yaml.safe_load((ROOT / "serving" / "config.yaml").read_text())
     http_port = _port()

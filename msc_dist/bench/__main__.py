@@ -1,4 +1,4 @@
-"""python -m msc_dist.bench {train,embed,load,search,serve,quality} [...] -> one JSON line."""
+"""python -m msc_dist.bench {train,embed,embed-scale,load,search,serve,quality} [...] -> one JSON line."""
 
 from __future__ import annotations
 
@@ -78,8 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     q.add_argument("--time-budget", type=float, default=None, help="seconds; no new class starts after it")
     q.add_argument("--json-out", default=None, help="also write the result here")
+    es = sub.add_parser("embed-scale", help="the embedding job + index build on N tiny images: rows/s, driver RSS, bytes read")
+    es.add_argument("--rows", type=int, default=20_000)
+    es.add_argument("--per-shard", type=int, default=10_000)
+    es.add_argument("--num-shards", type=int, default=4, help="index shards")
+    es.add_argument("--pool-size", type=int, default=1)
+    es.add_argument("--rows-per-task", type=int, default=512)
+    es.add_argument("--rows-per-file", type=int, default=100_000)
+    es.add_argument("--factory", default="Flat")
+    es.add_argument("--workdir", default=os.path.expanduser("~/msc_runs/bench-scale"))
     a = p.parse_args(argv)
-    if a.cmd == "embed":
+    if a.cmd == "embed-scale":
+        from msc_dist.bench.scale import bench_embed_scale
+
+        res = bench_embed_scale(a.rows, a.workdir, a.per_shard, a.num_shards, a.pool_size, a.rows_per_task,
+                                a.rows_per_file, a.factory)
+    elif a.cmd == "embed":
         from msc_dist.bench.embed_search import bench_embed
 
         res = bench_embed(a.backbone, a.image_size, a.batch_size, a.device, a.images, a.loader_workers, a.data,

@@ -20,7 +20,7 @@ import torch
 from msc_dist.backbones import build_model
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.make_shards import from_npz
-from msc_dist.embed.job import held_out
+from msc_dist.embed.workers import held_out
 from msc_dist.features import place
 from msc_dist.index import threshold_at_fpr
 from msc_dist.metrics import summary

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from msc_dist import storage
+from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import IMAGE_EXTS, DataError, DatasetInfo, ShardWriter
 
 
@@ -26,11 +27,7 @@ def _png(a: np.ndarray) -> bytes:
 
 
 def _resolve_class(name: str | None, classes: list[str]) -> int | None:
-    if name is None:
-        return None
-    if name in classes:
-        return classes.index(name)
-    raise DataError(f"normal class {name!r} not found; valid classes: {classes}")
+    return None if name is None else resolve_label(name, classes)
 
 
 def _split(items: list, normal: int | None, fraction: float, seed: int) -> tuple[list, list]:

@@ -14,6 +14,7 @@ import json
 import logging
 import posixpath
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -34,11 +35,13 @@ class DataError(ValueError):
 @dataclass
 class ShardInfo:
     url: str
-    count: int
+    count: int | None  # None: not known without reading the shard (no shards.json, not scanned)
     # label -> count; None key (str "null" in JSON) for samples without a .cls member.
     labels: dict[int | None, int] = field(default_factory=dict)
 
-    def count_where(self, keep) -> int:
+    def count_where(self, keep) -> int | None:
+        if self.count is None:
+            return None
         return sum(n for lab, n in self.labels.items() if keep(lab))
 
 
@@ -49,7 +52,9 @@ class DatasetInfo:
     classes: list[str] | None = None
 
     @property
-    def count(self) -> int:
+    def count(self) -> int | None:
+        if any(s.count is None for s in self.shards):
+            return None
         return sum(s.count for s in self.shards)
 
     def label_counts(self) -> dict[int | None, int]:
@@ -67,6 +72,7 @@ class Sample:
     ext: str | None
     label: int | None
     source: str  # shard URL
+    error: str | None = None  # why ``data`` is None, where known (e.g. a member above the size limit)
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -76,29 +82,81 @@ def _split_key(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem) if d else stem, ext.lower()
 
 
-def iter_samples(url: str) -> Iterator[Sample]:
-    """Stream one shard, grouping consecutive members by key. Members that are neither an image
-    nor a label are ignored. A sample with no image member yields data=None (counted as corrupt)."""
-    with storage.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        cur_key, img, ext, label = None, None, None, None
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, e = _split_key(m.name)
-            if key != cur_key:
-                if cur_key is not None:
-                    yield Sample(cur_key, img, ext, label, url)
-                cur_key, img, ext, label = key, None, None, None
-            if e in IMAGE_EXTS:
-                img, ext = tar.extractfile(m).read(), e
-            elif e == "cls":
-                raw = tar.extractfile(m).read().strip()
-                try:
-                    label = int(raw)
-                except ValueError:
-                    log.warning("%s: key %s has a non-integer .cls %r; treated as unlabelled", url, key, raw[:20])
-        if cur_key is not None:
-            yield Sample(cur_key, img, ext, label, url)
+# Tar members above this size are not read (an error sample instead): a shard is untrusted input.
+DEFAULT_MAX_MEMBER_BYTES = 64 * 1024 * 1024
+
+
+class ByteCounter:
+    """Bytes a reader pulled from storage (retries included), for the jobs' read-amplification figure."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class _Counting:
+    def __init__(self, f, counter: ByteCounter):
+        self.f, self.counter = f, counter
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.counter.n += len(b)
+        return b
+
+
+def _iter_tar(url: str, max_member_bytes: int, counter: ByteCounter | None) -> Iterator[Sample]:
+    with storage.open_file(url, "rb") as raw:
+        f = _Counting(raw, counter) if counter is not None else raw
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            cur_key, img, ext, label, err = None, None, None, None, None
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, e = _split_key(m.name)
+                if key != cur_key:
+                    if cur_key is not None:
+                        yield Sample(cur_key, img, ext, label, url, err)
+                    cur_key, img, ext, label, err = key, None, None, None, None
+                if e not in IMAGE_EXTS and e != "cls":
+                    continue  # other members are skipped unread (the stream moves past them)
+                if m.size > max_member_bytes:
+                    err = f"tar member {m.name!r} is {m.size} bytes, above the limit of {max_member_bytes}"
+                    continue
+                data = tar.extractfile(m).read()
+                if e in IMAGE_EXTS:
+                    img, ext = data, e
+                else:
+                    try:
+                        label = int(data.strip())
+                    except ValueError:
+                        log.warning("%s: key %s has a non-integer .cls %r; treated as unlabelled", url, key, data[:20])
+            if cur_key is not None:
+                yield Sample(cur_key, img, ext, label, url, err)
+
+
+def iter_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, counter: ByteCounter | None = None,
+                 attempts: int = 4) -> Iterator[Sample]:
+    """Stream one shard once, grouping consecutive members by key. Members that are neither an
+    image nor a label are skipped unread; a sample with no image member (or one above
+    ``max_member_bytes``) yields data=None, with ``error`` saying why where there is a reason.
+
+    A transient storage error (dropped connection, throttling, 5xx) reopens the shard after a
+    back-off and skips the samples already yielded; other errors raise at once."""
+    done, attempt = 0, 0
+    while True:
+        try:
+            for i, s in enumerate(_iter_tar(url, max_member_bytes, counter)):
+                if i >= done:
+                    done += 1
+                    yield s
+            return
+        except Exception as e:
+            attempt += 1
+            if attempt >= attempts or not storage.is_transient(e):
+                raise
+            wait = storage.backoff_s(attempt)
+            log.warning("%s: %s: %s after %d samples; reopening in %.1fs (retry %d/%d)", url, type(e).__name__, e,
+                        done, wait, attempt, attempts - 1)
+            time.sleep(wait)
 
 
 def scan_shard(url: str) -> ShardInfo:
@@ -150,8 +208,17 @@ def _read_manifest(folder: str) -> dict | None:
     return json.loads(storage.read_bytes(url))
 
 
-def describe(spec: str, scan_workers: int = 8) -> DatasetInfo:
-    """Shard list with counts: from ``shards.json`` where present, else by scanning."""
+def safe_name(name: str, where: str) -> str:
+    """A file name from a manifest, relative to its folder: no absolute paths, no '..'."""
+    parts = str(name).replace("\\", "/").split("/")
+    if not name or str(name).startswith("/") or "://" in str(name) or any(p in ("", ".", "..") for p in parts):
+        raise DataError(f"{where}: refusing file name {name!r} (must be relative, without '..')")
+    return str(name)
+
+
+def describe(spec: str, scan_workers: int = 8, scan: bool = True) -> DatasetInfo:
+    """Shard list with counts: from ``shards.json`` where present, else by scanning every shard
+    (``scan=False``: counts stay unknown, for jobs that read each shard once anyway)."""
     if spec is None or not str(spec).strip():
         raise DataError("no data given: pass --data (a folder of WebDataset .tar shards, a brace pattern, or s3://...)")
     is_folder = "{" not in spec and "::" not in spec and not spec.endswith(".tar") and not any(c in spec for c in "*?[")
@@ -159,13 +226,16 @@ def describe(spec: str, scan_workers: int = 8) -> DatasetInfo:
         man = _read_manifest(spec)
         if man is not None:
             shards = [
-                ShardInfo(storage.join(spec, s["name"]), int(s["count"]), {_label_key(k): int(v) for k, v in s["labels"].items()})
+                ShardInfo(storage.join(spec, safe_name(s["name"], MANIFEST)), int(s["count"]),
+                          {_label_key(k): int(v) for k, v in s["labels"].items()})
                 for s in man["shards"]
             ]
             return DatasetInfo(spec, shards, man.get("classes"))
     urls = expand(spec)
     if not urls:
         raise DataError(f"data {spec!r} holds no .tar shards")
+    if not scan:
+        return DatasetInfo(spec, [ShardInfo(u, None) for u in urls], None)
     log.info("no %s beside %s: scanning %d shard(s) for counts", MANIFEST, spec, len(urls))
     with ThreadPoolExecutor(max_workers=min(scan_workers, len(urls))) as ex:
         shards = list(ex.map(scan_shard, urls))

@@ -14,34 +14,44 @@ class EmbedConfig:
     target_fpr: float = 0.01
     batch_size: int = 64
     pool_size: int = 1
+    min_pool_size: int = 1
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
     rows_per_task: int = 512
+    rows_per_file: int = 100_000
+    max_calibration: int = 100_000
     num_shards: int = 1
+    keep_versions: int = 2
     factory: str = "Flat"
     k: int = 2
     seed: int = 0
     max_pixels: int = 64_000_000
+    max_bytes: int = 64 * 1024 * 1024
     ray_address: str | None = None
 
 
 HELP = {
     "checkpoint": "checkpoint folder, or a run folder (its newest checkpoint); local or s3://",
     "data": "normal training shards (default: the checkpoint's training data)",
-    "out": "output folder or s3:// prefix: embeddings/*.parquet and index/",
+    "out": "output folder or s3:// prefix: versions/<id>/{manifest.json,index/,embeddings/} and the current.json pointer",
     "normal_classes": "labels counted as normal (default: the checkpoint's)",
     "calibration_data": "held-out normal shards for the threshold (default: a seeded fraction of --data)",
     "calibration_fraction": "fraction of --data held back from the index for calibration when --calibration-data is absent",
     "target_fpr": "false-positive rate on normal samples that the threshold is set for",
     "batch_size": "images per forward pass on each actor",
-    "pool_size": "embedding actors (one GPU each with --use-gpu)",
+    "pool_size": "most embedding actors (one GPU each with --use-gpu); the pool autoscales between --min-pool-size and this",
+    "min_pool_size": "fewest embedding actors",
     "use_gpu": "one GPU per embedding actor, bf16; FAISS on GPUs when faiss-gpu is installed",
     "cpus_per_actor": "CPUs reserved per embedding actor",
-    "rows_per_task": "samples per read/decode task",
-    "num_shards": "FAISS index shards",
+    "rows_per_task": "rows per block handed from the read tasks to the actors (each read task streams one whole shard once)",
+    "rows_per_file": "rows per Parquet part (each written by a worker)",
+    "max_calibration": "at most this many held-out normal samples for the threshold (the hold-out fraction shrinks to fit)",
+    "num_shards": "FAISS index shards (each built by its own task)",
+    "keep_versions": "published index versions kept under OUT/versions (the live one and those before it)",
     "factory": "FAISS factory string (Flat = exact; e.g. IVF4096,PQ64 for very large sets)",
     "k": "neighbours in the score",
     "seed": "seed of the calibration hold-out",
     "max_pixels": "larger images are skipped as corrupt",
+    "max_bytes": "tar members larger than this are not read (skipped as corrupt)",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
 }

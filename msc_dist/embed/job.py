@@ -1,115 +1,153 @@
-"""The embedding job: Ray Data reads and decodes the normal shards in tasks, an actor pool embeds
-them (one GPU per actor on GPU clusters), the driver writes Parquet by sample id and builds the
-sharded FAISS index with a calibrated threshold. The index manifest is written last."""
+"""The embedding job. The driver plans and publishes; workers read, compute and write.
+
+1. Read tasks stream each shard once and decode its kept samples (``data/rows.read_shards``).
+2. An autoscaling actor pool embeds them (checkpoint loaded once per actor, one GPU each).
+3. Writer tasks write Parquet parts into a new version folder (index rows and the seeded
+   calibration hold-out apart) and return one stats row each: the driver holds file names and
+   counts, never rows.
+4. One Ray task per index shard builds it from its parts (trained factories start from one
+   empty index trained on a seeded sample) and searches the calibration vectors in it; a last
+   task merges those into the threshold.
+5. The manifest is written last: the new version goes live in one write, and the previous one
+   stays live until then."""
 
 from __future__ import annotations
 
-import hashlib
-import io
+import json
 import logging
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-import numpy as np
-
+from msc_dist import checkpoint as ckpt
 from msc_dist import storage
+from msc_dist.capacity import check_capacity
 from msc_dist.config import ConfigError
-from msc_dist.data.loader import LabelFilter, kept_counts
-from msc_dist.data.rows import EmbedActor, range_items, read_shard_ranges
+from msc_dist.data.labels import resolve_labels
+from msc_dist.data.loader import LabelFilter
+from msc_dist.data.rows import read_shards, shard_items
 from msc_dist.data.shards import DataError, describe
 from msc_dist.embed.config import EmbedConfig
-from msc_dist.index import IndexManifest, remove_manifest, write_index
+from msc_dist.embed.workers import EmbedActor, held_out, write_part  # noqa: F401  (held_out: public helper)
+from msc_dist.index import (MAX_TRAIN_ROWS, IndexManifest, ShardEntry, assign_parts, build_shard_from_parts,
+                            needs_training, new_version, publish, threshold_from_shards, train_from_parts,
+                            version_root)
 from msc_dist.ray_env import init_ray
-from msc_dist import checkpoint as ckpt
-from msc_dist.train.job import resolve_labels
 
 log = logging.getLogger("msc_dist.embed")
 
-ROWS_PER_FILE = 100_000
-
 
 @dataclass
-class Embeddings:
-    ids: list[str]
-    sources: list[str]
-    labels: np.ndarray  # (N,) int64, -1 = unlabelled
-    z: np.ndarray  # (N, D) float32
-    corrupt: list[str]
+class PassStats:
+    """What the driver keeps of a pass: file names and counts (one entry per Parquet part)."""
+
+    parts: list[tuple[str, int]]  # (path relative to the version folder, rows)
+    cal: list[tuple[str, int]]
+    rows: int = 0
+    corrupt: int = 0
+    bytes_read: int = 0
+    bytes_stored: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bytes_read_ratio(self) -> float | None:
+        return self.bytes_read / self.bytes_stored if self.bytes_stored else None
 
 
-def embed_shards(data: str, keep: list[int] | None, checkpoint: str, image_size: int, cfg: EmbedConfig,
-                 progress: str = "embed") -> Embeddings:
-    """Embed every kept sample of ``data`` with the checkpoint on a Ray Data actor pool."""
+def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str, image_size: int, cfg: EmbedConfig,
+               root: str, cal_fraction: float, role: str = "index", progress: str = "embed") -> PassStats:
+    """Embed every kept sample of ``data`` into Parquet parts under <root>/embeddings/."""
     import ray.data
 
-    info = describe(data)
-    counts = kept_counts(info, LabelFilter(None if keep is None else frozenset(keep)))
-    total = sum(n for _, n in counts)
-    if total == 0:
+    info = describe(data, scan=False)  # counts from shards.json when there is one; never a scan
+    counts = [(s.url, s.count_where(LabelFilter(None if keep is None else frozenset(keep)))) for s in info.shards]
+    known = None if any(n is None for _, n in counts) else sum(n for _, n in counts)
+    if known == 0:
         raise DataError(f"{data!r} has no samples to embed (kept labels: {keep})")
-    items = range_items(counts, cfg.rows_per_task, keep=keep, image_size=image_size, max_pixels=cfg.max_pixels)
+    items = shard_items(counts, keep)
+    limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+              "block_rows": cfg.rows_per_task}
+    gpus = 1 if cfg.use_gpu else 0
     ds = (
-        ray.data.from_items(items)
-        .map_batches(read_shard_ranges, batch_size=1, batch_format="numpy")
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs=limits)
         .map_batches(
             EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": cfg.use_gpu},
-            batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.pool_size,
-            num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
+            batch_size=cfg.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
         )
+        .map_batches(write_part, fn_kwargs={"out": root, "folder": "embeddings", "model_id": model_id,
+                                            "cal_fraction": cal_fraction, "seed": cfg.seed, "role": role},
+                     batch_size=cfg.rows_per_file, batch_format="numpy")
     )
-    ids, sources, labels, zs, corrupt = [], [], [], [], []
-    t0, seen = time.perf_counter(), 0
-    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        seen += len(b["id"])
-        bad = np.array([bool(e) for e in b["error"]], dtype=bool)
-        corrupt += [str(k) for k in b["id"][bad]]
-        good = ~bad
-        ids += [str(k) for k in b["id"][good]]
-        sources += [str(s) for s in b["source"][good]]
-        labels.append(b["label"][good])
-        zs.append(b["embedding"][good])
+    st = PassStats([], [])
+    t0 = time.perf_counter()
+    for r in ds.iter_rows():  # one small row per written part
+        if r["part"]:
+            st.parts.append((r["part"], int(r["part_rows"])))
+        if r["cal"]:
+            st.cal.append((r["cal"], int(r["cal_rows"])))
+        st.rows += int(r["part_rows"]) + int(r["cal_rows"])
+        st.corrupt += int(r["corrupt"])
+        st.bytes_read += int(r["bytes_read"])
+        st.bytes_stored += int(r["bytes_stored"])
+        if int(r["corrupt"]):
+            log.warning("%s: skipped %d corrupt samples, e.g. %s", progress, int(r["corrupt"]), json.loads(r["corrupt_keys"]))
         dt = time.perf_counter() - t0
-        log.info("%s: %d/%d rows, %.0f rows/s, ETA %.0fs", progress, seen, total, seen / dt, (total - seen) / max(seen / dt, 1e-9))
-    if corrupt:
-        log.warning("%s: skipped %d corrupt samples: %s", progress, len(corrupt), corrupt[:50])
-    z = np.concatenate(zs) if zs else np.zeros((0, 1), np.float32)
-    return Embeddings(ids, sources, np.concatenate(labels) if labels else np.zeros(0, np.int64), z, corrupt)
+        rate = st.rows / max(dt, 1e-9)
+        eta = f", ETA {(known - st.rows - st.corrupt) / max(rate, 1e-9):.0f}s" if known else ""
+        log.info("%s: %d%s rows, %.0f rows/s%s", progress, st.rows, f"/{known}" if known else "", rate, eta)
+    st.seconds = time.perf_counter() - t0
+    return st
 
 
-def held_out(ids: list[str], fraction: float, seed: int) -> np.ndarray:
-    """Seeded, order-independent calibration hold-out by hashed sample id."""
-    h = [int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) / 2**32 for i in ids]
-    return np.array(h) < fraction
+def _calibration_fraction(cfg: EmbedConfig, total: int | None) -> float:
+    """The seeded hold-out: --calibration-fraction, shrunk so that at most --max-calibration
+    samples are held out (a 1 % quantile needs thousands of samples, not millions)."""
+    if total:
+        return min(cfg.calibration_fraction, cfg.max_calibration / total)
+    return cfg.calibration_fraction
 
 
-def write_parquet(out: str, e: Embeddings, model_id: str, calibration: np.ndarray) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def build_index(root: str, version: str, parts: list[tuple[str, int]], cal: list[tuple[str, int]], cfg: EmbedConfig,
+                dimension: int, model_id: str, extra: dict) -> IndexManifest:
+    """Parallel build: one task per index shard, one training task for trained factories, one
+    task for the threshold. The driver holds object references and the shard entries."""
+    import ray
 
-    folder = storage.join(out, "embeddings")
-    fs = storage.filesystem(folder)
-    path = storage.strip_protocol(folder) if storage.is_remote(folder) else folder
-    if fs.exists(path):
-        fs.rm(path, recursive=True)  # the manifest is gone already: nothing points here
-    files = []
-    d = e.z.shape[1]
-    for n, lo in enumerate(range(0, len(e.ids), ROWS_PER_FILE)):
-        hi = min(len(e.ids), lo + ROWS_PER_FILE)
-        lab = e.labels[lo:hi]
-        table = pa.table({
-            "id": pa.array(e.ids[lo:hi], pa.string()),
-            "source": pa.array(e.sources[lo:hi], pa.string()),
-            "label": pa.array(lab, pa.int64(), mask=lab < 0),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(e.z[lo:hi].reshape(-1), pa.float32()), d),
-            "model_id": pa.array([model_id] * (hi - lo), pa.string()),
-            "calibration": pa.array(calibration[lo:hi], pa.bool_()),
-        })
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        name = f"part-{n:05d}.parquet"
-        storage.write_bytes_atomic(storage.join(folder, name), buf.getvalue())
-        files.append({"file": f"embeddings/{name}", "rows": hi - lo})
-    return files
+    urls = [(storage.join(root, f), n) for f, n in parts]
+    cal_urls = [storage.join(root, f) for f, _ in cal]
+    groups = assign_parts(urls, cfg.num_shards)
+    trained = None
+    if needs_training(cfg.factory, dimension):
+        picked, n = [], 0
+        for u, rows in random.Random(cfg.seed).sample(urls, len(urls)):  # a seeded choice of whole parts
+            picked.append(u)
+            n += rows
+            if n >= MAX_TRAIN_ROWS:
+                break
+        trained = ray.remote(train_from_parts).remote(picked, cfg.factory, cfg.seed)
+
+    @ray.remote(num_returns=2)
+    def shard_task(i: int, group: list[str], trained_index: bytes | None):
+        r = build_shard_from_parts(root, i, group, cal_urls, cfg.factory, trained_index, cfg.k)
+        return r["entry"], r["cal"]
+
+    @ray.remote
+    def threshold_task(*per_shard):
+        return threshold_from_shards(list(per_shard), cfg.k, cfg.target_fpr)
+
+    refs = [shard_task.remote(i, g, trained) for i, g in enumerate(groups)]
+    threshold_ref = threshold_task.remote(*[c for _, c in refs]) if cal else None
+    entries = [ShardEntry(**e) for e in ray.get([e for e, _ in refs])]
+    log.info("index: %d shard(s) built, %d vectors", len(entries), sum(e.count for e in entries))
+    cal_rows = sum(n for _, n in cal)
+    threshold = ray.get(threshold_ref) if threshold_ref is not None else None
+    man = IndexManifest(dimension, sum(e.count for e in entries), entries, model_id, version=version, k=cfg.k,
+                        factory=cfg.factory, threshold=threshold,
+                        target_fpr=cfg.target_fpr if threshold is not None else None,
+                        calibration_samples=cal_rows, extra=extra)
+    return man
 
 
 @dataclass
@@ -118,6 +156,8 @@ class EmbedOutcome:
     rows: int
     corrupt: int
     out: str
+    bytes_read_ratio: float | None = None
+    seconds: float = 0.0
 
 
 def main(cfg: EmbedConfig) -> EmbedOutcome:
@@ -125,37 +165,53 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
         raise ConfigError("--checkpoint and --out are required")
     if not 0 < cfg.target_fpr < 1:
         raise ConfigError(f"target_fpr must be in (0, 1), got {cfg.target_fpr}")
+    if cfg.min_pool_size < 1 or cfg.rows_per_task < 1 or cfg.rows_per_file < 1 or cfg.num_shards < 1:
+        raise ConfigError("min_pool_size, rows_per_task, rows_per_file and num_shards must be at least 1")
+    t0 = time.perf_counter()
     ck_url = ckpt.resolve(cfg.checkpoint)
     ck = ckpt.load(ck_url)
-    model_id = ck.model_id
     tcfg = ck.config
     data = cfg.data or tcfg.get("data")
     if not data:
         raise ConfigError("no --data and the checkpoint's config names none")
-    info = describe(data)
+    info = describe(data, scan=False)
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
     image_size = int(tcfg["image_size"])
-    remove_manifest(cfg.out)
     init_ray(cfg.ray_address)
+    check_capacity("embedding job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
-    e = embed_shards(data, normal, ck_url, image_size, cfg, "embed")
-    if not e.ids:
-        raise DataError(f"no decodable normal samples in {data!r}")
+    version = new_version()
+    root = version_root(cfg.out, version)
+    keep = LabelFilter(frozenset(normal))
+    total = None if info.count is None else sum(s.count_where(keep) for s in info.shards)
+    own_cal = 0.0 if cfg.calibration_data else _calibration_fraction(cfg, total)
+    st = embed_pass(data, normal, ck_url, ck.model_id, image_size, cfg, root, own_cal, "index", "embed")
     if cfg.calibration_data:
-        cal = embed_shards(cfg.calibration_data, normal, ck_url, image_size, cfg, "calibrate")
-        is_cal = np.zeros(len(e.ids), bool)
-        cal_z = cal.z
-    else:
-        is_cal = held_out(e.ids, cfg.calibration_fraction, cfg.seed)
-        if is_cal.all() or len(e.ids) - is_cal.sum() < cfg.k:
-            raise DataError(f"too few samples ({len(e.ids)}) to hold out {cfg.calibration_fraction:.0%} for calibration")
-        cal_z = e.z[is_cal]
-    files = write_parquet(cfg.out, e, model_id, is_cal)
-    keep = ~is_cal
-    man = write_index(
-        cfg.out, e.z[keep], [i for i, k in zip(e.ids, keep) if k], model_id,
-        num_shards=cfg.num_shards, factory=cfg.factory, k=cfg.k, calibration=cal_z, target_fpr=cfg.target_fpr,
-        extra={"checkpoint": ck_url, "backbone": tcfg["backbone"], "image_size": image_size, "data": data,
-               "embeddings": files, "corrupt": len(e.corrupt), "epoch": ck.meta.get("epoch")},
-    )
-    return EmbedOutcome(man, len(e.ids), len(e.corrupt), cfg.out)
+        cst = embed_pass(cfg.calibration_data, normal, ck_url, ck.model_id, image_size, cfg, root, 1.0, "calibration",
+                         "calibrate")
+        st.cal += cst.cal
+    index_rows = sum(n for _, n in st.parts)
+    if index_rows < cfg.k:
+        raise DataError(f"{index_rows} decodable normal samples in {data!r} after the calibration hold-out: "
+                        f"need at least k = {cfg.k}")
+    extra = {"checkpoint": ck_url, "backbone": tcfg["backbone"], "image_size": image_size, "data": data,
+             "embeddings": [{"file": f, "rows": n} for f, n in st.parts + st.cal],
+             "corrupt": st.corrupt, "epoch": ck.meta.get("epoch"), "bytes_read": st.bytes_read,
+             "bytes_stored": st.bytes_stored}
+    dim = _dimension(tcfg["backbone"])
+    man = build_index(root, version, st.parts, st.cal, cfg, dim, ck.model_id, extra)
+    publish(cfg.out, man, cfg.keep_versions)
+    ratio = st.bytes_read_ratio
+    log.info("published index %s: %d vectors in %d shard(s), threshold %s; read %.2fx the stored bytes",
+             version, man.count, len(man.shards), man.threshold, ratio or float("nan"))
+    return EmbedOutcome(man, st.rows, st.corrupt, cfg.out, ratio, time.perf_counter() - t0)
+
+
+def _dimension(backbone: str) -> int:
+    from msc_dist.backbones import get_spec
+
+    return get_spec(backbone).dim
+
+
+def manifest_dict(out: EmbedOutcome) -> dict:
+    return asdict(out.manifest)

@@ -14,6 +14,7 @@ import numpy as np
 from msc_dist import storage
 from msc_dist.config import ConfigError
 from msc_dist.data.make_shards import from_folder, from_npz
+from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import DataError, describe, iter_samples
 from msc_dist.embed.config import EmbedConfig
 from msc_dist.embed.job import main as embed_main
@@ -77,7 +78,7 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
     cdir = os.path.join(root, f"class-{normal}")
     train, test, sources = prepare_split(cfg, normal, os.path.join(cdir, "data"))
     info = describe(test)
-    normal_label = info.classes.index(normal) if info.classes and normal in info.classes else int(normal)
+    normal_label = resolve_label(normal, info.classes)
     tcfg = TrainConfig(data=train, eval_data=test, normal_classes=[normal], backbone=cfg.backbone, weights=cfg.weights,
                        image_size=cfg.image_size, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                        crop_min_scale=cfg.crop_min_scale, hflip=cfg.hflip,

@@ -15,13 +15,16 @@ from msc_dist.score.config import HELP, ScoreConfig
 def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse(ScoreConfig, argv, "Score every image under a prefix (or shards) offline", HELP)
-    from msc_dist.score.job import main
+    from msc_dist.score.job import TooManyErrors, main
 
     try:
         out = main(cfg)
     except (ConfigError, DataError, IndexMismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TooManyErrors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({"out": out.out, "rows": out.rows, "errors": out.errors, "files": out.files}, indent=1))
     return 0
 

@@ -2,36 +2,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+INPUT_FORMATS = ("auto", "objects", "shards")
+
 
 @dataclass
 class ScoreConfig:
     index: str | None = None
     input: str | None = None
+    input_format: str = "auto"
     out: str | None = None
     checkpoint: str | None = None
     batch_size: int = 64
     pool_size: int = 1
+    min_pool_size: int = 1
     use_gpu: bool = False
     cpus_per_actor: float = 1.0
     rows_per_task: int = 256
     rows_per_file: int = 100_000
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 64_000_000
+    max_error_fraction: float = 0.1
     ray_address: str | None = None
 
 
 HELP = {
     "index": "index folder (the embedding job's --out) or s3://...",
     "input": "s3://bucket/prefix or a folder (every object, recursively), or WebDataset shards",
+    "input_format": "auto (shards.json, a .tar/brace pattern, or tar files by content = shards) | objects | shards",
     "out": "output folder or s3:// prefix for the scores Parquet",
     "checkpoint": "checkpoint (default: the one recorded in the index manifest)",
     "batch_size": "images per forward pass on each actor",
-    "pool_size": "scoring actors (one GPU each with --use-gpu)",
+    "pool_size": "most scoring actors (one GPU each with --use-gpu); the pool autoscales between --min-pool-size and this",
+    "min_pool_size": "fewest scoring actors",
     "use_gpu": "one GPU per scoring actor",
     "cpus_per_actor": "CPUs reserved per scoring actor",
-    "rows_per_task": "objects per read/decode task",
+    "rows_per_task": "objects per read/decode task (shards: rows per block; a task streams one whole shard)",
     "rows_per_file": "rows per output Parquet file",
-    "max_bytes": "objects larger than this are not downloaded (error row)",
+    "max_bytes": "objects (and tar members) larger than this are not downloaded: at most this + 1 bytes are read (error row)",
     "max_pixels": "images above this many pixels are not decoded (error row)",
+    "max_error_fraction": "a run with a larger share of error rows exits non-zero and publishes nothing",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
 }

@@ -1,10 +1,16 @@
-"""Offline scoring: list every object under a prefix (or read shards), decode in Ray Data tasks,
-score on an actor pool holding model + index (the same ``Scorer`` that serving uses), and write
-Parquet: uri, score, is_anomaly, neighbors, error. An unreadable object is a row with an error.
+"""Offline scoring of whole buckets. The driver plans and publishes; workers list, read, score
+and write.
 
-Output layout: OUT/run-<id>/part-*.parquet plus OUT/_manifest.json, written last; a rerun
-writes a new run folder, swaps the manifest, then deletes older run folders. Read results with
-``read_scores(OUT)``, which follows the manifest."""
+Input: every object under a prefix, recursively (listed page by page in tasks, one per
+sub-prefix, never as one list), or WebDataset shards (recognised by shards.json, a brace or
+.tar pattern, or by content: a folder of tar files). Read tasks fetch each object once (at most
+--max-bytes + 1 bytes, retried on transient errors) and decode it; an actor pool holding model +
+index (the ``Scorer`` that serving uses) scores; writer tasks write Parquet parts (uri, score,
+is_anomaly, neighbors, error) and return one stats row each.
+
+Output: OUT/run-<id>/part-*.parquet plus OUT/_manifest.json, written last and only when the
+share of error rows is within --max-error-fraction; then older runs are deleted. Read results
+with ``read_scores(OUT)``, which follows the manifest."""
 
 from __future__ import annotations
 
@@ -18,64 +24,63 @@ from dataclasses import dataclass
 import numpy as np
 
 from msc_dist import storage
+from msc_dist.capacity import check_capacity
 from msc_dist.config import ConfigError
-from msc_dist.data.decode import BadImage, decode_image
-from msc_dist.data.rows import decoded_rows, range_items, read_shard_ranges
-from msc_dist.data.shards import IMAGE_EXTS, MANIFEST as SHARDS_MANIFEST, DataError, describe
+from msc_dist.data.rows import expand_listing, iter_listing, object_ext, read_objects, read_shards, shard_items
+from msc_dist.data.shards import MANIFEST as SHARDS_MANIFEST, DataError, describe
+from msc_dist.embed.workers import content_name
 from msc_dist.index import load_index
 from msc_dist.ray_env import init_ray
-from msc_dist.score.config import ScoreConfig
+from msc_dist.score.config import INPUT_FORMATS, ScoreConfig
 
 log = logging.getLogger("msc_dist.score")
 OUT_MANIFEST = "_manifest.json"
 
 
-def is_shards(spec: str) -> bool:
-    if "{" in spec or spec.endswith(".tar"):
-        return True
-    return storage.exists(storage.join(spec, SHARDS_MANIFEST))
+class TooManyErrors(RuntimeError):
+    """More error rows than --max-error-fraction allows: nothing was published."""
 
 
-def list_objects(prefix: str) -> list[str]:
-    """Every object under the prefix, recursively, as full URIs (sorted)."""
+def _is_tar(uri: str) -> bool:
+    try:
+        with storage.open_file(uri, "rb") as f:
+            head = f.read(512)
+        return len(head) == 512 and head[257:262] == b"ustar"
+    except Exception:
+        return False
+
+
+def input_format(spec: str, fmt: str = "auto", peek: int = 20) -> str:
+    """``shards`` or ``objects``. auto: shards.json beside the data, a brace or .tar pattern, or
+    a prefix whose first objects are all tar files (checked by content, not just the name)."""
+    if fmt not in INPUT_FORMATS:
+        raise ConfigError(f"unknown input format {fmt!r}; valid: {list(INPUT_FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    if "{" in spec or spec.endswith(".tar") or storage.exists(storage.join(spec, SHARDS_MANIFEST)):
+        return "shards"
+    if not storage.exists(spec):
+        raise DataError(f"input {spec!r} does not exist")
+    first = []
+    for uri, _ in iter_listing(spec, recursive=True):
+        first.append(uri)
+        if len(first) >= peek:
+            break
+    if first and all(object_ext(u) == "tar" for u in first) and _is_tar(first[0]):
+        return "shards"
+    return "objects"
+
+
+def listing_items(prefix: str) -> list[dict]:
+    """The top level of the listing (objects directly under the prefix and its sub-prefixes):
+    the driver holds one row per entry of one level, never the recursive listing."""
     fs = storage.filesystem(prefix)
-    remote = storage.is_remote(prefix)
-    path = storage.strip_protocol(prefix) if remote else prefix
+    path = storage.path_of(prefix)
     if not fs.exists(path):
         raise DataError(f"input {prefix!r} does not exist")
-    found = fs.find(path) if fs.isdir(path) else [path]
-    proto = prefix.split("://", 1)[0] + "://" if remote else ""
-    return sorted(proto + p for p in found if not p.rsplit("/", 1)[-1].startswith("."))
-
-
-def read_objects(batch: dict) -> dict:
-    """Ray Data fn: object URIs -> decoded rows; any failure is an error row, never a crash."""
-    size, max_bytes, max_pixels = int(batch["image_size"][0]), int(batch["max_bytes"][0]), int(batch["max_pixels"][0])
-    ids, images, errors = [], [], []
-    for uri in batch["uri"]:
-        uri = str(uri)
-        img, err = None, None
-        ext = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
-        try:
-            if ext not in IMAGE_EXTS:
-                raise BadImage(f"not an image object (extension {ext or 'none'!r}; expected one of {list(IMAGE_EXTS)})")
-            fs = storage.filesystem(uri)
-            p = storage.strip_protocol(uri) if storage.is_remote(uri) else uri
-            n = fs.size(p)
-            if n > max_bytes:
-                raise BadImage(f"object is {n} bytes, above the limit of {max_bytes}")
-            with fs.open(p, "rb") as f:
-                img = decode_image(f.read(), size, max_pixels)
-        except BadImage as e:
-            err = str(e)
-        except Exception as e:  # storage errors: permission, vanished object, ...
-            err = f"could not read object: {type(e).__name__}: {e}"
-        if err:
-            log.warning("cannot score %s: %s", uri, err)
-        ids.append(uri)
-        images.append(img)
-        errors.append(err)
-    return decoded_rows(ids, ids, [-1] * len(ids), images, errors, size)
+    if fs.isfile(path):
+        return [{"uri": prefix, "is_prefix": False}]
+    return [{"uri": u, "is_prefix": p} for u, p in iter_listing(prefix, recursive=False)]
 
 
 class ScoreActor:
@@ -92,34 +97,48 @@ class ScoreActor:
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        keep = ~np.asarray(batch["stats_only"], dtype=bool)
+        batch = {k: v[keep] for k, v in batch.items()}
         n = len(batch["id"])
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         score = np.full(n, np.nan, np.float64)
-        is_anom = np.zeros(n, bool)
+        is_anom = np.zeros(n, np.int8) - 1  # -1 = null (error, or no threshold in the index)
         neighbors = [json.dumps([])] * n
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2)
             res = self.scorer.score_embeddings(self.scorer.embed(x))
             for j, r in zip(np.flatnonzero(ok), res):
-                score[j], is_anom[j], neighbors[j] = r.score, bool(r.is_anomaly), json.dumps(r.neighbors)
+                score[j], neighbors[j] = r.score, json.dumps(r.neighbors)
+                is_anom[j] = -1 if r.is_anomaly is None else int(r.is_anomaly)
         # Objects: id == source == the object URI. Shards: "<shard url>#<sample key>".
         uri = np.array([s if s == i else f"{s}#{i}" for s, i in zip(batch["source"], batch["id"])], dtype=object)
-        return {"uri": uri, "score": score, "is_anomaly": is_anom,
-                "neighbors": np.array(neighbors, dtype=object), "error": batch["error"]}
+        return {"uri": uri, "score": score, "is_anomaly": is_anom, "neighbors": np.array(neighbors, dtype=object),
+                "error": batch["error"], "bytes_read": batch["bytes_read"]}
 
 
 def _table(rows: dict):
     import pyarrow as pa
 
     ok = np.array([not e for e in rows["error"]], dtype=bool)
+    anom = np.asarray(rows["is_anomaly"], dtype=np.int8)
     nb_type = pa.list_(pa.struct([("id", pa.string()), ("distance", pa.float32())]))
     return pa.table({
         "uri": pa.array([str(u) for u in rows["uri"]], pa.string()),
         "score": pa.array(rows["score"], pa.float64(), mask=~ok),
-        "is_anomaly": pa.array(rows["is_anomaly"], pa.bool_(), mask=~ok),
+        "is_anomaly": pa.array(anom == 1, pa.bool_(), mask=anom < 0),
         "neighbors": pa.array([json.loads(s) for s in rows["neighbors"]], nb_type),
         "error": pa.array([e if e else None for e in rows["error"]], pa.string()),
     })
+
+
+def write_scores(batch: dict, out: str, run: str) -> dict:
+    """Ray Data fn (a task): score rows -> one Parquet part of the run folder -> one stats row."""
+    from msc_dist.index import _write_table
+
+    name = f"{run}/part-{content_name(batch['uri'])}.parquet"
+    _write_table(storage.join(out, name), _table(batch))
+    return {"file": [name], "rows": [len(batch["uri"])], "errors": [int(sum(1 for e in batch["error"] if e))],
+            "bytes_read": [int(np.sum(batch["bytes_read"]))]}
 
 
 @dataclass
@@ -128,75 +147,79 @@ class ScoreOutcome:
     errors: int
     files: list[str]
     out: str
+    bytes_read: int = 0
+    seconds: float = 0.0
 
 
 def main(cfg: ScoreConfig) -> ScoreOutcome:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
 
     if not (cfg.index and cfg.input and cfg.out):
         raise ConfigError("--index, --input and --out are required")
+    if not 0 <= cfg.max_error_fraction <= 1:
+        raise ConfigError(f"max_error_fraction must be in [0, 1], got {cfg.max_error_fraction}")
     idx = load_index(cfg.index)  # verifies the manifest against its files before any work
     checkpoint = cfg.checkpoint or idx.manifest.extra.get("checkpoint")
     if not checkpoint:
         raise ConfigError("the index manifest names no checkpoint; pass --checkpoint")
     image_size = int(idx.manifest.extra["image_size"])
+    model_id, threshold, version = idx.manifest.model_id, idx.manifest.threshold, idx.manifest.version
+    del idx  # the actors load their own; the driver keeps no index in memory
+    fmt = input_format(cfg.input, cfg.input_format)
     init_ray(cfg.ray_address)
+    check_capacity("scoring job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
-    common = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
-    if is_shards(cfg.input):
-        info = describe(cfg.input)
-        items = range_items([(s.url, s.count) for s in info.shards], cfg.rows_per_task, keep=None, **common)
-        ds = ray.data.from_items(items).map_batches(read_shard_ranges, batch_size=1, batch_format="numpy")
+    limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
+    if fmt == "shards":
+        info = describe(cfg.input, scan=False)
+        items = shard_items([(s.url, s.count) for s in info.shards], None)
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            read_shards, batch_size=1, batch_format="numpy", fn_kwargs={**limits, "block_rows": cfg.rows_per_task})
         total = info.count
     else:
-        uris = list_objects(cfg.input)
-        if not uris:
+        top = listing_items(cfg.input)
+        if not top:
             raise DataError(f"no objects under {cfg.input!r}")
-        ds = ray.data.from_items([{"uri": u, **common} for u in uris]).map_batches(
-            read_objects, batch_size=cfg.rows_per_task, batch_format="numpy")
-        total = len(uris)
+        ds = (ray.data.from_items(top, override_num_blocks=len(top))
+              .map_batches(expand_listing, batch_size=1, batch_format="numpy", fn_kwargs={"block_rows": cfg.rows_per_task})
+              .map_batches(read_objects, batch_size=cfg.rows_per_task, batch_format="numpy", fn_kwargs=limits))
+        total = None
     ds = ds.map_batches(
         ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "index": cfg.index, "use_gpu": cfg.use_gpu},
-        batch_size=cfg.batch_size, batch_format="numpy", concurrency=cfg.pool_size,
-        num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
+        batch_size=cfg.batch_size, batch_format="numpy", num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
     )
     run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    files, pending, n_rows, n_err, t0 = [], [], 0, 0, time.perf_counter()
-
-    def flush():
-        if not pending:
-            return
-        buf = io.BytesIO()
-        pq.write_table(pa.concat_tables(pending), buf)
-        name = f"{run}/part-{len(files):05d}.parquet"
-        storage.write_bytes_atomic(storage.join(cfg.out, name), buf.getvalue())
-        files.append(name)
-        pending.clear()
-
-    for b in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        t = _table(b)
-        pending.append(t)
-        n_rows += t.num_rows
-        n_err += int(sum(1 for e in b["error"] if e))
-        if sum(p.num_rows for p in pending) >= cfg.rows_per_file:
-            flush()
+    ds = ds.map_batches(write_scores, fn_kwargs={"out": cfg.out, "run": run}, batch_size=cfg.rows_per_file,
+                        batch_format="numpy")
+    files, n_rows, n_err, n_bytes, t0 = [], 0, 0, 0, time.perf_counter()
+    for r in ds.iter_rows():  # one small row per written part
+        files.append(r["file"])
+        n_rows += int(r["rows"])
+        n_err += int(r["errors"])
+        n_bytes += int(r["bytes_read"])
         dt = time.perf_counter() - t0
         rate = n_rows / max(dt, 1e-9)
-        log.info("scored %d/%d (%.0f rows/s, ETA %.0fs, %d errors)", n_rows, total, rate, (total - n_rows) / max(rate, 1e-9), n_err)
-    flush()
+        eta = f", ETA {(total - n_rows) / max(rate, 1e-9):.0f}s" if total else ""
+        log.info("scored %d%s (%.0f rows/s%s, %d errors)", n_rows, f"/{total}" if total else "", rate, eta, n_err)
+    if n_rows and n_err / n_rows > cfg.max_error_fraction:
+        raise TooManyErrors(f"{n_err} of {n_rows} rows are errors ({n_err / n_rows:.1%}), above --max-error-fraction "
+                            f"{cfg.max_error_fraction:.1%}: nothing published, the previous run stays; the rows "
+                            f"are in {storage.join(cfg.out, run)} for inspection")
     # Publish: manifest last, then drop older runs (nothing points at them any more).
-    man = {"run": run, "files": files, "rows": n_rows, "errors": n_err, "index": cfg.index,
-           "model_id": idx.manifest.model_id, "threshold": idx.manifest.threshold, "created": time.time()}
+    man = {"run": run, "files": sorted(files), "rows": n_rows, "errors": n_err, "index": cfg.index,
+           "index_version": version, "model_id": model_id, "threshold": threshold, "created": time.time(),
+           "bytes_read": n_bytes}
     storage.write_bytes_atomic(storage.join(cfg.out, OUT_MANIFEST), json.dumps(man, indent=1).encode())
     _drop_old_runs(cfg.out, run)
-    return ScoreOutcome(n_rows, n_err, files, cfg.out)
+    dt = time.perf_counter() - t0
+    log.info("published %s: %d rows (%d errors) in %.0fs, %.0f rows/s", run, n_rows, n_err, dt, n_rows / max(dt, 1e-9))
+    return ScoreOutcome(n_rows, n_err, sorted(files), cfg.out, n_bytes, dt)
 
 
 def _drop_old_runs(out: str, keep: str) -> None:
     fs = storage.filesystem(out)
-    base = storage.strip_protocol(out) if storage.is_remote(out) else out
+    base = storage.path_of(out)
     for p in fs.ls(base, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("run-") and name != keep:
@@ -214,3 +237,4 @@ def read_scores(out: str):
     man = json.loads(storage.read_bytes(url))
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(out, f)))) for f in man["files"]]
     return pa.concat_tables(tables) if tables else None
+

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from msc_dist import storage
 from msc_dist.backbones import REGISTRY, get_spec
+from msc_dist.data.labels import resolve_labels
 from msc_dist.config import ConfigError, to_json
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.plan import steps_per_epoch
@@ -20,20 +21,6 @@ from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan
 
 log = logging.getLogger("msc_dist.train")
-
-
-def resolve_labels(names: list[str], classes: list[str] | None) -> list[int]:
-    """Normal classes as ints: class names from shards.json, or integer labels."""
-    out = []
-    for n in names:
-        if classes and n in classes:
-            out.append(classes.index(n))
-            continue
-        try:
-            out.append(int(n))
-        except ValueError:
-            raise ConfigError(f"normal class {n!r} is neither an integer label nor a class name; valid classes: {classes}") from None
-    return sorted(set(out))
 
 
 # With no --data the job trains on the demo set; these replace the paper-scale defaults there

@@ -1,0 +1,102 @@
+"""What the embedding job's workers run: the embedding actor (checkpoint loaded once) and the
+part writer (a task that writes one Parquet part of the version folder and returns one small
+stats row). The driver sees only those stats rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import numpy as np
+
+from msc_dist import storage
+
+log = logging.getLogger(__name__)
+
+
+def held_out(ids, fraction: float, seed: int) -> np.ndarray:
+    """Seeded, order-independent calibration hold-out by hashed sample id."""
+    h = [int(hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()[:8], 16) / 2**32 for i in ids]
+    return np.array(h, dtype=np.float64) < fraction
+
+
+def content_name(ids) -> str:
+    """A part's file name from the ids it holds: a retried task rewrites the same file, so a
+    retry can never add a second copy of its rows."""
+    h = hashlib.sha256()
+    for i in sorted(str(x) for x in ids):
+        h.update(i.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def usable(batch: dict) -> np.ndarray:
+    """Rows that hold a decoded image (not an error, not a stats-only row)."""
+    return np.array([not e for e in batch["error"]], dtype=bool) & ~np.asarray(batch["stats_only"], dtype=bool)
+
+
+class EmbedActor:
+    """Ray Data actor: loads the checkpoint once; image rows -> embedding rows (image dropped)."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool = False):
+        import torch
+
+        from msc_dist.checkpoint import load_model
+
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model, _, self.config, self.model_id = load_model(checkpoint, self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        from msc_dist.features import embed_hwc
+
+        ok = usable(batch)
+        emb = np.full((len(batch["id"]), self.model.dim), np.nan, dtype=np.float32)
+        if ok.any():
+            emb[ok] = embed_hwc(self.model, np.ascontiguousarray(batch["image"][ok]), self.device).numpy()
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["embedding"] = emb
+        return out
+
+
+def _table(batch: dict, rows: np.ndarray, model_id: str, calibration: bool):
+    import pyarrow as pa
+
+    z = np.ascontiguousarray(batch["embedding"][rows], dtype=np.float32)
+    lab = np.asarray(batch["label"][rows], dtype=np.int64)
+    n, d = z.shape
+    return pa.table({
+        "id": pa.array([str(x) for x in batch["id"][rows]], pa.string()),
+        "source": pa.array([str(x) for x in batch["source"][rows]], pa.string()),
+        "label": pa.array(lab, pa.int64(), mask=lab < 0),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1), pa.float32()), d),
+        "model_id": pa.array([model_id] * n, pa.string()),
+        "calibration": pa.array([calibration] * n, pa.bool_()),
+    })
+
+
+def write_part(batch: dict, out: str, folder: str, model_id: str, cal_fraction: float, seed: int,
+               role: str = "index") -> dict:
+    """Ray Data fn (a task): embedding rows -> Parquet under OUT/<folder>/: ``part-*`` for the
+    index rows and ``cal-*`` for the calibration hold-out (by hashed id; ``role="calibration"``
+    makes every row a calibration row). Returns one stats row: files, row counts, corrupt
+    samples, bytes read by the read tasks."""
+    from msc_dist.index import _write_table
+
+    ok = usable(batch)
+    corrupt = [str(k) for k, bad in zip(batch["id"], ~ok & ~np.asarray(batch["stats_only"], bool)) if bad]
+    ids = batch["id"][ok]
+    is_cal = np.ones(len(ids), bool) if role == "calibration" else held_out(ids, cal_fraction, seed)
+    idx_rows, cal_rows = np.flatnonzero(ok)[~is_cal], np.flatnonzero(ok)[is_cal]
+    files = {"part": "", "cal": ""}
+    for kind, rows in (("part", idx_rows), ("cal", cal_rows)):
+        if len(rows):
+            name = f"{folder}/{kind}-{content_name(batch['id'][rows])}.parquet"
+            _write_table(storage.join(out, name), _table(batch, rows, model_id, kind == "cal"))
+            files[kind] = name
+    return {
+        "part": [files["part"]], "part_rows": [len(idx_rows)],
+        "cal": [files["cal"]], "cal_rows": [len(cal_rows)],
+        "corrupt": [len(corrupt)], "corrupt_keys": [json.dumps(corrupt[:20])],
+        "bytes_read": [int(np.sum(batch["bytes_read"]))], "bytes_stored": [int(np.sum(batch["bytes_stored"]))],
+    }
