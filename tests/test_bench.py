@@ -73,3 +73,16 @@ def test_bench_quality_one_class_protocol_on_real_digits(tmp_path):
     assert [a for _, a in fast["epoch_auc"]] == [None, None]
     for k in ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_95_tpr"):
         assert fast[k] == pytest.approx(res["classes"]["0"]["msc"][k], abs=1e-6), k
+
+
+def test_bench_embed_scale_reports_driver_memory_and_bytes_read(tmp_path):
+    """The real embedding job and parallel index build on tiny images: one JSON line with the
+    figures that decide whether the job survives 100 M rows; every shard byte read once."""
+    cmd = [sys.executable, "-m", "msc_dist.bench", "embed-scale", "--rows", "3000", "--per-shard", "1000",
+           "--num-shards", "2", "--rows-per-task", "100", "--workdir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rows"] == 3000 and res["index_shards"] == 2 and res["corrupt"] == 0
+    assert res["bytes_read_ratio"] == pytest.approx(1.0, abs=0.01) and res["driver_peak_rss_mb"] > 0
+    assert 2500 < res["index_count"] < 2900  # the seeded 10 % calibration hold-out is not indexed

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     es.add_argument("--num-shards", type=int, default=4, help="index shards")
     es.add_argument("--pool-size", type=int, default=1)
     es.add_argument("--rows-per-task", type=int, default=512)
-    es.add_argument("--rows-per-file", type=int, default=100_000)
+    es.add_argument("--rows-per-file", type=int, default=None, help="default: rows / 8")
     es.add_argument("--factory", default="Flat")
     es.add_argument("--workdir", default=os.path.expanduser("~/msc_runs/bench-scale"))
     a = p.parse_args(argv)

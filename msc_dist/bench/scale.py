@@ -55,7 +55,10 @@ def peak_rss_mb() -> float:
 
 
 def bench_embed_scale(rows: int, workdir: str, per_shard: int = 10_000, num_shards: int = 4, pool_size: int = 1,
-                      rows_per_task: int = 512, rows_per_file: int = 100_000, factory: str = "Flat") -> dict:
+                      rows_per_task: int = 512, rows_per_file: int | None = None, factory: str = "Flat") -> dict:
+    """``rows_per_file`` defaults to rows / 8: the same number of parts at every N, enough for
+    ``num_shards`` index shards (a shard is built from whole parts)."""
+    rows_per_file = rows_per_file or max(1000, rows // 8)
     from msc_dist.embed.config import EmbedConfig
     from msc_dist.embed.job import main as embed_main
 
