@@ -265,3 +265,48 @@ def test_tar_members_above_the_limit_are_not_read(tmp_path):
         (tmp_path / "shards.json").write_text(json.dumps({"format": "msc-shards/1", "classes": None, "shards": [
             {"name": "../../etc/x.tar", "count": 1, "labels": {"null": 1}}]}))
         describe(str(tmp_path))
+
+
+def test_bytes_to_device_path_matches_the_pil_path(tmp_path):
+    """Loader workers hand encoded bytes; the batch is decoded and resized on the device (the CPU
+    here: the same torchvision call runs nvjpeg on a GPU). Same keys, labels and batches as the
+    pixel path, pixels within the stated tolerance, PNG through PIL, corrupt images dropped."""
+    from msc_dist.data.device_decode import decode_batch, materialize, mean_abs_diff
+
+    keys = write_shards(tmp_path / "s", [9, 7], corrupt={"k000004"})
+    info = describe(str(tmp_path / "s"))
+    counts = kept_counts(info, LabelFilter(None))
+    plain = list(ShardStream(counts, LabelFilter(None), 24, 4))
+    enc = list(ShardStream(counts, LabelFilter(None), 24, 4, encoded=True))
+    assert all("encoded" in b and "images" not in b for b in enc)
+    dev = [materialize(b, 24, "cpu") for b in enc]
+    assert [b["keys"] for b in dev] == [b["keys"] for b in plain]
+    assert sum(len(b["corrupt"]) for b in dev) == 1 and "k000004" in sum((b["corrupt"] for b in dev), [])
+    for a, b in zip(dev, plain):
+        assert torch.equal(a["labels"], b["labels"]) and a["images"].is_contiguous(memory_format=torch.channels_last)
+        for x, y in zip(a["images"].permute(0, 2, 3, 1).numpy(), b["images"].permute(0, 2, 3, 1).numpy()):
+            assert mean_abs_diff(x, y) < 2.5
+    # Real photographs (the magnetic tiles) at the sizes we train at.
+    tiles = sorted((shared_dataset("magnetic-tile") / "MT_Free" / "Imgs").glob("*.jpg"))[:12]
+    datas = [p.read_bytes() for p in tiles]
+    png = io.BytesIO()
+    Image.open(io.BytesIO(datas[0])).save(png, format="PNG")
+    datas += [png.getvalue(), b"\xff\xd8\xff\xe0" + b"\0" * 50]  # a PNG, and a truncated JPEG
+    for size in (64, 224):
+        x, ok, errors = decode_batch(datas, size, "cpu")
+        assert ok == list(range(13)) and list(errors) == [13]
+        for i, img in zip(ok, x.permute(0, 2, 3, 1).numpy()):
+            assert mean_abs_diff(img, decode_image(datas[i], size)) < 2.5, (size, i)
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    from msc_dist.data.device_decode import decode_batch, probe
+
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 2000)).save(big, format="JPEG")
+    with pytest.raises(BadImage, match="above the limit"):
+        probe(big.getvalue(), max_pixels=5_000_000)
+    x, ok, errors = decode_batch([big.getvalue()], 32, "cpu", max_pixels=5_000_000)
+    assert x.shape[0] == 0 and "above the limit" in errors[0]
+    with pytest.raises(BadImage, match="not a decodable image"):
+        probe(b"GIF89a nonsense")

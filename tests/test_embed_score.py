@@ -275,3 +275,18 @@ def test_a_plan_that_cannot_be_scheduled_fails_fast(embedded, tmp_path):
 
     with pytest.raises(ConfigError, match="cannot be scheduled.*cpus-per-actor"):
         embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=str(tmp_path / "x"), cpus_per_actor=4))
+
+
+def test_decode_on_device_gives_the_same_rows(embedded, tmp_path):
+    """--decode-on-device on: read tasks pass header-checked bytes and the actors decode the batch
+    on their device (the CPU here; nvjpeg on a GPU): same ids, the same features within the
+    decoders' pixel tolerance."""
+    out = str(tmp_path / "dev")
+    res = embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=out, decode_on_device="on", batch_size=16,
+                                 calibration_fraction=0.2, target_fpr=0.05))
+    a, b = _embeddings(out), _embeddings(embedded["out"])
+    za = dict(zip(a["id"].to_pylist(), np.stack(a["embedding"].to_numpy(zero_copy_only=False))))
+    zb = dict(zip(b["id"].to_pylist(), np.stack(b["embedding"].to_numpy(zero_copy_only=False))))
+    assert set(za) == set(zb) and res.rows == len(zb) and res.corrupt == 0
+    cos = np.array([float(za[k] @ zb[k]) for k in za])
+    assert cos.min() > 0.99, cos.min()

@@ -37,8 +37,8 @@ def shard_items(counts: list[tuple[str, int | None]], keep: list[int] | None) ->
 class _Rows:
     """Accumulates decoded rows and hands them out as column blocks."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, encoded: bool = False):
+        self.size, self.encoded = size, encoded
         self.clear()
 
     def clear(self) -> None:
@@ -68,11 +68,13 @@ class _Rows:
         read[-1] += bytes_read
         stored[-1] += bytes_stored
         blank = np.zeros((self.size, self.size, 3), np.uint8)
+        pixels = ({"encoded": np.array([b"" if im is None else im for im in self.images], dtype=object)} if self.encoded
+                  else {"image": np.stack([blank if im is None else im for im in self.images])})
         out = {
             "id": np.array(self.ids, dtype=object),
             "source": np.array(self.sources, dtype=object),
             "label": np.array(self.labels, dtype=np.int64),
-            "image": np.stack([blank if im is None else im for im in self.images]),
+            **pixels,
             # "" = no error (Arrow round-trips of None in object columns are not reliable)
             "error": np.array(["" if e is None else e for e in self.errors], dtype=object),
             "bytes_read": read,
@@ -92,19 +94,34 @@ def _decode(data: bytes | None, size: int, max_pixels: int, why: str | None = No
         return None, str(e)
 
 
-def read_shards(batch: dict, image_size: int, max_pixels: int, max_bytes: int, block_rows: int) -> Iterator[dict]:
+def _probe(data: bytes | None, max_pixels: int, why: str | None = None) -> tuple[bytes | None, str | None]:
+    from msc_dist.data.device_decode import probe
+
+    try:
+        if data is None and why:
+            raise BadImage(why)
+        probe(data, max_pixels)
+        return data, None
+    except BadImage as e:
+        return None, str(e)
+
+
+def read_shards(batch: dict, image_size: int, max_pixels: int, max_bytes: int, block_rows: int,
+                encoded: bool = False) -> Iterator[dict]:
     """Ray Data map_batches fn (batch_size=1): stream each shard item once, keep the samples
-    whose label passes ``keep``, decode them and yield blocks of ``block_rows`` rows."""
+    whose label passes ``keep``, decode them and yield blocks of ``block_rows`` rows.
+    ``encoded``: check each image's header only and pass its bytes on (column ``encoded``), for
+    actors that decode on their device."""
     size = image_size
     for i in range(len(batch["url"])):
         url = str(batch["url"][i])
         kept = json.loads(str(batch["keep"][i]))
         keep = LabelFilter(None if kept is None else frozenset(int(x) for x in kept))
-        rows, counter = _Rows(size), ByteCounter()
+        rows, counter = _Rows(size, encoded), ByteCounter()
         for s in iter_samples(url, max_member_bytes=max_bytes, counter=counter):
             if not keep(s.label):
                 continue
-            img, err = _decode(s.data, size, max_pixels, s.error)
+            img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, size, max_pixels, s.error)
             if err:
                 log.warning("skipping corrupt sample key=%s shard=%s: %s", s.key, s.source, err)
             rows.add(s.key, s.source, s.label, img, err)

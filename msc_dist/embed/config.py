@@ -16,6 +16,7 @@ class EmbedConfig:
     pool_size: int = 1
     min_pool_size: int = 1
     use_gpu: bool = False
+    decode_on_device: str = "auto"
     cpus_per_actor: float = 1.0
     rows_per_task: int = 512
     rows_per_file: int = 100_000
@@ -42,6 +43,7 @@ HELP = {
     "pool_size": "most embedding actors (one GPU each with --use-gpu); the pool autoscales between --min-pool-size and this",
     "min_pool_size": "fewest embedding actors",
     "use_gpu": "one GPU per embedding actor, bf16; FAISS on GPUs when faiss-gpu is installed",
+    "decode_on_device": "auto | on | off: read tasks pass encoded bytes and the actors decode JPEGs in batches on their device (auto: with --use-gpu)",
     "cpus_per_actor": "CPUs reserved per embedding actor",
     "rows_per_task": "rows per block handed from the read tasks to the actors (each read task streams one whole shard once)",
     "rows_per_file": "rows per Parquet part (each written by a worker)",

@@ -65,14 +65,15 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
     if known == 0:
         raise DataError(f"{data!r} has no samples to embed (kept labels: {keep})")
     items = shard_items(counts, keep)
+    on_device = decode_on_device(cfg)
     limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-              "block_rows": cfg.rows_per_task}
+              "block_rows": cfg.rows_per_task, "encoded": on_device}
     gpus = 1 if cfg.use_gpu else 0
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs=limits)
         .map_batches(
-            EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": cfg.use_gpu},
+            EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": cfg.use_gpu, "max_pixels": cfg.max_pixels},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
             batch_size=cfg.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
         )
@@ -99,6 +100,13 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
         log.info("%s: %d%s rows, %.0f rows/s%s", progress, st.rows, f"/{known}" if known else "", rate, eta)
     st.seconds = time.perf_counter() - t0
     return st
+
+
+def decode_on_device(cfg: EmbedConfig) -> bool:
+    """auto: JPEGs are decoded on the actors' GPUs with --use-gpu, by PIL in the read tasks without."""
+    if cfg.decode_on_device not in ("auto", "on", "off"):
+        raise ConfigError(f"decode_on_device must be one of ['auto', 'on', 'off'], got {cfg.decode_on_device!r}")
+    return cfg.decode_on_device == "on" or (cfg.decode_on_device == "auto" and cfg.use_gpu)
 
 
 def _calibration_fraction(cfg: EmbedConfig, total: int | None) -> float:

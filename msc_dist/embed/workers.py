@@ -39,22 +39,34 @@ def usable(batch: dict) -> np.ndarray:
 class EmbedActor:
     """Ray Data actor: loads the checkpoint once; image rows -> embedding rows (image dropped)."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, use_gpu: bool = False, max_pixels: int = 64_000_000):
         import torch
 
         from msc_dist.checkpoint import load_model
 
+        self.max_pixels = max_pixels
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _, self.config, self.model_id = load_model(checkpoint, self.device)
 
     def __call__(self, batch: dict) -> dict:
-        from msc_dist.features import embed_hwc
+        from msc_dist.features import embed_hwc, embed_images
 
         ok = usable(batch)
         emb = np.full((len(batch["id"]), self.model.dim), np.nan, dtype=np.float32)
-        if ok.any():
+        if "encoded" in batch:  # bytes from the read tasks: decode the batch on this actor's device
+            from msc_dist.data.device_decode import decode_batch
+
+            rows = np.flatnonzero(ok)
+            x, got, errors = decode_batch([batch["encoded"][i] for i in rows], int(self.config["image_size"]), self.device,
+                                          self.max_pixels)
+            batch["error"] = batch["error"].copy()
+            for j, e in errors.items():
+                batch["error"][rows[j]] = e
+            if got:
+                emb[rows[got]] = embed_images(self.model, x, self.device).numpy()
+        elif ok.any():
             emb[ok] = embed_hwc(self.model, np.ascontiguousarray(batch["image"][ok]), self.device).numpy()
-        out = {k: v for k, v in batch.items() if k != "image"}
+        out = {k: v for k, v in batch.items() if k not in ("image", "encoded")}
         out["embedding"] = emb
         return out
 
