@@ -86,3 +86,30 @@ def test_bench_embed_scale_reports_driver_memory_and_bytes_read(tmp_path):
     assert res["rows"] == 3000 and res["index_shards"] == 2 and res["corrupt"] == 0
     assert res["bytes_read_ratio"] == pytest.approx(1.0, abs=0.01) and res["driver_peak_rss_mb"] > 0
     assert 2500 < res["index_count"] < 2900  # the seeded 10 % calibration hold-out is not indexed
+
+
+def test_bench_quality_reference_loop_runs_the_same_protocol(tmp_path):
+    """--loop reference: the paper's loop written plainly, same hold-out, bank and metrics as ours."""
+    import numpy as np
+
+    from conftest import shared_dataset
+
+    src = np.load(shared_dataset("mnist") / "mnist.npz")
+    rng = np.random.default_rng(1)
+    tr, te = rng.choice(60000, 500, replace=False), rng.choice(10000, 150, replace=False)
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, x_train=src["x_train"][tr], y_train=src["y_train"][tr], idx_train=tr,
+             x_test=src["x_test"][te], y_test=src["y_test"][te], idx_test=te)
+    cmd = [sys.executable, "-m", "msc_dist.bench", "quality", "--data", str(npz), "--classes", "1", "--loop", "reference",
+           "--methods", "knn", "msc", "--image-size", "32", "--epochs", "1", "--batch-size", "16", "--lr", "1e-4",
+           "--loader-workers", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    per = res["classes"]["1"]
+    assert res["loop"] == "reference" and set(per) == {"knn", "msc"}
+    n_normal = int((src["y_train"][tr] == 1).sum())
+    for m in ("knn", "msc"):
+        assert 0.5 < per[m]["roc_auc"] <= 1 and per[m]["test_samples"] == 150
+        assert 0 < per[m]["index_size"] < n_normal  # the same hashed-key hold-out as ours
+    assert [e for e, _ in per["msc"]["epoch_auc"]] == [0, 1]

@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     q.add_argument("--time-budget", type=float, default=None, help="seconds; no new class starts after it")
     q.add_argument("--json-out", default=None, help="also write the result here")
+    q.add_argument("--loop", choices=["ours", "reference"], default="ours",
+                   help="ours: the product's training loop; reference: the paper's procedure written plainly")
     es = sub.add_parser("embed-scale", help="the embedding job + index build on N tiny images: rows/s, driver RSS, bytes read")
     es.add_argument("--rows", type=int, default=20_000)
     es.add_argument("--per-shard", type=int, default=10_000)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(a.json_out + ".tmp", a.json_out)
 
         res = bench_quality(a.data, classes, base, a.methods, a.device, a.time_budget,
-                            log=lambda m: print(m, file=sys.stderr, flush=True), on_class=save)
+                            log=lambda m: print(m, file=sys.stderr, flush=True), on_class=save, loop=a.loop)
     print(json.dumps(res))
     return 0
 

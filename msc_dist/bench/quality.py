@@ -30,6 +30,50 @@ from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, embed_counts, run_worker
 
 METHODS = ("knn", "msc", "msc-noangular")
+LOOPS = ("ours", "reference")
+
+
+def _metrics_from(z_train: torch.Tensor, keys: list[str], z_test: torch.Tensor, y_test: np.ndarray, normal: set[int],
+                  cfg: TrainConfig, calibration_fraction: float, target_fpr: float) -> dict:
+    """The same hold-out (hashed keys), bank, threshold and metrics for both loops."""
+    cal = held_out(keys, calibration_fraction, cfg.seed)
+    bank, cal_z = z_train[torch.from_numpy(~cal)], z_train[torch.from_numpy(cal)]
+    thr = threshold_at_fpr(knn_score(cal_z, bank, k=cfg.knn_k).numpy(), target_fpr) if cal.any() else None
+    s = knn_score(z_test, bank, k=cfg.knn_k).numpy()
+    y = ~np.isin(y_test, list(normal))
+    return summary(s, y, thr) | {"test_samples": int(len(s)), "index_size": int(bank.shape[0])}
+
+
+def run_class_reference(npz: str, normal: str, base: TrainConfig, methods: list[str], device: torch.device,
+                        calibration_fraction: float = 0.1, target_fpr: float = 0.05) -> dict:
+    """``run_class`` with the paper's loop written plainly (bench/reference.py) instead of ours."""
+    from msc_dist.bench.reference import transforms, embed_with, train_reference
+
+    d = np.load(npz)
+    label = int(normal)
+    sel = d["y_train"] == label
+    x_train, x_test, y_test = d["x_train"][sel], d["x_test"], d["y_test"]
+    idx = d["idx_train"][sel] if "idx_train" in d else np.flatnonzero(sel)
+    keys = [f"train{int(i):06d}" for i in idx]  # the shard keys of make_shards: the same hold-out as ours
+    out: dict = {}
+    for m in methods:
+        cfg = dataclasses.replace(base, angular_weight=0.0 if m == "msc-noangular" else base.angular_weight,
+                                  epochs=0 if m == "knn" else base.epochs)
+        epochs: list = []
+        t0 = time.perf_counter()
+        test_tf = transforms(cfg.image_size, cfg.crop_min_scale, cfg.hflip)[1]
+
+        def on_epoch(epoch, model, loss, cfg=cfg, epochs=epochs, test_tf=test_tf):
+            if base.eval_every > 0 and cfg.epochs > 0:  # ROC-AUC per epoch against the whole normal set
+                z_tr = embed_with(model, x_train, test_tf, cfg, device)
+                z_te = embed_with(model, x_test, test_tf, cfg, device)
+                epochs.append((epoch, _metrics_from(z_tr, keys, z_te, y_test, {label}, cfg, 0.0, target_fpr)["roc_auc"]))
+
+        model, _ = train_reference(x_train, cfg, device, on_epoch=on_epoch)
+        z_tr, z_te = embed_with(model, x_train, test_tf, cfg, device), embed_with(model, x_test, test_tf, cfg, device)
+        out[m] = _metrics_from(z_tr, keys, z_te, y_test, {label}, cfg, calibration_fraction, target_fpr) | {
+            "epoch_auc": epochs, "seconds": time.perf_counter() - t0}
+    return out
 
 
 def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_fraction: float,
@@ -38,12 +82,7 @@ def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_
     normal = set(plan.normal_labels)
     tr = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(normal)), device)
     te = embed_counts(cfg, model, plan.eval_counts, LabelFilter(None), device)
-    cal = held_out(tr.keys, calibration_fraction, cfg.seed)
-    bank, cal_z = tr.z[torch.from_numpy(~cal)], tr.z[torch.from_numpy(cal)]
-    thr = threshold_at_fpr(knn_score(cal_z, bank, k=cfg.knn_k).numpy(), target_fpr) if cal.any() else None
-    s = knn_score(te.z, bank, k=cfg.knn_k).numpy()
-    y = ~np.isin(te.labels.numpy(), list(normal))
-    return summary(s, y, thr) | {"test_samples": int(len(s)), "index_size": int(bank.shape[0])}
+    return _metrics_from(tr.z, tr.keys, te.z, te.labels.numpy(), normal, cfg, calibration_fraction, target_fpr)
 
 
 def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], device: torch.device,
@@ -82,24 +121,28 @@ def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], devi
 
 
 def bench_quality(npz: str, classes: list[str], base: TrainConfig, methods: list[str], device: str,
-                  time_budget_s: float | None = None, log=print, on_class=None) -> dict:
+                  time_budget_s: float | None = None, log=print, on_class=None, loop: str = "ours") -> dict:
     """Each class in turn as the normal one; stops starting new classes once the budget is spent.
-    ``on_class(partial_result)`` runs after every class, so a killed run keeps what it finished."""
+    ``on_class(partial_result)`` runs after every class, so a killed run keeps what it finished.
+    ``loop``: ours (the product's training loop) or reference (the paper's, written plainly)."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; valid: {list(METHODS)}")
+    if loop not in LOOPS:
+        raise ValueError(f"unknown loop {loop!r}; valid: {list(LOOPS)}")
+    run = run_class if loop == "ours" else run_class_reference
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t0, per_class = time.perf_counter(), {}
-    res = _result(npz, per_class, methods, base, device, t0)
+    res = _result(npz, per_class, methods, base, device, t0) | {"loop": loop}
     for c in classes:
         if time_budget_s is not None and per_class and time.perf_counter() - t0 > time_budget_s:
             log(f"time budget spent: stopping before class {c}")
             break
-        per_class[c] = run_class(npz, c, base, methods, dev)
+        per_class[c] = run(npz, c, base, methods, dev)
         log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" for m in methods))
-        res = _result(npz, per_class, methods, base, device, t0)
+        res = _result(npz, per_class, methods, base, device, t0) | {"loop": loop}
         if on_class is not None:
             on_class(res)
     return res
