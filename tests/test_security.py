@@ -116,26 +116,6 @@ def test_gateway_refuses_to_start_without_a_key(tmp_path, monkeypatch):
     assert "API key required" in logged and "ANONYMOUS" in logged, logged
 
 
-def test_a_batch_with_images_of_two_sizes_is_scored(embedded):
-    """Item 4: during a roll that changes image_size, one @serve.batch call can hold images
-    decoded for the old and the new size; each is resized, none fails the batch."""
-    from serving.app import Model
-
-    from msc_dist.data.decode import decode_image
-
-    m = Model.func_or_class(checkpoint=embedded["run_dir"], index=embedded["out"], max_batch_size=8,
-                            batch_wait_timeout_s=0.2)
-    png = _encoded("PNG", (80, 80))
-    new, old = decode_image(png, m.scorer.image_size), decode_image(png, 32)
-
-    async def both():
-        return await asyncio.gather(m.score_batch(new), m.score_batch(old))
-
-    a, b = asyncio.run(both())
-    assert a["score"] is not None and b["score"] is not None
-    assert b["score"] == pytest.approx(a["score"], abs=0.05)  # the same picture, resized twice
-
-
 def _copy_run(trained_run, tmp_path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(trained_run["run_dir"], run, ignore=shutil.ignore_patterns("serving"))
