@@ -41,7 +41,7 @@ OTHER_FORMATS = ["BMP", "TIFF", "GIF", "ICO", "TGA", "PCX", "SGI", "DDS", "QOI",
 
 def test_decoder_accepts_only_jpeg_png_webp_by_default():
     """Item 2: no other format reaches a decoder, unless the allow-list names it."""
-    from msc_dist.data.decode import BadImage, UnsupportedFormat, decode_image
+    from msc_dist.data.decode import BadImage, decode_image
 
     for fmt in ("JPEG", "PNG", "WEBP"):
         assert decode_image(_encoded(fmt), 16).shape == (16, 16, 3), fmt
@@ -50,7 +50,7 @@ def test_decoder_accepts_only_jpeg_png_webp_by_default():
         with pytest.raises(BadImage) as e:
             decode_image(data, 16)
         assert "JPEG, PNG, WEBP" in str(e.value), (fmt, str(e.value))  # names the accepted formats
-    with pytest.raises(UnsupportedFormat, match="TIFF images are not accepted"):
+    with pytest.raises(BadImage, match="TIFF images are not accepted"):
         decode_image(_encoded("TIFF"), 16)
     # Configurable: an explicit allow-list lets BMP through.
     assert decode_image(_encoded("BMP"), 16, formats=("JPEG", "BMP")).shape == (16, 16, 3)
@@ -154,22 +154,37 @@ def test_scorer_takes_the_checkpoint_recorded_in_the_index(embedded):
     assert "checkpoint" not in s.info()  # /v1/model shows no storage URI
 
 
-def test_runtime_env_forwards_no_credentials(monkeypatch):
-    """Item 7: secrets never go into ray.init(runtime_env=...) (the dashboard shows it); inside a
-    submitted job nothing is re-sent (the job's own runtime env applies, and re-sending conflicts)."""
-    from msc_dist import ray_env
+def test_init_ray_sends_no_credentials_in_the_runtime_env(monkeypatch):
+    """Item 7: what init_ray hands to ray.init when it joins a cluster: never credentials (the
+    dashboard shows a runtime env); inside a submitted job no runtime env at all (the job's own
+    applies, and the same variable sent twice is a conflict that stops the job)."""
+    import ray
 
-    monkeypatch.delenv(ray_env.JOB_CONFIG_ENV, raising=False)
+    from msc_dist.ray_env import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: calls.append(kw))
     monkeypatch.setenv("MSC_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "session-value")
-    env = ray_env.runtime_env()["env_vars"]
-    assert env["MSC_S3_ENDPOINT_URL"] == "http://127.0.0.1:9"
-    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
-    assert "secret-value" not in json.dumps(env)
-    monkeypatch.setenv(ray_env.JOB_CONFIG_ENV, '{"runtime_env": {"env_vars": {"MSC_S3_ENDPOINT_URL": "x"}}}')
-    assert ray_env.runtime_env() is None
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    with socket.socket() as head:  # something that answers, standing in for a cluster's GCS
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        init_ray(address)  # a driver joining a cluster directly
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+            {"runtime_env": {"env_vars": {"MSC_S3_ENDPOINT_URL": "http://127.0.0.1:9"}}}))
+        init_ray()  # the driver of `ray job submit --runtime-env-json ...`
+    direct, submitted = calls
+    env = (direct.get("runtime_env") or {}).get("env_vars", {})
+    assert direct["address"] == address and env.get("MSC_S3_ENDPOINT_URL") == "http://127.0.0.1:9"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env), env
+    assert "secret-value" not in json.dumps(direct)
+    assert submitted["address"] == address and not submitted.get("runtime_env"), submitted
 
 
 def _closed_port() -> int:
