@@ -155,9 +155,11 @@ class Model:
     so requests in flight finish on the old one and none is dropped."""
 
     def __init__(self, **settings):
+        # Nothing is loaded here: build_app always gives the deployment a user_config, which Serve
+        # applies (reconfigure) before the replica takes requests. Loading here too would load
+        # the bound (default) index first, and fail when only the user_config names a real one.
         self.settings = {**DEFAULTS, **settings}
         self.scorer = None
-        self._apply(self.settings)
 
     def _apply(self, s: dict) -> None:
         import torch
@@ -195,6 +197,10 @@ class Model:
 
     def info(self) -> dict:
         return self.scorer.info()
+
+    def check_health(self) -> None:
+        if self.scorer is None:
+            raise RuntimeError("no model loaded: the Model deployment was started without a user_config")
 
 
 api = FastAPI(title="msc-dist anomaly scoring", version="1")
@@ -329,7 +335,10 @@ def build_app(args: dict | None = None):
     args = {**DEFAULTS, **(args or {})}
     model_opts, gateway_opts = args.pop("model_options", None) or {}, args.pop("gateway_options", None) or {}
     model_keys = ("checkpoint", "index", "device", "max_batch_size", "batch_wait_timeout_s")
-    model = Model.options(**model_opts).bind(**{k: args[k] for k in model_keys})
+    model_args = {k: args[k] for k in model_keys}
+    # The Model loads in reconfigure: these args are its user_config unless the options (or the
+    # YAML's deployments section) give one, which the bound args then complete.
+    model = Model.options(**{"user_config": model_args, **model_opts}).bind(**model_args)
     return Gateway.options(**gateway_opts).bind(model, **{k: v for k, v in args.items() if k not in model_keys})
 
 

@@ -407,7 +407,9 @@ def test_rolling_a_new_checkpoint_and_index_drops_no_request(embedded, serving, 
     new_id = Scorer(ck0, idx0).model_id
 
     def app(user_config):
-        return build_app({"index": embedded["out"], "allow_anonymous": True,
+        # The args' index does not exist: the replica loads only what its user_config names
+        # (as with `serve deploy serving/config.yaml`, whose index is in the user_config).
+        return build_app({"index": "/nonexistent/never-loaded", "allow_anonymous": True,
                           "model_options": {"num_replicas": 1, "user_config": user_config,
                                             "ray_actor_options": {"num_cpus": 0.25}},
                           "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}})
