@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from msc_dist.checkpoint import load_model, resolve
+from msc_dist.data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, BadImage, decode_image
 from msc_dist.features import embed_images
-from msc_dist.index import ShardedIndex, load_index
-from msc_dist.checkpoint import load_model
+from msc_dist.index import IndexMismatch, ShardedIndex, load_index
 
 
 @dataclass
@@ -27,18 +27,28 @@ class ScoreResult:
 
 
 class Scorer:
-    def __init__(self, checkpoint: str, index: str | ShardedIndex, device: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu_index: bool = False):
-        self.device = torch.device(device)
-        self.model, self.center, self.config, self.model_id = load_model(checkpoint, self.device)
-        self.index = index if isinstance(index, ShardedIndex) else load_index(index, self.model_id, use_gpu_index)
-        if self.index.manifest.model_id != self.model_id:
-            from msc_dist.index import IndexMismatch
+    """``checkpoint`` None (the default): the checkpoint recorded in the index manifest, i.e. the
+    one the index was built with; one given must have built the index (same model id)."""
 
-            raise IndexMismatch(f"index model_id {self.index.manifest.model_id[:12]}… does not match checkpoint {self.model_id[:12]}…")
-        self.checkpoint = checkpoint
+    def __init__(self, checkpoint: str | None = None, index: str | ShardedIndex | None = None, device: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu_index: bool = False,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS):
+        if index is None:
+            raise ValueError("Scorer needs an index (the embedding job's --out)")
+        self.device = torch.device(device)
+        self.index = index if isinstance(index, ShardedIndex) else load_index(index, None, use_gpu_index)
+        checkpoint = checkpoint or self.index.manifest.extra.get("checkpoint")
+        if not checkpoint:
+            raise IndexMismatch("the index manifest names no checkpoint; pass one")
+        self.checkpoint = resolve(checkpoint)
+        self.model, self.center, self.config, self.model_id = load_model(self.checkpoint, self.device)
+        if self.index.manifest.model_id != self.model_id:
+            raise IndexMismatch(f"index model_id {self.index.manifest.model_id[:12]}… does not match checkpoint "
+                                f"{self.model_id[:12]}…: the index was built with another model; rebuild it with "
+                                "python -m msc_dist.embed, or leave the checkpoint out to use the index's own")
         self.image_size = int(self.config["image_size"])
         self.max_pixels = max_pixels
+        self.formats = tuple(formats)
 
     @property
     def threshold(self) -> float | None:
@@ -48,7 +58,7 @@ class Scorer:
         m = self.index.manifest
         return {"model_id": self.model_id, "backbone": self.config["backbone"], "image_size": self.image_size,
                 "index_size": m.count, "dimension": m.dimension, "k": m.k, "threshold": m.threshold,
-                "target_fpr": m.target_fpr, "checkpoint": self.checkpoint}
+                "target_fpr": m.target_fpr}  # no storage URIs: this goes to API clients
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors (the one embedding forward)."""
@@ -64,7 +74,7 @@ class Scorer:
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.image_size, self.max_pixels)
+        return decode_image(data, self.image_size, self.max_pixels, formats=self.formats)
 
     def score_bytes(self, items: list[bytes]) -> list[ScoreResult]:
         """Encoded images -> one result each; undecodable ones get an error, never an exception."""

@@ -12,14 +12,10 @@ import uuid
 import fsspec
 
 ENDPOINT_ENV = ("MSC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-# Variables a Ray worker needs to reach the same storage as the driver.
-FORWARDED_ENV = ENDPOINT_ENV + (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-)
+# What a driver passes on to the workers of a cluster it joins: where the storage is, never
+# credentials (a runtime env is visible in the dashboard). Workers take credentials from the
+# cluster's own chain (instance role, IRSA, the nodes' environment) or the job's runtime env.
+FORWARDED_ENV = ENDPOINT_ENV + ("AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def s3_endpoint() -> str | None:

@@ -43,11 +43,17 @@ def test_serve_configs_match_serves_schema(name, cfg):
     deps = {d.name: d for d in app.deployments}
     model = deps["Model"]
     assert model.autoscaling_config["min_replicas"] >= 1 and model.max_queued_requests > 0
-    assert {"checkpoint", "index", "max_batch_size", "batch_wait_timeout_s"} <= set(model.user_config)
+    assert {"index", "max_batch_size", "batch_wait_timeout_s"} <= set(model.user_config)
+    # The index only: its manifest names the checkpoint that built it (a run folder here would
+    # resolve to a newer checkpoint than the index's after a resumed run).
+    assert "checkpoint" not in model.user_config
     # The builder accepts every arg the config passes.
     from serving.app import DEFAULTS
 
     assert set(app.args) <= set(DEFAULTS)
+    # Fail closed, said explicitly: auth on, only the three image formats decoded.
+    assert app.args["allow_anonymous"] is False and app.args["api_key_env"]
+    assert sorted(app.args["formats"]) == ["JPEG", "PNG", "WEBP"]
 
 
 def test_kuberay_manifests_are_well_formed():
@@ -104,3 +110,56 @@ def test_iam_policy_is_least_privilege():
     assert not any(a.endswith("*") for a in actions)
     data_stmt = next(st for st in pol["Statement"] if st["Sid"] == "ReadTrainingAndScoringData")
     assert data_stmt["Action"] == ["s3:GetObject"]
+
+
+def _kuberay(name: str) -> dict:
+    return yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())
+
+
+def _cluster_specs():
+    yield "raycluster.yaml", _kuberay("raycluster.yaml")["spec"]
+    yield "rayjob.yaml", _kuberay("rayjob.yaml")["spec"]["rayClusterSpec"]
+    yield "rayservice.yaml", _kuberay("rayservice.yaml")["spec"]["rayClusterConfig"]
+
+
+@pytest.mark.parametrize("name,spec", list(_cluster_specs()))
+def test_kuberay_clusters_use_token_auth_from_a_secret(name, spec):
+    assert spec["authOptions"] == {"mode": "token", "secretName": "msc-ray-auth-token"}, name
+    text = (ROOT / "cluster" / "kuberay" / name).read_text()
+    assert "optional: true" not in text  # no secret may be left out silently (API key, token)
+    assert "kubectl create secret generic msc-ray-auth-token" in (ROOT / "cluster" / "kuberay" / "raycluster.yaml").read_text()
+
+
+def test_kuberay_network_policy_keeps_the_dashboard_inside():
+    pol = _kuberay("networkpolicy.yaml")
+    assert pol["kind"] == "NetworkPolicy" and pol["apiVersion"] == "networking.k8s.io/v1"
+    assert pol["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    for rule in pol["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if not rule.get("from"):  # open to every source: the Serve port only
+            assert ports == {8000}, rule
+        else:
+            for src in rule["from"]:
+                assert "ipBlock" not in src, rule  # sources are pods, never address ranges
+                assert src.get("podSelector"), rule  # a namespace alone would admit all its pods
+
+
+def test_aws_cluster_uses_token_auth_and_keeps_ray_ports_inside():
+    cfg = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    assert "-e RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    setup = " ".join(cfg["setup_commands"])
+    assert "msc-dist/ray-auth-token" in setup and "~/.ray/auth_token" in setup and "test -s ~/.ray/auth_token" in setup
+    for rule in cfg["provider"]["security_group"]["IpPermissions"]:
+        assert not (rule["FromPort"] <= 8265 <= rule["ToPort"] or rule["FromPort"] <= 6379 <= rule["ToPort"]
+                    or rule["FromPort"] <= 10001 <= rule["ToPort"]), rule
+        assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", [])), rule
+    pol = json.loads((ROOT / "infra" / "iam-policy.json").read_text())
+    secret = next(st for st in pol["Statement"] if st["Sid"] == "ReadRayAuthToken")
+    assert secret["Action"] == ["secretsmanager:GetSecretValue"] and "msc-dist/ray-auth-token" in secret["Resource"][0]
+
+
+def test_readme_says_how_to_submit_with_the_token():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Security", 1)[1].split("\n## ", 1)[0]
+    assert "RAY_AUTH_TOKEN" in section and "ray job submit" in section and "allow_anonymous" in section

@@ -1,6 +1,8 @@
 """A real two-node Ray cluster on this machine (two `ray start`s, each its own raylet and
 resources), driven with the commands users run: `ray job submit` for training (one worker per
-node) and embedding, `serve deploy serving/config.yaml`, then a scored HTTP request.
+node, checkpoints on S3) and embedding, `serve deploy serving/config.yaml`, then a scored HTTP
+request. The S3 endpoint reaches the jobs only through `ray job submit --runtime-env-json`; the
+nodes hold the credentials (as an instance role would), never the job's runtime env.
 Everything started here is stopped at the end, also on failure, without touching other Ray
 instances on the machine (no `ray stop`)."""
 
@@ -74,7 +76,10 @@ def _kill_cluster(temp_dir: str) -> list[int]:
 def two_node_cluster():
     temp_dir = tempfile.mkdtemp(prefix="mscmn-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash = _port(), _port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The nodes get the S3 credentials (the cluster's credential chain), not the endpoint: the jobs
+    # name that in their own runtime env.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MSC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL",
+                                                            "AWS_ENDPOINT_URL_S3")}
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
     # Ray >= 2.5x turns token auth on when ~/.ray/auth_token exists (any earlier ray.init makes
     # one). Give this cluster its own token, explicitly, for every node and client.
@@ -100,8 +105,13 @@ def two_node_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_two_nodes_train_embed_serve(two_node_cluster, tmp_path):
+def test_two_nodes_train_embed_serve(s3_server, two_node_cluster, tmp_path):
+    import json
+
+    import boto3
+
     c, env = two_node_cluster, two_node_cluster["env"]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="msc-mn")
     deadline = time.time() + 60
     while time.time() < deadline:  # the autoscaler's view catches up with the second raylet
         status = _run([BIN / "ray", "status", f"--address={c['gcs']}"], 60, env).stdout
@@ -113,23 +123,26 @@ def test_two_nodes_train_embed_serve(two_node_cluster, tmp_path):
     py = sys.executable
     _run([py, "-m", "msc_dist.data", "demo", "--out", str(tmp_path / "demo"), "--n-train", "64", "--n-test-normal", "8",
           "--n-test-defect", "8", "--size", "48"], 120, env)
-    submit = [BIN / "ray", "job", "submit", f"--address={c['dashboard']}", "--working-dir", ".", "--"]
-    runs, out = tmp_path / "runs", tmp_path / "index"
+    # As a new user would: the endpoint in the job's runtime env (the driver must not send it again).
+    submit = [BIN / "ray", "job", "submit", f"--address={c['dashboard']}", "--working-dir", ".",
+              "--runtime-env-json", json.dumps({"env_vars": {"MSC_S3_ENDPOINT_URL": s3_server}}), "--"]
+    runs, out = "s3://msc-mn/runs", tmp_path / "index"
     r = _submit(submit + ["python", "-m", "msc_dist.train", "--data", str(tmp_path / "demo" / "train"),
                        "--eval-data", str(tmp_path / "demo" / "test"), "--normal-classes", "normal",
                        "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--num-workers", "2",
                        "--loader-workers", "0", "--placement-strategy", "STRICT_SPREAD",
-                       "--storage-path", str(runs), "--name", "mn"], 420, env)
+                       "--storage-path", runs, "--name", "mn"], 420, env)
     logs = r.stdout + r.stderr
     assert "succeeded" in logs.lower(), logs[-3000:]
-    import glob
-    import json
+    from msc_dist import storage
 
-    metas = [json.load(open(m)) for m in glob.glob(str(runs / "mn" / "checkpoint_*" / "meta.json"))]
+    fs = storage.filesystem(runs)  # this process has the endpoint (the s3_server fixture)
+    metas = [json.loads(fs.cat(m)) for m in fs.glob("msc-mn/runs/mn/checkpoint_*/meta.json")]
     nodes = next(m["rank_nodes"] for m in metas if m["epoch"] == 0)
     assert len(nodes) == 2 and nodes[0] != nodes[1], f"the two workers did not land on different nodes: {nodes}"
 
-    _submit(submit + ["python", "-m", "msc_dist.embed", "--checkpoint", str(runs / "mn"), "--out", str(out),
+    # The embedding workers read the checkpoint from S3: the job's runtime env reached them.
+    _submit(submit + ["python", "-m", "msc_dist.embed", "--checkpoint", f"{runs}/mn", "--out", str(out),
                    "--batch-size", "16"], 300, env)
     assert (out / "current.json").exists()
 
@@ -138,11 +151,12 @@ def test_two_nodes_train_embed_serve(two_node_cluster, tmp_path):
     cfg["http_options"].update(host="127.0.0.1", port=http_port)
     cfg["proxy_location"] = "HeadOnly"  # both "nodes" share one host: one proxy per port
     app = cfg["applications"][0]
-    app["args"]["api_key_env"] = "MSC_MULTINODE_NO_KEY"
+    app["args"].update(api_key_env="MSC_MULTINODE_NO_KEY", allow_anonymous=True)  # loopback only
+    app["runtime_env"] = {"env_vars": {"MSC_S3_ENDPOINT_URL": s3_server}}  # the index's checkpoint is on S3
     for d in app["deployments"]:
         d["ray_actor_options"]["num_cpus"] = 0.5
         if d["name"] == "Model":
-            d["user_config"].update(checkpoint=str(runs / "mn"), index=str(out))
+            d["user_config"].update(index=str(out))  # the checkpoint: the one the index manifest names
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
     _run([BIN / "serve", "deploy", str(tmp_path / "serve.yaml"), f"--address={c['dashboard']}"], 120, env)
 

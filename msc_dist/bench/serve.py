@@ -79,7 +79,9 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpu = device == "cuda"
+    # On loopback only: the benchmark measures throughput, not auth.
     serve.run(build_app({"checkpoint": checkpoint, "index": index, "device": device, "max_files": max(16, files_per_request),
+                         "allow_anonymous": True,
                          "model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
                                            "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0}},
                          "gateway_options": {"num_replicas": max(1, replicas), "ray_actor_options": {"num_cpus": 1}}}),

@@ -1,4 +1,8 @@
-"""Safe, fast image decoding shared by training, embedding and serving."""
+"""Safe, fast image decoding shared by training, embedding, scoring and serving.
+
+Only the formats in ``formats`` reach a decoder (JPEG, PNG, WebP by default): Pillow would
+otherwise try every plugin it has on untrusted bytes (TIFF, BMP, ICO, TGA, PCX, SGI, GIF, DDS,
+QOI, IM, EPS -- the last hands the bytes to Ghostscript where it is installed)."""
 
 from __future__ import annotations
 
@@ -10,39 +14,91 @@ from PIL import Image
 
 # Decompression-bomb guard: refuse images above this many pixels before decoding them.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Pillow format ids that decode_image accepts unless told otherwise.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
 
 
 class BadImage(ValueError):
     """The bytes are not a decodable image within limits; the message says why."""
 
 
-def decode_image(data: bytes | None, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes -> (size, size, 3) uint8 RGB, squashed to a square as Resize((s, s)) does."""
+class UnsupportedFormat(BadImage):
+    """An image, but in a format outside the allow-list (serving answers 415)."""
+
+
+class TooManyPixels(BadImage):
+    """An image above the pixel limit (serving answers 413)."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format id whose magic bytes match ``data``, or None. Only the plugins' prefix
+    checks run (no parser), so this is safe on any input; it names the format in 415 errors."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        _factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and accept(prefix) is True:
+                return fmt
+        except Exception:  # a prefix check that trips on short input is no match
+            continue
+    return None
+
+
+def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> Image.Image:
+    """Parse the header only (no pixel data yet): an allowed format within ``max_pixels``."""
     if not data:
         raise BadImage("empty image")
+    allowed = tuple(f.upper() for f in formats)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadImage(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
-            # JPEG: let libjpeg downscale by 1/2..1/8 during decode (much cheaper than decoding full size).
-            img.draft("RGB", (size, size))
-            img.load()  # decode now, inside this try: truncated data raises here
-            # Grayscale is resized before it becomes RGB (a third of the work, identical pixels:
-            # bilinear resizing is per channel); other modes (palette, alpha, CMYK) convert first.
-            # convert() copies even when there is nothing to convert, so it runs only when needed.
-            if img.mode not in ("RGB", "L"):
-                img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            return np.asarray(img, dtype=np.uint8)
-    except BadImage:
-        raise
+            img = Image.open(io.BytesIO(data), formats=allowed)
+    except Image.UnidentifiedImageError:
+        found = sniff_format(data)
+        if found and found not in allowed:
+            raise UnsupportedFormat(f"{found} images are not accepted; accepted formats: {', '.join(allowed)}") from None
+        raise BadImage(f"not a decodable image (accepted formats: {', '.join(allowed)})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"decompression bomb: {e}") from e
+        raise TooManyPixels(f"decompression bomb: {e}") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad headers
+        raise BadImage(f"not a decodable image: {type(e).__name__}: {e}") from e
+    w, h = img.size
+    if w * h > max_pixels:
+        raise TooManyPixels(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
+    return img
+
+
+def decode_image(data: bytes | None, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> np.ndarray:
+    """Encoded bytes -> (size, size, 3) uint8 RGB, squashed to a square as Resize((s, s)) does.
+    ``formats``: the Pillow format ids allowed (others raise UnsupportedFormat)."""
+    return to_array(open_image(data, max_pixels, formats), size)
+
+
+def to_array(img: Image.Image, size: int) -> np.ndarray:
+    """An image from ``open_image`` decoded to (size, size, 3) uint8 RGB."""
+    try:
+        # JPEG: let libjpeg downscale by 1/2..1/8 during decode (much cheaper than decoding full size).
+        img.draft("RGB", (size, size))
+        img.load()  # decode now, inside this try: truncated data raises here
+        # Grayscale is resized before it becomes RGB (a third of the work, identical pixels:
+        # bilinear resizing is per channel); other modes (palette, alpha, CMYK) convert first.
+        # convert() copies even when there is nothing to convert, so it runs only when needed.
+        if img.mode not in ("RGB", "L"):
+            img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return np.asarray(img, dtype=np.uint8)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
         raise BadImage(f"not a decodable image: {type(e).__name__}: {e}") from e
+
+
+def resize_to(images: list[np.ndarray], size: int) -> np.ndarray:
+    """(B, size, size, 3) uint8 from HWC uint8 arrays of any sizes (bilinear, as decode_image):
+    a batch can hold images decoded for an older model's size during a roll."""
+    return np.stack([im if im.shape[:2] == (size, size)
+                     else np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])

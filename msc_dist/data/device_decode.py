@@ -12,33 +12,19 @@ pixels at sharp edges can then differ by up to about 60 levels."""
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, open_image
 
 
 def probe(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
-    """The image format from its header (no pixel is decoded); BadImage when it is not an
-    image or is above ``max_pixels``."""
-    if not data:
-        raise BadImage("empty image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            fmt = img.format or "?"
-    except Exception as e:
-        raise BadImage(f"not a decodable image: {type(e).__name__}: {e}") from e
-    if w * h > max_pixels:
-        raise BadImage(f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
-    return fmt
+    """The image format from its header (no pixel is decoded): one of the decoder's allowed
+    formats within ``max_pixels``, else BadImage (the same checks as ``decode_image``)."""
+    return open_image(data, max_pixels).format
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:

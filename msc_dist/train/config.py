@@ -45,6 +45,7 @@ class TrainConfig:
     name: str = "msc"
     max_failures: int = 3
     keep_checkpoints: int = 3
+    collective_timeout_s: int = 600
     ray_address: str | None = None
 
 
@@ -82,5 +83,6 @@ HELP = {
     "name": "run name; rerunning with the same storage path and name resumes",
     "max_failures": "worker-group restarts before the run fails",
     "keep_checkpoints": "checkpoints kept (newest)",
+    "collective_timeout_s": "seconds a collective (all-reduce, barrier) waits for a stalled rank before the worker group fails and restarts (torch's default: 1800)",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray started in-process)",
 }

@@ -45,7 +45,7 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
     if cfg.backbone not in REGISTRY:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid names: {sorted(REGISTRY)}")
     get_spec(cfg.backbone)
-    for k in ("epochs", "batch_size", "image_size", "num_workers"):
+    for k in ("epochs", "batch_size", "image_size", "num_workers", "collective_timeout_s"):
         if getattr(cfg, k) < (0 if k == "epochs" else 1):
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.batch_size < 2:
@@ -87,6 +87,14 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
     return cfg, DataPlan(train_counts, normal, eval_counts)
 
 
+def torch_config(cfg: TrainConfig):
+    """The process group: NCCL on GPUs, gloo on CPUs; a rank that stalls (e.g. on storage) fails
+    the group after ``collective_timeout_s`` instead of holding the others for 30 minutes."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if cfg.use_gpu else "gloo", timeout_s=int(cfg.collective_timeout_s))
+
+
 def _fmt(info: DatasetInfo) -> dict:
     return {("unlabelled" if k is None else k): v for k, v in info.label_counts().items()}
 
@@ -102,7 +110,7 @@ class TrainOutcome:
 def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     """Validate, then train on Ray. ``explicit``: keys the user set (the demo preset leaves them)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from msc_dist.train.loop import ray_train_fn
 
@@ -123,7 +131,7 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     trainer = TorchTrainer(
         ray_train_fn,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan)},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        torch_config=torch_config(cfg),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
             placement_strategy=cfg.placement_strategy,
