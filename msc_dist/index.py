@@ -90,7 +90,11 @@ class IndexManifest:
 
 
 def new_version() -> str:
-    return f"v-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    """Names sort in creation order (to the microsecond, UTC), which publishing relies on to tell
+    older leftovers from a newer rebuild still running."""
+    from datetime import datetime, timezone
+
+    return f"v-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S-%f')}-{uuid.uuid4().hex[:4]}"
 
 
 def version_root(out: str, version: str) -> str:
