@@ -18,7 +18,8 @@ from msc_dist.backbones import build_model
 from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import ShardWriter, describe
-from msc_dist.features import embed_batches, global_center
+from msc_dist.features import embed_batches
+from msc_dist.train.center import global_center
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.job import main
 from test_data import _jpeg, write_shards

@@ -1,0 +1,54 @@
+"""What a person sees on the console: our lines and progress bars by default, Ray's own log
+lines only with ``--verbose`` (``MSC_VERBOSE=1``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+VERBOSE_ENV = "MSC_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def set_verbose(on: bool) -> None:
+    """Also travels to Ray workers started later (storage.forwarded_env does not carry it: the
+    runtime env of ``init_ray`` below does)."""
+    os.environ[VERBOSE_ENV] = "1" if on else "0"
+
+
+def setup_logging(on: bool | None = None) -> None:
+    """Our loggers at INFO, one line per event; Ray's at WARNING unless verbose."""
+    on = verbose() if on is None else on
+    logging.basicConfig(level=logging.INFO, format="%(message)s" if not on else "%(levelname)s %(name)s: %(message)s")
+    if not on:
+        for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "filelock"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Third-party deprecation chatter is for developers (tests turn warnings into failures
+        # where they matter); a user of the CLI cannot act on it.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join or start Ray as ``ray_env.init_ray`` does, with the workers' log lines on the console
+    only when verbose (``log_to_driver``), and Ray Data's per-operator progress bars off."""
+    import ray
+
+    from msc_dist import storage
+
+    on = verbose()
+    if not ray.is_initialized():
+        env = {**storage.forwarded_env(), VERBOSE_ENV: "1" if on else "0"}
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env},
+                 log_to_driver=on, logging_level=logging.INFO if on else logging.WARNING)
+    if not on:
+        try:
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
+        except ImportError:  # pragma: no cover - ray[data] is a dependency
+            pass
