@@ -32,10 +32,30 @@ def run(cmd: str, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m msc_dist.data = ``msc data``."""
-    from msc_dist.cli import run_module
+    """python -m msc_dist.data = ``msc data``: the same configs and parser pieces, without the
+    rest of the command (the data package imports no job)."""
+    import argparse
+    import json
 
-    return run_module(["data"], argv)
+    from msc_dist.config import ConfigError, add_config_args, config_from_args
+    from msc_dist.console import setup_logging
+    from msc_dist.data.config import COMMANDS
+    from msc_dist.data.shards import DataError
+
+    p = argparse.ArgumentParser(prog="python -m msc_dist.data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, (cls, help_text, summary) in COMMANDS.items():
+        sp = sub.add_parser(name, help=summary, description=summary)
+        add_config_args(sp, cls, help_text)
+    ns = p.parse_args(argv)
+    setup_logging()
+    cfg, _ = config_from_args(ns._config_cls, ns, p)
+    try:
+        print(json.dumps(run(ns.cmd, cfg), indent=1))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _labels(info) -> dict:
