@@ -21,12 +21,12 @@ def set_verbose(on: bool) -> None:
 
 
 def setup_logging(on: bool | None = None) -> None:
-    """Our loggers at INFO, one line per event; Ray's at WARNING unless verbose."""
+    """Our loggers at INFO, one line per event; Ray's at ERROR unless verbose."""
     on = verbose() if on is None else on
     logging.basicConfig(level=logging.INFO, format="%(message)s" if not on else "%(levelname)s %(name)s: %(message)s")
     if not on:
         for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "filelock"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
         # Third-party deprecation chatter is for developers (tests turn warnings into failures
         # where they matter); a user of the CLI cannot act on it.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -44,7 +44,7 @@ def init_ray(address: str | None = None) -> None:
     if not ray.is_initialized():
         env = {**storage.forwarded_env(), VERBOSE_ENV: "1" if on else "0"}
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": env},
-                 log_to_driver=on, logging_level=logging.INFO if on else logging.WARNING)
+                 log_to_driver=on, logging_level=logging.INFO if on else logging.ERROR)
     if not on:
         try:
             from ray.data import DataContext

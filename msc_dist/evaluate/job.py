@@ -21,6 +21,7 @@ from msc_dist.evaluate import plots
 from msc_dist.evaluate.config import VALID_METHODS, EvalConfig
 from msc_dist.evaluate.report import Scored, shard_images, write_plots
 from msc_dist.metrics import summary
+from msc_dist.progress import bar
 from msc_dist.score.config import ScoreConfig
 from msc_dist.score.job import main as score_main, read_scores
 from msc_dist.train.config import TrainConfig
@@ -159,7 +160,12 @@ def main(cfg: EvalConfig) -> dict:
     root = os.path.abspath(os.path.expanduser(cfg.out))
     os.makedirs(root, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(root, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
-    per_class = {c: evaluate_class(cfg, c, root) for c in chosen}
+    per_class = {}
+    with bar(total=len(chosen), desc="evaluate", unit="class") as pb:
+        for c in chosen:
+            per_class[c] = evaluate_class(cfg, c, root)
+            pb.write(f"class {c}: " + ", ".join(f"{m} ROC-AUC {per_class[c][m]['roc_auc']:.4f}" for m in cfg.methods))
+            pb.update(1)
     methods = [m for m in cfg.methods]
     mean = {m: {k: float(np.mean([per_class[c][m][k] for c in chosen])) for k in METRIC_COLS} for m in methods}
     results = {"classes": per_class, "mean": mean, "config": dataclasses.asdict(cfg)}
