@@ -25,7 +25,7 @@ def setup_logging(on: bool | None = None) -> None:
     on = verbose() if on is None else on
     logging.basicConfig(level=logging.INFO, format="%(message)s" if not on else "%(levelname)s %(name)s: %(message)s")
     if not on:
-        for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "filelock"):
+        for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "filelock", "faiss"):
             logging.getLogger(name).setLevel(logging.ERROR)
         # Third-party deprecation chatter is for developers (tests turn warnings into failures
         # where they matter); a user of the CLI cannot act on it.
@@ -51,4 +51,9 @@ def init_ray(address: str | None = None) -> None:
 
             DataContext.get_current().enable_progress_bars = False
         except ImportError:  # pragma: no cover - ray[data] is a dependency
-            pass
+            return
+        # Ray Data configures its own logger at import (console handler at INFO): keep its file
+        # log (the session's ray-data.log) and quiet its console handler.
+        for h in logging.getLogger("ray.data").handlers:
+            if "File" not in type(h).__name__:
+                h.setLevel(logging.ERROR)

@@ -120,3 +120,25 @@ def test_data_verbs_run(tmp_path, capsys):
     assert main(["data", "describe", str(tmp_path / "d" / "test")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["samples"] == 4 and d["classes"][0] == "normal"
+
+
+def test_serve_deploys_the_serving_app_with_its_builder(monkeypatch, capsys):
+    """msc serve = serve run serving/config.yaml from Python: the app's own build_app, no shell."""
+    from ray import serve
+
+    import msc_dist.console
+    import serving.app
+
+    calls = {}
+    monkeypatch.setattr(msc_dist.console, "init_ray", lambda address=None: calls.setdefault("ray", address))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.setdefault("start", kw))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: calls.setdefault("run", (app, kw)))
+    built = {}
+    real = serving.app.build_app
+    monkeypatch.setattr(serving.app, "build_app", lambda args: built.setdefault("args", args) and real(args))
+    assert main(["serve", "--checkpoint", "/ck", "--index", "/idx", "--port", "8123", "--device", "cpu"]) == 0
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 8123}}
+    assert built["args"]["checkpoint"] == "/ck" and built["args"]["index"] == "/idx" and built["args"]["device"] == "cpu"
+    app, kw = calls["run"]
+    assert kw == {"name": "msc", "route_prefix": "/", "blocking": True} and type(app).__name__ == "Application"
+    assert "http://127.0.0.1:8123" in capsys.readouterr().out
