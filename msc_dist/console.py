@@ -21,9 +21,12 @@ def set_verbose(on: bool) -> None:
 
 
 def setup_logging(on: bool | None = None) -> None:
-    """Our loggers at INFO, one line per event; Ray's at ERROR unless verbose."""
+    """Our loggers (msc_dist.*) at INFO, one line per event; other libraries' at WARNING and
+    Ray's at ERROR unless verbose (then everything at INFO, with logger names)."""
     on = verbose() if on is None else on
-    logging.basicConfig(level=logging.INFO, format="%(message)s" if not on else "%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if on else logging.WARNING,
+                        format="%(message)s" if not on else "%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("msc_dist").setLevel(logging.INFO)
     if not on:
         for name in ("ray", "ray.data", "ray.train", "ray.serve", "ray.tune", "filelock", "faiss"):
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -80,6 +81,9 @@ def list_files(paths: list[str]) -> list[str]:
     return out
 
 
+_BYTESIO = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names the buffer, not the file
+
+
 def _read(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
     try:
         size = os.path.getsize(path)
@@ -113,7 +117,8 @@ def predict(cfg: PredictConfig, scorer=None, progress: bool = False) -> list[dic
         for i, p in enumerate(chunk):
             if i in results:
                 r = results[i].to_dict()
-                rows.append({"path": p, **r, "error": r.get("error")})
+                err = r.get("error")
+                rows.append({"path": p, **r, "error": _BYTESIO.sub("", err) if err else None})
             else:
                 rows.append({"path": p, "score": None, "is_anomaly": None, "threshold": scorer.threshold,
                              "neighbors": [], "error": read[i][1]})
@@ -137,7 +142,7 @@ def table(rows: list[dict]) -> str:
     thr = rows[0]["threshold"] if rows else None
     n_anom = sum(1 for r in rows if r["is_anomaly"])
     n_err = sum(1 for r in rows if r["error"])
-    foot = (f"{len(rows)} files: {n_anom} anomalous, {len(rows) - n_anom - n_err} normal, {n_err} errors"
+    foot = (f"{len(rows)} files: {n_anom} anomalous, {len(rows) - n_anom - n_err} normal, {n_err} error{'' if n_err == 1 else 's'}"
             + (f" (threshold {thr:.4f})" if thr is not None else " (the index has no threshold)"))
     return "\n".join([fmt(head), *(fmt(b) for b in body), foot])
 
