@@ -68,9 +68,9 @@ def run(name: str, cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msc_dist.cli import main as msc_main
+    from msc_dist.cli import run_module
 
-    return msc_main(["bench", *(sys.argv[1:] if argv is None else argv)], prog="python -m msc_dist.bench")
+    return run_module(["bench"], argv, prog="python -m msc_dist.bench")
 
 
 if __name__ == "__main__":
