@@ -38,7 +38,8 @@ class EpochProgress:
 
     def __enter__(self) -> "EpochProgress":
         # epoch 0 (center + frozen baseline) counts as one step of the bar
-        self._bar = bar(total=self.epochs + 1, desc="epochs", unit="epoch")
+        first = "center pass + epoch 0" if not self.done else f"epoch {self.done + 1}"
+        self._bar = bar(total=self.epochs + 1, desc=first, unit="epoch")
         if self.done:
             self._bar.update(self.done + 1)
         self._thread.start()
@@ -47,6 +48,7 @@ class EpochProgress:
     def _emit(self, m: dict) -> None:
         self.last = m
         self._bar.write(format_epoch(m))
+        self._bar.set_description(f"epoch {m['epoch'] + 1}" if m["epoch"] < self.epochs else "epochs", refresh=False)
         self._bar.update(1)
 
     def _run(self) -> None:
