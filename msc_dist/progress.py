@@ -13,9 +13,41 @@ def enabled() -> bool:
     return os.environ.get("MSC_PROGRESS", "1").lower() not in ("0", "false", "no", "off")
 
 
+class _NoBar:
+    """Stands in for tqdm where it is not installed (a bare GPU machine running the benchmarks)."""
+
+    def __init__(self, iterable=None, **_):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, *a, **k) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def write(s: str, file=None) -> None:
+        print(s, file=file or sys.stdout, flush=True)
+
+
 def bar(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it",
         leave: bool = True, disable: bool | None = None):
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - a declared dependency
+        return _NoBar(iterable)
 
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=tty,
