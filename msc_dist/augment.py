@@ -1,4 +1,5 @@
-"""Batched augmentation on the training device (kornia), and input normalisation.
+"""Batched augmentation on the training device (kornia). Training only: the input scaling and
+normalisation that serving needs live in ``features.to_unit`` and ``backbones.Normalize``.
 
 Loader output is (B, 3, S, S) uint8; everything here runs on whole batches, per-sample random,
 so the GPU does the work the paper's code did image by image on the CPU."""
@@ -8,6 +9,8 @@ from __future__ import annotations
 import kornia.augmentation as K
 import torch
 from torch import nn
+
+from msc_dist.features import to_unit  # noqa: F401  (re-exported for callers of augment.to_unit)
 
 
 def _odd(n: float) -> int:
@@ -42,20 +45,3 @@ class TwoViewAugment(nn.Module):
         """(B, 3, S, S) uint8 -> (2B, 3, S, S) float in [0, 1]: rows [0, B) view 1, [B, 2B) view 2."""
         x = x_uint8.float().div_(255.0)
         return self.pipe(torch.cat([x, x], dim=0)).clamp_(0.0, 1.0)
-
-
-class Normalize(nn.Module):
-    """[0, 1] float -> the backbone's expected input. Buffers move with .to(device)."""
-
-    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
-    """Eval transform: the loader already resized to S x S; just scale to [0, 1]."""
-    return x_uint8.float().div_(255.0)

@@ -1,7 +1,13 @@
 """Typed job configs: defaults (the dataclass), then a YAML file, then CLI flags.
 
-Every dataclass field becomes a flag ``--field-name``; lists take several values; bools take
-``--flag`` / ``--no-flag``. ``--config FILE.yaml`` holds the same keys (snake_case)."""
+One parser for every job, every ``msc`` verb and every benchmark, built from the dataclass:
+each field becomes a flag ``--field-name`` (its help ends with its default); lists take several
+values; bools take ``--flag`` / ``--no-flag``; a field with ``metadata={"positional": True}`` is
+a positional argument instead. ``--config FILE.yaml`` holds the same keys (snake_case or
+kebab-case). Flags win over the file, the file over the defaults.
+
+A config that runs another job (evaluation trains; the benchmarks build a ``TrainConfig``)
+``borrow``s that job's fields, types and help instead of repeating them by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 import yaml
 
@@ -81,21 +87,109 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+# ---------------------------------------------------------------------------------------------
+# Borrowing another job's fields
+
+
+def borrow(source: type, names: Iterable[str], cls_name: str, **defaults: Any) -> type:
+    """A dataclass holding ``source``'s fields ``names`` with the same types and defaults
+    (``defaults`` overrides some, on purpose and in one place). Subclass it with ``@dataclass``
+    to add a job's own fields; ``project(cfg, source)`` then hands the shared fields back."""
+    hints = field_types(source)
+    by_name = {f.name: f for f in dataclasses.fields(source)}
+    fields = []
+    for n in names:
+        if n not in by_name:
+            raise KeyError(f"{source.__name__} has no field {n!r}")
+        f = by_name[n]
+        if n in defaults:
+            v = defaults[n]
+            spec = dataclasses.field(default_factory=lambda v=v: list(v)) if isinstance(v, list) else dataclasses.field(default=v)
+        elif f.default_factory is not dataclasses.MISSING:
+            spec = dataclasses.field(default_factory=f.default_factory)
+        else:
+            spec = dataclasses.field(default=f.default)
+        fields.append((n, hints[n], spec))
+    unknown = set(defaults) - set(names)
+    if unknown:
+        raise KeyError(f"defaults for fields that are not borrowed: {sorted(unknown)}")
+    return dataclasses.make_dataclass(cls_name, fields)
+
+
+def project(cfg: Any, target: type[T], **overrides: Any) -> T:
+    """A ``target`` config from the fields of ``cfg`` that ``target`` also has, plus ``overrides``."""
+    names = {f.name for f in dataclasses.fields(target)}
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
+    return target(**{**shared, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str] | None = None) -> None:
+    """Every field of ``cls`` as a flag (or positional) whose default is None: what the user did
+    not give stays None, so that ``--config`` values are only overridden by given flags."""
     help_text = help_text or {}
     defaults = cls()
+    types_ = field_types(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _base_type(field_types(cls)[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _base_type(types_[f.name])
         default = getattr(defaults, f.name)
         h = help_text.get(f.name, "")
         h = f"{h} (default: {default!r})" if h else f"default: {default!r}"
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
-        elif typing.get_origin(tp) in (list, tuple):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=h)
+        h = h.replace("%", "%%")
+        is_list = typing.get_origin(tp) in (list, tuple)
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="*" if is_list else "?", default=None, help=h,
+                                metavar=f.name.upper())
+        elif tp is bool:
+            parser.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif is_list:
+            parser.add_argument(_flag(f), dest=f.name, nargs="+", default=None, help=h, metavar=f.name.upper())
         else:
-            parser.add_argument(flag, dest=f.name, default=None, help=h, metavar=f.name.upper())
+            parser.add_argument(_flag(f), dest=f.name, default=None, help=h, metavar=f.name.upper())
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str] | None = None) -> None:
+    """``--config FILE.yaml`` and every field of ``cls``; read them back with ``config_from_args``."""
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="YAML file with config keys (flags win over it)")
+    add_dataclass_args(parser, cls, help_text)
+    parser.set_defaults(_config_cls=cls)
+
+
+def config_from_args(cls: type[T], ns: argparse.Namespace, parser: argparse.ArgumentParser | None = None
+                     ) -> tuple[T, set[str]]:
+    """defaults -> --config YAML -> flags; also the keys that the file or the flags set.
+    A bad value exits through ``parser.error`` (usage + message, status 2) when a parser is given."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    cfg, explicit = cls(), set()
+    try:
+        path = getattr(ns, "config", None)
+        if path:
+            data = load_yaml(path)
+            cfg = from_dict(cls, data, base=cfg, source=path)
+            explicit |= set(data)
+        flags = {k: v for k, v in vars(ns).items() if k in names and v is not None and v != []}
+        cfg = from_dict(cls, flags, base=cfg, source="command line")
+    except (ConfigError, OSError) as e:
+        if parser is None:
+            raise ConfigError(str(e)) from e
+        parser.error(str(e))
+    return cfg, explicit | set(flags)
+
+
+def parser_for(cls: type, description: str, help_text: dict[str, str] | None = None,
+               prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, cls, help_text)
+    return parser
 
 
 def parse(cls: type[T], argv: list[str] | None, description: str, help_text: dict[str, str] | None = None) -> T:
@@ -104,23 +198,11 @@ def parse(cls: type[T], argv: list[str] | None, description: str, help_text: dic
 
 
 def parse_explicit(cls: type[T], argv: list[str] | None, description: str,
-                   help_text: dict[str, str] | None = None) -> tuple[T, set[str]]:
+                   help_text: dict[str, str] | None = None, prog: str | None = None) -> tuple[T, set[str]]:
     """As ``parse``, also returning the keys that the YAML file or the flags set."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML file with config keys (overridden by flags)")
-    add_dataclass_args(parser, cls, help_text)
+    parser = parser_for(cls, description, help_text, prog)
     ns = parser.parse_args(argv)
-    cfg, explicit = cls(), set()
-    try:
-        if ns.config:
-            data = load_yaml(ns.config)
-            cfg = from_dict(cls, data, base=cfg, source=ns.config)
-            explicit |= set(data)
-        flags = {k: v for k, v in vars(ns).items() if k != "config" and v is not None}
-        cfg = from_dict(cls, flags, base=cfg, source="command line")
-    except (ConfigError, OSError) as e:
-        parser.error(str(e))
-    return cfg, explicit | set(flags)
+    return config_from_args(cls, ns, parser)
 
 
 def to_json(cfg: Any) -> str:

@@ -1,4 +1,5 @@
-"""Running a FeatureModel over a shard stream, and the global center."""
+"""Running a FeatureModel over batches of images: input scaling, device placement, autocast.
+No collectives here (the global center lives in ``msc_dist.train.center``), and no kornia."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-
-from msc_dist import dist
-from msc_dist.augment import to_unit
 
 
 @dataclass
@@ -25,6 +22,11 @@ def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module
     channels_last pixels, and both cuDNN and oneDNN run these convolutions faster in it (CPU,
     efficientnet_lite0 at 128 px: forward 1.4x, forward + backward 1.4-2x; same arithmetic)."""
     return model.to(device=device, memory_format=torch.channels_last)
+
+
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    """Eval transform: the loader already resized to S x S; just scale to [0, 1]."""
+    return x_uint8.float().div_(255.0)
 
 
 def unit_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -72,20 +74,3 @@ def embed_batches(model, loader, device: torch.device) -> Embedded:
     z = torch.cat(zs) if zs else torch.zeros((0, dim))
     lab = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     return Embedded(z, lab, keys, corrupt)
-
-
-def global_center(z_local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean of every rank's normal features, L2-normalised.
-
-    (sum, count) travel together in one float64 all-reduce, so every sample counts exactly once
-    whatever the per-rank counts: sum = [D] float64, count in the extra slot."""
-    d = z_local.shape[1]
-    packed = torch.zeros(d + 1, dtype=torch.float64)
-    packed[:d] = z_local.double().sum(0).cpu()
-    packed[d] = z_local.shape[0]
-    packed = dist.all_reduce_sum(packed)
-    n = int(packed[d].item())
-    if n == 0:
-        raise RuntimeError("no normal features on any rank: cannot compute the center")
-    c = F.normalize(packed[:d] / n, dim=0)
-    return c.float(), n

@@ -35,16 +35,17 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             "RAY_ADDRESS, or leave both unset to start a local Ray in-process") from None
 
 
-def runtime_env() -> dict | None:
-    """The storage endpoint for the workers of a cluster joined directly; nothing for a submitted
-    job (its runtime env already applies) and never credentials."""
+def runtime_env(extra: dict[str, str] | None = None) -> dict | None:
+    """The storage endpoint (and ``extra``) for the workers of a cluster joined directly; nothing
+    for a submitted job (its runtime env already applies) and never credentials."""
     if os.environ.get(JOB_CONFIG_ENV):
         return None
-    env = storage.forwarded_env()
+    env = {**storage.forwarded_env(), **(extra or {})}
     return {"env_vars": env} if env else None
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, *, log_to_driver: bool = True, logging_level: int = logging.INFO,
+             extra_env: dict[str, str] | None = None) -> None:
     """``address`` or RAY_ADDRESS (set by ``ray job submit``) joins that cluster, after checking
     that it answers; with neither, a new local Ray starts in-process. (A bare ``ray.init()``
     would instead join whatever cluster Ray's "current cluster" file names, even a dead one.)"""
@@ -55,7 +56,9 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None or address == "local":
         log.info("starting a local Ray in-process")
-        ray.init(address="local", log_to_driver=True)  # workers inherit this process's environment
+        # workers inherit this process's environment
+        ray.init(address="local", log_to_driver=log_to_driver, logging_level=logging_level)
         return
     check_reachable(address)
-    ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True)
+    ray.init(address=address, runtime_env=runtime_env(extra_env), log_to_driver=log_to_driver,
+             logging_level=logging_level)

@@ -1,9 +1,29 @@
-"""kNN anomaly scores and metrics: pure functions of tensors/arrays."""
+"""kNN anomaly scores and metrics: pure functions of tensors/arrays.
+
+The one scoring path: the paper's score is ``knn_from_similarities`` of the k largest inner
+products between a unit query and the unit normal features, whoever finds them (``knn_score``
+with a torch matmul + top-k for training's per-epoch ROC-AUC, FAISS in ``index.ShardedIndex``
+for served and offline scores)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+
+def squared_distances(sims):
+    """Inner products of unit vectors -> squared L2 distances, 2 - 2 cos, clamped at 0 (rounding
+    can make cos exceed 1). numpy arrays or torch tensors, any shape; float32 out."""
+    if isinstance(sims, torch.Tensor):
+        return (2.0 - 2.0 * sims.float()).clamp_min_(0)
+    return np.maximum(2.0 - 2.0 * np.asarray(sims, np.float32), 0.0).astype(np.float32)
+
+
+def knn_from_similarities(sims):
+    """(Q, k) inner products with the k nearest normal features -> ((Q,) scores, (Q, k) squared
+    distances): the score is the sum of the k squared distances."""
+    d = squared_distances(sims)
+    return d.sum(1) if isinstance(d, torch.Tensor) else d.sum(axis=1), d
 
 
 def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 2, chunk: int = 4096) -> torch.Tensor:
@@ -18,7 +38,7 @@ def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 2, chunk: int 
     for q in queries.split(chunk):
         sims = q.float() @ bank.float().T  # (q, N)
         top = sims.topk(k, dim=1).values  # (q, k)
-        out.append((2.0 - 2.0 * top).clamp_min_(0).sum(dim=1))
+        out.append(knn_from_similarities(top)[0])
     return torch.cat(out) if out else torch.zeros(0)
 
 

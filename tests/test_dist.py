@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from msc_dist import dist
-from msc_dist.features import global_center
+from msc_dist.train.center import global_center
 from msc_dist.loss import mean_shift, msc_loss
 
 

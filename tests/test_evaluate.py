@@ -46,9 +46,14 @@ def test_all_classes_run_writes_table_json_and_plots_and_repeats(local_ray, fold
     assert on_disk["mean"] == json.loads(json.dumps(res["mean"]))
     md = (out / "results.md").read_text()
     assert "| **mean** |" in md and "| normal class | knn | msc | msc-noangular |" in md
+    # the F1-optimal threshold next to the calibrated one
+    assert "## f1_max" in md and "## thresholds (calibrated / F1-optimal on the test set)" in md
+    r = res["classes"]["spot"]["msc"]
+    assert r["f1_max"] >= r["f1_at_threshold"] and f"{r['threshold']:.4f} / {r['f1_max_threshold']:.4f}" in md
     assert (out / "class-normal" / "data" / "split.json").exists()
 
     expected = {f"roc-class-{c}.png": (640, 480) for c in ("normal", "spot")}
+    expected |= {f"pr-class-{c}.png": (640, 480) for c in ("normal", "spot")}  # precision-recall beside the ROC
     expected |= {f"auc-per-epoch-class-{c}.png": (640, 480) for c in ("normal", "spot")}
     expected |= {f"hist-class-{c}-{m}.png": (640, 480) for c in ("normal", "spot") for m in ("knn", "msc", "msc-noangular")}
     # galleries: a row of the 2 highest, a row of the 2 lowest (no masks in this set)

@@ -15,7 +15,8 @@ import torch
 from msc_dist import dist
 from msc_dist.augment import TwoViewAugment, to_unit
 from msc_dist.backbones import build_model
-from msc_dist.features import autocast, global_center
+from msc_dist.features import autocast
+from msc_dist.train.center import global_center
 from msc_dist.loss import msc_loss
 from msc_dist.scoring import knn_score
 from msc_dist.train.config import TrainConfig

@@ -18,7 +18,8 @@ from msc_dist.backbones import build_model
 from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import ShardWriter, describe
-from msc_dist.features import embed_batches, global_center
+from msc_dist.features import embed_batches
+from msc_dist.train.center import global_center
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.job import main
 from test_data import _jpeg, write_shards
@@ -185,3 +186,9 @@ def test_embedded_default_runs_the_demo_end_to_end(tmp_path):
     res = json.loads(r.stdout[r.stdout.rindex("\n{") :])
     assert res["metrics"]["epoch"] == 1 and res["metrics"]["roc_auc"] > 0.5
     assert os.path.exists(os.path.join(res["checkpoint"], "model.pt"))
+    # Output a person can read: one line per epoch, no worker or Ray lines, a short console
+    # (a progress bar redrawn with \r counts as one line).
+    lines = [ln for ln in (r.stdout + r.stderr).split("\n") if ln.strip()]
+    assert len(lines) <= 40, "\n".join(lines)
+    assert [ln.split(" |")[0] for ln in lines if ln.startswith("epoch ")] == ["epoch 0", "epoch 1"], lines
+    assert not [ln for ln in lines if "RayTrainWorker" in ln or "(pid=" in ln or "Warning" in ln], lines

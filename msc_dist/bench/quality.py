@@ -27,7 +27,7 @@ from msc_dist.metrics import summary
 from msc_dist.scoring import knn_score
 from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
-from msc_dist.train.loop import DataPlan, embed_counts, run_worker
+from msc_dist.train.loop import DataPlan, embed_counts, format_epoch, run_worker
 
 METHODS = ("knn", "msc", "msc-noangular")
 LOOPS = ("ours", "reference")
@@ -45,7 +45,7 @@ def _metrics_from(z_train: torch.Tensor, keys: list[str], z_test: torch.Tensor, 
 
 
 def run_class_reference(npz: str, normal: str, base: TrainConfig, methods: list[str], device: torch.device,
-                        calibration_fraction: float = 0.1, target_fpr: float = 0.05) -> dict:
+                        calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=print) -> dict:
     """``run_class`` with the paper's loop written plainly (bench/reference.py) instead of ours."""
     from msc_dist.bench.reference import transforms, embed_with, train_reference
 
@@ -86,7 +86,7 @@ def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_
 
 
 def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], device: torch.device,
-              calibration_fraction: float = 0.1, target_fpr: float = 0.05) -> dict:
+              calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None) -> dict:
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="msc-quality-") as tmp:
         info = from_npz(npz, tmp, 2000, normal)
@@ -104,6 +104,8 @@ def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], devi
 
             def report(metrics: dict, folder: str | None) -> None:
                 epochs.append({k: metrics[k] for k in ("epoch", "loss", "roc_auc", "images_per_s") if k in metrics})
+                if log is not None:
+                    log(f"class {normal} {m}: {format_epoch(metrics)}")
                 if folder is not None and metrics["epoch"] == cfg.epochs:
                     last["state"] = ckpt.load(folder).model_state
 
@@ -140,7 +142,7 @@ def bench_quality(npz: str, classes: list[str], base: TrainConfig, methods: list
         if time_budget_s is not None and per_class and time.perf_counter() - t0 > time_budget_s:
             log(f"time budget spent: stopping before class {c}")
             break
-        per_class[c] = run(npz, c, base, methods, dev)
+        per_class[c] = run(npz, c, base, methods, dev, log=log)
         log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" for m in methods))
         res = _result(npz, per_class, methods, base, device, t0) | {"loop": loop}
         if on_class is not None:

@@ -36,12 +36,13 @@ def device_name(device: torch.device) -> str:
 
 def bench_train(backbone: str, image_size: int, batch_size: int, device: str, steps: int, warmup: int,
                 loader_workers: int, data: str | None, compile: bool = False, weights: str | None = None,
-                pretrained: bool = True, synthetic: bool = False) -> dict:
+                pretrained: bool = True, synthetic: bool = False, base: TrainConfig | None = None) -> dict:
     """``synthetic``: random uint8 batches made on the device, no loader: the step's own ceiling,
-    to tell a data-starved GPU from a slow step."""
+    to tell a data-starved GPU from a slow step. ``base``: the rest of the training config (loss,
+    optimiser, augmentation), TrainConfig's defaults when absent."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = dataclasses.replace(TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
+        cfg = dataclasses.replace(base or TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
                                   compile=compile, weights=weights)
         model = place(build_model(backbone, weights, pretrained=pretrained), dev)
         torch.backends.cudnn.benchmark = True

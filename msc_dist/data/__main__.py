@@ -2,58 +2,59 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m msc_dist.data", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("make-shards", help="image folder (subfolders = classes) or MNIST npz -> shards")
-    m.add_argument("--from", dest="src", required=True, help="DIR with class subfolders, or an .npz")
-    m.add_argument("--out", required=True, help="DIR or s3://bucket/prefix")
-    m.add_argument("--exts", nargs="+", default=None, help="image extensions to take (e.g. jpg to skip .png masks)")
-    m.add_argument("--per-shard", type=int, default=1000)
-    m.add_argument("--normal-class", default=None,
-                   help="write OUT/train (normal only) and OUT/test; folders get a seeded split")
-    m.add_argument("--train-fraction", type=float, default=0.7)
-    m.add_argument("--seed", type=int, default=0)
-    d = sub.add_parser("demo", help="generate the embedded demo set (procedural textures with defects)")
-    d.add_argument("--out", required=True)
-    d.add_argument("--n-train", type=int, default=512)
-    d.add_argument("--n-test-normal", type=int, default=128)
-    d.add_argument("--n-test-defect", type=int, default=128)
-    d.add_argument("--size", type=int, default=96)
-    d.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("describe", help="shard counts and labels")
-    s.add_argument("data")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def run(cmd: str, cfg) -> dict:
+    """One data command from its config (``msc_dist.data.config``) -> a summary dict."""
+    from msc_dist.config import ConfigError
 
+    if cmd == "make-shards":
+        from msc_dist.data.make_shards import make_shards
+
+        if not cfg.src or not cfg.out:
+            raise ConfigError("--from and --out are required")
+        res = make_shards(cfg.src, cfg.out, cfg.exts, cfg.per_shard, cfg.normal_class, cfg.train_fraction, cfg.seed)
+        return {k: {"samples": v.count, "shards": len(v.shards), "labels": _labels(v)} for k, v in res.items()}
+    if cmd == "demo":
+        from msc_dist.data.demo import make_demo
+
+        if not cfg.out:
+            raise ConfigError("--out is required")
+        tr, te = make_demo(cfg.out, cfg.n_train, cfg.n_test_normal, cfg.n_test_defect, cfg.size, seed=cfg.seed)
+        return {"train": {"samples": tr.count, "labels": _labels(tr)}, "test": {"samples": te.count, "labels": _labels(te)}}
+    from msc_dist.data.shards import describe
+
+    if not cfg.data:
+        raise ConfigError("give the shards to describe")
+    info = describe(cfg.data)
+    return {"samples": info.count, "shards": len(info.shards), "classes": info.classes, "labels": _labels(info)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m msc_dist.data = ``msc data``: the same configs and parser pieces, without the
+    rest of the command (the data package imports no job)."""
+    import argparse
+    import json
+
+    from msc_dist.config import ConfigError, add_config_args, config_from_args
+    from msc_dist.console import setup_logging
+    from msc_dist.data.config import COMMANDS
     from msc_dist.data.shards import DataError
 
+    p = argparse.ArgumentParser(prog="python -m msc_dist.data", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for name, (cls, help_text, summary) in COMMANDS.items():
+        sp = sub.add_parser(name, help=summary, description=summary)
+        add_config_args(sp, cls, help_text)
+    ns = p.parse_args(argv)
+    setup_logging()
+    cfg, _ = config_from_args(ns._config_cls, ns, p)
     try:
-        if a.cmd == "make-shards":
-            from msc_dist.data.make_shards import make_shards
-
-            res = make_shards(a.src, a.out, a.exts, a.per_shard, a.normal_class, a.train_fraction, a.seed)
-            summary = {k: {"samples": v.count, "shards": len(v.shards), "labels": _labels(v)} for k, v in res.items()}
-        elif a.cmd == "demo":
-            from msc_dist.data.demo import make_demo
-
-            tr, te = make_demo(a.out, a.n_train, a.n_test_normal, a.n_test_defect, a.size, seed=a.seed)
-            summary = {"train": {"samples": tr.count, "labels": _labels(tr)}, "test": {"samples": te.count, "labels": _labels(te)}}
-        else:
-            from msc_dist.data.shards import describe
-
-            info = describe(a.data)
-            summary = {"samples": info.count, "shards": len(info.shards), "classes": info.classes, "labels": _labels(info)}
-    except DataError as e:
+        print(json.dumps(run(ns.cmd, cfg), indent=1))
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
     return 0
 
 

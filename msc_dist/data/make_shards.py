@@ -13,6 +13,7 @@ from PIL import Image
 from msc_dist import storage
 from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import IMAGE_EXTS, DataError, DatasetInfo, ShardWriter
+from msc_dist.progress import bar
 
 
 def _key(rel: str) -> str:
@@ -63,7 +64,7 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
     out_info = {}
     for name, its in splits.items():
         with ShardWriter(storage.join(out, name) if name else out, per_shard, classes) as w:
-            for rel, ext, label in its:
+            for rel, ext, label in bar(its, desc=f"make-shards {name or 'all'}", unit="img", leave=False):
                 with open(os.path.join(src, rel), "rb") as f:
                     w.write(_key(rel), f.read(), "jpg" if ext == "jpeg" else ext, label)
         out_info[name or "all"] = w.close()
@@ -91,7 +92,7 @@ def from_npz(src: str, out: str, per_shard: int, normal_class: str | None) -> di
         x, y = d[f"x_{split}"], d[f"y_{split}"]
         idx = d[f"idx_{split}"] if f"idx_{split}" in d else np.arange(len(x))
         with ShardWriter(storage.join(out, split), per_shard, classes) as w:
-            for i in range(len(x)):
+            for i in bar(range(len(x)), desc=f"make-shards {split}", unit="img", leave=False):
                 if split == "train" and normal is not None and int(y[i]) != normal:
                     continue
                 w.write(f"{split}{int(idx[i]):06d}", _png(x[i]), "png", int(y[i]))

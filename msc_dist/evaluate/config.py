@@ -3,9 +3,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from msc_dist.config import borrow
+from msc_dist.train.config import HELP as TRAIN_HELP
+from msc_dist.train.config import TrainConfig
+
+# The training fields that evaluation passes on to the training job unchanged (types and help
+# from TrainConfig). The protocol's own defaults differ on purpose: a shorter run on one worker.
+TRAIN_KEYS = ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "crop_min_scale", "hflip",
+              "num_workers", "loader_workers", "use_gpu", "seed", "ray_address")
+_EvalTrainFields = borrow(TrainConfig, TRAIN_KEYS, "_EvalTrainFields", epochs=10, batch_size=32, num_workers=1)
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_EvalTrainFields):
     data: str | None = None
     normal_class: str | None = None
     all_classes: bool = False
@@ -13,25 +23,13 @@ class EvalConfig:
     out: str = os.path.join("~", "msc_runs", "eval")
     exts: list[str] | None = None
     train_fraction: float = 0.7
-    seed: int = 0
-    backbone: str = "efficientnet_lite0"
-    weights: str | None = None
-    image_size: int = 224
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-5
-    crop_min_scale: float = 0.2
-    hflip: bool = True
-    num_workers: int = 1
-    loader_workers: int = 2
-    use_gpu: bool = False
     calibration_fraction: float = 0.1
     target_fpr: float = 0.05
     gallery_k: int = 6
-    ray_address: str | None = None
 
 
 HELP = {
+    **{k: TRAIN_HELP[k] for k in TRAIN_KEYS},
     "data": "labelled data: an MNIST-format .npz, an image folder with class subfolders, or a shards folder with train/ and test/",
     "normal_class": "the class (name or label) that is normal",
     "all_classes": "each class in turn as the normal one (the one-class protocol)",
@@ -43,17 +41,39 @@ HELP = {
     "calibration_fraction": "normal training samples held out of the index to set the threshold",
     "target_fpr": "false-positive rate on held-out normals that the threshold is set for",
     "gallery_k": "images in each half of the highest/lowest-scored gallery",
-    "backbone": "efficientnet_lite0 | resnet18 | resnet50 | resnet152",
-    "weights": "backbone weights file (default: packaged / torch hub cache)",
-    "image_size": "square input side in pixels",
     "epochs": "fine-tuning epochs for msc and msc-noangular",
-    "batch_size": "images per worker per step",
-    "lr": "SGD learning rate",
-    "crop_min_scale": "smallest RandomResizedCrop area fraction of a training view (paper: 0.2)",
-    "hflip": "random horizontal flips in the training views",
-    "num_workers": "Ray Train workers",
-    "loader_workers": "DataLoader worker processes per training worker",
     "use_gpu": "GPUs for training, embedding and scoring",
-    "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
 }
 VALID_METHODS = ("knn", "msc", "msc-noangular")
+
+
+@dataclass
+class TestConfig:
+    """``msc test``: metrics, tables and plots of an existing checkpoint + index; no training."""
+
+    __test__ = False  # not a pytest class
+
+    index: str | None = None
+    data: str | None = None
+    checkpoint: str | None = None
+    normal_classes: list[str] | None = None
+    out: str = os.path.join("~", "msc_runs", "test")
+    name: str = "msc"
+    batch_size: int = 64
+    device: str = "auto"
+    max_pixels: int = 64_000_000
+    gallery_k: int = 6
+
+
+TEST_HELP = {
+    "index": "index folder (the embedding job's --out) or s3://...",
+    "data": "labelled shards to test on (every sample needs a .cls label), e.g. the demo set's test/",
+    "checkpoint": "checkpoint or run folder (default: the one recorded in the index manifest)",
+    "normal_classes": "labels or class names that are normal (default: the checkpoint's)",
+    "out": "folder for results.json, results.md and plots/",
+    "name": "the model's name in the tables and plots",
+    "batch_size": "images per forward pass",
+    "device": "auto (cuda when available) | cpu | cuda | cuda:N",
+    "max_pixels": "images above this many pixels are not decoded (error)",
+    "gallery_k": "images in each half of the highest/lowest-scored gallery",
+}

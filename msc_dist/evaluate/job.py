@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from msc_dist import storage
-from msc_dist.config import ConfigError
+from msc_dist.config import ConfigError, project
 from msc_dist.data.make_shards import from_folder, from_npz
 from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import DataError, describe, iter_samples
@@ -20,14 +20,17 @@ from msc_dist.embed.config import EmbedConfig
 from msc_dist.embed.job import main as embed_main
 from msc_dist.evaluate import plots
 from msc_dist.evaluate.config import VALID_METHODS, EvalConfig
+from msc_dist.evaluate.report import Scored, shard_images, write_plots
 from msc_dist.metrics import summary
+from msc_dist.progress import bar
 from msc_dist.score.config import ScoreConfig
 from msc_dist.score.job import main as score_main, read_scores
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.job import main as train_main
 
 log = logging.getLogger("msc_dist.evaluate")
-METRIC_COLS = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr")
+METRIC_COLS = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr", "f1_max")
+THRESHOLD_COLS = ("threshold", "f1_max_threshold")  # calibrated on held-out normals; F1-optimal on the test set
 
 
 def list_classes(data: str) -> list[str]:
@@ -79,12 +82,9 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
     train, test, sources = prepare_split(cfg, normal, os.path.join(cdir, "data"))
     info = describe(test)
     normal_label = resolve_label(normal, info.classes)
-    tcfg = TrainConfig(data=train, eval_data=test, normal_classes=[normal], backbone=cfg.backbone, weights=cfg.weights,
-                       image_size=cfg.image_size, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                       crop_min_scale=cfg.crop_min_scale, hflip=cfg.hflip,
-                       num_workers=cfg.num_workers, loader_workers=cfg.loader_workers, use_gpu=cfg.use_gpu,
-                       seed=cfg.seed, storage_path=os.path.join(cdir, "runs"), keep_checkpoints=cfg.epochs + 1,
-                       ray_address=cfg.ray_address)
+    # Every training field EvalConfig borrowed from TrainConfig passes through as it is.
+    tcfg = project(cfg, TrainConfig, data=train, eval_data=test, normal_classes=[normal],
+                   storage_path=os.path.join(cdir, "runs"), keep_checkpoints=cfg.epochs + 1)
     runs: dict[str, str] = {}
     if "msc" in cfg.methods:
         runs["msc"] = train_main(dataclasses.replace(tcfg, name="msc")).run_dir
@@ -97,7 +97,7 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
         checkpoints["knn"] = _checkpoint_at(next(iter(runs.values())), 0)  # epoch 0 = frozen ImageNet features
 
     labels = {s.key: s.label for sh in info.shards for s in iter_samples(sh.url)}
-    res, curves = {}, {}
+    res, scored = {}, {}
     for m in [m for m in cfg.methods if m in checkpoints]:
         idx = os.path.join(cdir, f"index-{m}")
         emb = embed_main(EmbedConfig(checkpoint=checkpoints[m], out=idx, calibration_fraction=cfg.calibration_fraction,
@@ -108,32 +108,14 @@ def evaluate_class(cfg: EvalConfig, normal: str, root: str) -> dict:
         keys = [r["uri"].rsplit("#", 1)[1] for r in rows]
         s = np.array([r["score"] for r in rows])
         y = np.array([labels[k] != normal_label for k in keys])
-        thr = emb.manifest.threshold
-        res[m] = summary(s, y, thr) | {"test_samples": len(rows), "index_size": emb.manifest.count}
-        curves[m] = (s, y, res[m]["roc_auc"], keys, thr)
+        scored[m] = Scored(s, y, keys, emb.manifest.threshold)
+        res[m] = summary(s, y, emb.manifest.threshold) | {"test_samples": len(rows), "index_size": emb.manifest.count}
 
     pdir = os.path.join(root, "plots")
-    os.makedirs(pdir, exist_ok=True)
-    plots.roc_plot(os.path.join(pdir, f"roc-class-{normal}.png"), {m: c[:3] for m, c in curves.items()},
-                   f"ROC, normal class {normal}")
+    write_plots(pdir, f"class-{normal}", f"normal class {normal}", scored, res, lambda want: shard_images(info, want),
+                sources, cfg.gallery_k)
     series = {m: _epoch_aucs(runs[m]) for m in ("msc", "msc-noangular") if m in runs}
     plots.auc_per_epoch(os.path.join(pdir, f"auc-per-epoch-class-{normal}.png"), series, f"ROC-AUC per epoch, normal class {normal}")
-    for m, (s, y, auc, keys, thr) in curves.items():
-        plots.histogram(os.path.join(pdir, f"hist-class-{normal}-{m}.png"), s, y, thr, f"{m}, normal class {normal} (AUC {auc:.3f})")
-        order = np.argsort(-s)
-        top, bottom = list(order[: cfg.gallery_k]), list(order[::-1][: cfg.gallery_k])  # each most extreme first
-        want = {keys[i] for i in top + bottom}
-        data = {smp.key: smp.data for sh in info.shards for smp in iter_samples(sh.url) if smp.key in want}
-
-        def panel(i: int) -> tuple:
-            k = keys[i]
-            mask_path = os.path.splitext(sources[k])[0] + ".png" if k in sources else None
-            mask = open(mask_path, "rb").read() if mask_path and os.path.exists(mask_path) else None
-            return (f"{k} ({'anomalous' if y[i] else 'normal'})", float(s[i]),
-                    bool(thr is not None and s[i] > thr), data[k], mask)
-
-        plots.gallery(os.path.join(pdir, f"gallery-class-{normal}-{m}.png"), [panel(i) for i in top],
-                      [panel(i) for i in bottom], f"{m}, normal class {normal}: highest and lowest scores")
     res["epoch_auc"] = {m: pts for m, pts in series.items()}
     return res
 
@@ -150,7 +132,17 @@ def markdown(results: dict, methods: list[str], cfg: EvalConfig) -> str:
             lines.append(f"| {c} | " + " | ".join(f"{r[m][metric]:.4f}" for m in methods) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{results['mean'][m][metric]:.4f}**" for m in methods) + " |")
         lines.append("")
+    lines += ["## thresholds (calibrated / F1-optimal on the test set)", "",
+              "| normal class | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for c, r in results["classes"].items():
+        lines.append(f"| {c} | " + " | ".join(_thresholds(r[m]) for m in methods) + " |")
+    lines.append("")
     return "\n".join(lines)
+
+
+def _thresholds(r: dict) -> str:
+    cal = r.get("threshold")
+    return f"{'-' if cal is None else f'{cal:.4f}'} / {r['f1_max_threshold']:.4f}"
 
 
 def main(cfg: EvalConfig) -> dict:
@@ -169,7 +161,12 @@ def main(cfg: EvalConfig) -> dict:
     root = os.path.abspath(os.path.expanduser(cfg.out))
     os.makedirs(root, exist_ok=True)
     storage.write_bytes_atomic(os.path.join(root, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1).encode())
-    per_class = {c: evaluate_class(cfg, c, root) for c in chosen}
+    per_class = {}
+    with bar(total=len(chosen), desc="evaluate", unit="class") as pb:
+        for c in chosen:
+            per_class[c] = evaluate_class(cfg, c, root)
+            pb.write(f"class {c}: " + ", ".join(f"{m} ROC-AUC {per_class[c][m]['roc_auc']:.4f}" for m in cfg.methods))
+            pb.update(1)
     methods = [m for m in cfg.methods]
     mean = {m: {k: float(np.mean([per_class[c][m][k] for c in chosen])) for k in METRIC_COLS} for m in methods}
     results = {"classes": per_class, "mean": mean, "config": dataclasses.asdict(cfg)}

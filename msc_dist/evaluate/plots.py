@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from msc_dist.metrics import roc_curve  # noqa: E402
+from msc_dist.metrics import best_f1, pr_curve, roc_curve  # noqa: E402
 
 FIGSIZE = (6.4, 4.8)
 DPI = 100  # 640 x 480 pixels
@@ -33,6 +33,29 @@ def roc_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]],
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def pr_plot(path: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> None:
+    """curves: method -> (scores, is_anomaly, average precision). Each curve marks its F1-optimal
+    point; the dotted line is the anomaly rate (a random scorer's precision)."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    rate = None
+    for m, (s, y, ap) in curves.items():
+        precision, recall, _ = pr_curve(s, y)
+        (line,) = ax.step(np.r_[0, recall], np.r_[precision[0] if len(precision) else 1, precision], where="post",
+                          label=f"{m} (AP {ap:.3f})")
+        f1, cut = best_f1(s, y)
+        pred = np.asarray(s) > cut
+        yy = np.asarray(y, bool)
+        if pred.any():
+            ax.plot([(pred & yy).sum() / max(1, yy.sum())], [(pred & yy).sum() / pred.sum()], "o",
+                    color=line.get_color(), label=f"{m} best F1 {f1:.3f}")
+        rate = float(yy.mean())
+    if rate is not None:
+        ax.axhline(rate, color="k", ls=":", lw=0.8)
+    ax.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left")
     _save(fig, path)
 
 

@@ -1,6 +1,9 @@
-"""The driver: validate data and config, then launch the Ray Train TorchTrainer.
+"""The driver: validate data and config, then launch the Ray Train TorchTrainer; and
+``ray_train_fn``, what each Ray Train worker runs (the loop itself, ``train.loop``, knows nothing
+of Ray).
 
-Everything that can be wrong with the inputs is found here, before any worker starts."""
+Everything that can be wrong with the inputs is found here, before any worker starts. The
+console gets one line per epoch and a progress bar over the epochs, printed by this driver."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from msc_dist.config import ConfigError, to_json
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import DataError, DatasetInfo, describe
-from msc_dist.ray_env import init_ray
+from msc_dist.console import init_ray
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan
 
@@ -112,19 +115,23 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from msc_dist.train.loop import ray_train_fn
-
     cfg = dataclasses.replace(cfg, storage_path=cfg.storage_path if storage.is_remote(cfg.storage_path)
                               else os.path.abspath(os.path.expanduser(cfg.storage_path)),
                               demo_dir=os.path.expanduser(cfg.demo_dir))
     demo = cfg.data is None
     cfg, plan = validate(cfg, explicit)
-    log.info("resolved config:\n%s", to_json(cfg))
+    log.debug("resolved config:\n%s", to_json(cfg))
 
     init_ray(cfg.ray_address)
+    from msc_dist.train.progress import EpochProgress
 
     fs, path = storage.pyarrow_filesystem(cfg.storage_path)
     run_dir = storage.join(cfg.storage_path, cfg.name)
+    done = _done_epoch(run_dir)
+    print(f"run {run_dir}: " + (f"resuming after epoch {done} of {cfg.epochs}" if done is not None else
+                                f"{cfg.epochs} epochs on {plan.n_train} normal samples, {cfg.num_workers} workers"
+                                f"{' (GPU)' if cfg.use_gpu else ''}"), flush=True)
+    progress = EpochProgress(cfg.epochs, done or 0)
     # The resolved config beside the run (and inside every checkpoint).
     storage.write_bytes_atomic(storage.join(run_dir, "config.json"), to_json(cfg).encode())
 
@@ -142,10 +149,12 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=[progress.callback],
         ),
     )
     try:
-        result = trainer.fit()
+        with progress:
+            result = trainer.fit()
         err = None
     except Exception as e:  # ray.train.TrainingFailedError and friends
         result, err = None, e
@@ -162,3 +171,48 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     if ck is not None and storage.is_remote(cfg.storage_path):
         ck = cfg.storage_path.split("://", 1)[0] + "://" + ck
     return TrainOutcome(dict(result.metrics or {}), ck, run_dir, result.error)
+
+
+def _done_epoch(run_dir: str) -> int | None:
+    """The epoch of the run's newest checkpoint, if it has one (the run will resume from it)."""
+    from msc_dist import checkpoint as ckpt
+
+    try:
+        import json
+
+        return int(json.loads(storage.read_bytes(storage.join(ckpt.resolve(run_dir), "meta.json")))["epoch"])
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return None
+
+
+def ray_train_fn(loop_config: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from msc_dist import checkpoint as ckpt
+    from msc_dist.console import setup_logging
+    from msc_dist.train.loop import run_worker
+
+    setup_logging()
+    cfg = TrainConfig(**loop_config["cfg"])
+    p = loop_config["plan"]
+    plan = DataPlan([tuple(x) for x in p["train_counts"]], p["normal_labels"],
+                    [tuple(x) for x in p["eval_counts"]] if p["eval_counts"] is not None else None)
+    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    def report(metrics: dict, folder: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+    resume = None
+    ck = ray.train.get_checkpoint()  # the latest reported checkpoint, after a restart or a rerun
+    if ck is not None:
+        with ck.as_directory() as d:
+            resume = ckpt.load(d, with_optimizer=True)
+    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id())

@@ -1,6 +1,8 @@
-"""The per-worker training loop. It knows nothing of Ray: ``run_worker`` takes a ``report``
-callable and an optional checkpoint folder to resume from, so Ray Train, the benchmark and tests
-drive the same code. Every rank makes the same collectives and reports the same number of times."""
+"""The per-worker training loop. It knows nothing of Ray (``train.job.ray_train_fn`` is the Ray
+Train entry point): ``run_worker`` takes a ``report`` callable and an optional checkpoint to
+resume from, so Ray Train, the benchmark and tests drive the same code. It is ``center_pass``
+(epoch 0: the global center and the frozen-feature baseline) and then ``train_one_epoch`` per
+epoch. Every rank makes the same collectives and reports the same number of times."""
 
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from msc_dist.augment import TwoViewAugment
 from msc_dist.backbones import FeatureModel, build_model
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.data.plan import steps_per_epoch
-from msc_dist.features import Embedded, autocast, embed_batches, global_center, place
+from msc_dist.features import Embedded, autocast, embed_batches, place
 from msc_dist.loss import mean_shift, msc_loss
 from msc_dist.scoring import knn_score, roc_auc
 from msc_dist import checkpoint as ckpt
+from msc_dist.train.center import global_center
 from msc_dist.train.config import TrainConfig
 
 log = logging.getLogger("msc_dist.train")
@@ -113,15 +116,21 @@ def _publish(report: Report, metrics: dict, model: FeatureModel, center, cfg, op
         report(metrics, None)
 
 
-def _log_epoch(m: dict) -> None:
-    if not dist.is_main_process():
-        return
+def format_epoch(m: dict) -> str:
+    """The one line a person reads per epoch."""
     parts = [f"epoch {m['epoch']}"]
-    for k in ("loss", "images_per_s", "roc_auc", "corrupt_skipped"):
+    for k in ("loss", "roc_auc", "images_per_s", "epoch_seconds", "center_seconds", "corrupt_skipped"):
         if k in m and m[k] is not None:
             v = m[k]
-            parts.append(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
-    print(" | ".join(parts), flush=True)  # worker stdout reaches the driver's console
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) and k in ("loss", "roc_auc")
+                         else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}")
+    return " | ".join(parts)
+
+
+def _log_epoch(m: dict) -> None:
+    # The driver prints the epoch line (train.job); workers keep it in their own log.
+    if dist.is_main_process():
+        log.debug("%s", format_epoch(m))
 
 
 def full_batches(loader, batch_size: int, n_steps: int, corrupt: set[str]):
@@ -171,15 +180,64 @@ class Stepper:
         return loss.detach().double()
 
 
+def center_pass(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device: torch.device,
+                node_id: str = "local") -> tuple[torch.Tensor, dict]:
+    """Epoch 0: every rank embeds its exact share of the normal set with the frozen model; the
+    global center from those features, and the frozen-feature (kNN baseline) evaluation reusing
+    them. Returns (center on the device, epoch-0 metrics)."""
+    t0 = time.perf_counter()
+    model.eval()
+    emb = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(plan.normal_labels)), device)
+    center_cpu, n = global_center(emb.z)
+    metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
+               "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
+               "rank_center_samples": _per_rank(emb.z.shape[0]),
+               # which node each rank ran on (first 12 hex digits of the Ray node id)
+               "rank_nodes": [f"{v:012x}" for v in _per_rank(int(node_id[:12], 16) if _is_hex(node_id[:12]) else 0)]}
+    if dist.is_main_process() and emb.corrupt:
+        log.warning("rank %d skipped %d corrupt samples: %s", dist.rank(), len(emb.corrupt), sorted(set(emb.corrupt)))
+    metrics.update(evaluate(cfg, model, plan, device, train_emb=emb))
+    return center_cpu.to(device), metrics
+
+
+def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", plan: DataPlan, epoch: int,
+                    n_steps: int, device: torch.device) -> dict:
+    """One pass of ``n_steps`` optimiser steps on every rank; the epoch's metrics (no evaluation,
+    no step count: the caller adds ``step``/``start_epoch``)."""
+    model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
+    # This epoch's augmentations and loader-worker seeds depend on (seed, rank, epoch) alone, not
+    # on what ran before: evaluation passes draw from the global RNG (each DataLoader takes a
+    # base seed), and a run resumed from a checkpoint must train as the uninterrupted one did.
+    torch.manual_seed((cfg.seed * 1000 + dist.rank()) * 1009 + epoch)
+    normal = LabelFilter(frozenset(plan.normal_labels))
+    loader = make_loader(_stream(cfg, plan.train_counts, normal, train=True, epoch=epoch),
+                         cfg.loader_workers, device.type == "cuda")
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    corrupt: set[str] = set()
+    done, t0 = 0, time.perf_counter()
+    for x in full_batches(loader, cfg.batch_size, n_steps, corrupt):
+        loss_sum += stepper(x.to(device, non_blocking=True))
+        done += 1
+    del loader
+    mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
+    elapsed = time.perf_counter() - t0
+    if corrupt:
+        log.warning("rank %d skipped corrupt samples this epoch: %s", dist.rank(), sorted(corrupt))
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss} at epoch {epoch}")
+    return {"epoch": epoch, "loss": mean_loss, "steps": n_steps, "rank_steps": _per_rank(done),
+            "images_per_s": n_steps * cfg.batch_size * dist.world_size() / max(elapsed, 1e-9),
+            "corrupt_skipped": _count_corrupt(corrupt), "epoch_seconds": elapsed}
+
+
 def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
                device: torch.device, node_id: str = "local") -> None:
     torch.manual_seed(cfg.seed * 1000 + dist.rank())
     model = place(build_model(cfg.backbone, cfg.weights), device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    normal = LabelFilter(frozenset(plan.normal_labels))
 
-    start_epoch, step, center = 0, 0, None
+    start_epoch, step = 0, 0
     if resume is not None:
         c = resume
         model.load_state_dict(c.model_state)
@@ -187,23 +245,10 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
             opt.load_state_dict(c.optimizer_state)
         center, start_epoch, step = c.center.to(device), int(c.meta["epoch"]), int(c.meta.get("step", 0))
         if dist.is_main_process():
-            print(f"resumed from checkpoint at epoch {start_epoch} (step {step})"
-                  + ("; the run is already complete" if start_epoch >= cfg.epochs else ""), flush=True)
+            log.info("resumed from checkpoint at epoch %d (step %d)%s", start_epoch, step,
+                     "; the run is already complete" if start_epoch >= cfg.epochs else "")
     else:
-        # Epoch 0: the global center from frozen features, and the frozen-feature (kNN) baseline.
-        t0 = time.perf_counter()
-        model.eval()
-        emb = embed_counts(cfg, model, plan.train_counts, normal, device)
-        center_cpu, n = global_center(emb.z)
-        center = center_cpu.to(device)
-        metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
-                   "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
-                   "rank_center_samples": _per_rank(emb.z.shape[0]),
-                   # which node each rank ran on (first 12 hex digits of the Ray node id)
-                   "rank_nodes": [f"{v:012x}" for v in _per_rank(int(node_id[:12], 16) if _is_hex(node_id[:12]) else 0)]}
-        if dist.is_main_process() and emb.corrupt:
-            log.warning("rank %d skipped %d corrupt samples: %s", dist.rank(), len(emb.corrupt), sorted(set(emb.corrupt)))
-        metrics.update(evaluate(cfg, model, plan, device, train_emb=emb))
+        center, metrics = center_pass(cfg, model, plan, device, node_id)
         _log_epoch(metrics)
         _publish(report, metrics, model, center, cfg, opt)
 
@@ -211,60 +256,11 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
     n_steps = steps_per_epoch(plan.n_train, dist.world_size(), cfg.batch_size)
     if cfg.steps_per_epoch:
         n_steps = min(n_steps, cfg.steps_per_epoch)
-    b = cfg.batch_size
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
-        # This epoch's augmentations and loader-worker seeds depend on (seed, rank, epoch) alone, not
-        # on what ran before: evaluation passes draw from the global RNG (each DataLoader takes a
-        # base seed), and a run resumed from a checkpoint must train as the uninterrupted one did.
-        torch.manual_seed((cfg.seed * 1000 + dist.rank()) * 1009 + epoch)
-        loader = make_loader(_stream(cfg, plan.train_counts, normal, train=True, epoch=epoch),
-                             cfg.loader_workers, device.type == "cuda")
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        corrupt: set[str] = set()
-        done, t0 = 0, time.perf_counter()
-        for x in full_batches(loader, b, n_steps, corrupt):
-            loss_sum += stepper(x.to(device, non_blocking=True))
-            done += 1
-            step += 1
-        del loader
-        mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
-        elapsed = time.perf_counter() - t0
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, "loss": mean_loss,
-                   "steps": n_steps, "rank_steps": _per_rank(done), "images_per_s": n_steps * b * dist.world_size() / max(elapsed, 1e-9),
-                   "corrupt_skipped": _count_corrupt(corrupt), "epoch_seconds": elapsed}
-        if corrupt:
-            log.warning("rank %d skipped corrupt samples this epoch: %s", dist.rank(), sorted(corrupt))
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at epoch {epoch}")
+        metrics = train_one_epoch(cfg, model, stepper, plan, epoch, n_steps, device)
+        step += n_steps
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, **metrics}
         if plan.eval_counts is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             metrics.update(evaluate(cfg, model, plan, device))
         _log_epoch(metrics)
         _publish(report, metrics, model, center, cfg, opt)
-
-
-def ray_train_fn(loop_config: dict) -> None:
-    """Entry point of each Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig(**loop_config["cfg"])
-    p = loop_config["plan"]
-    plan = DataPlan([tuple(x) for x in p["train_counts"]], p["normal_labels"],
-                    [tuple(x) for x in p["eval_counts"]] if p["eval_counts"] is not None else None)
-    device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-
-    def report(metrics: dict, folder: str | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
-
-    resume = None
-    ck = ray.train.get_checkpoint()  # the latest reported checkpoint, after a restart or a rerun
-    if ck is not None:
-        with ck.as_directory() as d:
-            resume = ckpt.load(d, with_optimizer=True)
-    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id())

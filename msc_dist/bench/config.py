@@ -1,0 +1,140 @@
+"""The benchmarks' typed configs. Fields that mean what a job's field means are borrowed from
+that job's config (same type, default and help), so a benchmark measures the job as configured."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from msc_dist.config import borrow
+from msc_dist.embed.config import HELP as EMBED_HELP
+from msc_dist.embed.config import EmbedConfig
+from msc_dist.train.config import HELP as TRAIN_HELP
+from msc_dist.train.config import TrainConfig
+
+DEVICE_HELP = "auto (cuda when available) | cpu | cuda | cuda:N"
+
+STEP_KEYS = ("data", "backbone", "weights", "image_size", "batch_size", "loader_workers", "compile", "lr",
+             "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "hflip")
+
+
+@dataclass
+class BenchTrainConfig(borrow(TrainConfig, STEP_KEYS, "_StepFields")):
+    device: str = "auto"
+    steps: int = 10
+    warmup: int = 2
+    random_init: bool = False
+    synthetic: bool = False
+
+
+TRAIN = {**{k: TRAIN_HELP[k] for k in STEP_KEYS}, "data": "shards to read (default: generated demo JPEGs)",
+         "device": DEVICE_HELP, "steps": "timed steps", "warmup": "untimed steps first",
+         "random_init": "random weights (throughput only; no weights needed)",
+         "synthetic": "random batches on the device, no loader (the step's ceiling)"}
+
+
+@dataclass
+class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "loader_workers"), "_EmbedFields")):
+    batch_size: int = 256
+    device: str = "auto"
+    images: int = 2048
+    random_init: bool = False
+
+
+EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers")},
+         "data": "shards to read (default: generated demo JPEGs)", "batch_size": "images per forward pass",
+         "device": DEVICE_HELP, "images": "demo images to generate when --data is absent",
+         "random_init": "random weights (throughput only; no weights needed)"}
+
+
+@dataclass
+class BenchLoadConfig(borrow(TrainConfig, ("data", "image_size", "loader_workers"), "_LoadFields")):
+    batch_size: int = 256
+    images: int = 2048
+
+
+LOAD = {**{k: TRAIN_HELP[k] for k in ("image_size", "loader_workers")},
+        "data": "shards to read (default: generated demo JPEGs)", "batch_size": "images per batch",
+        "images": "demo images to generate when --data is absent"}
+
+SEARCH_KEYS = ("k", "num_shards", "factory", "use_gpu")
+
+
+@dataclass
+class BenchSearchConfig(borrow(EmbedConfig, SEARCH_KEYS, "_SearchFields")):
+    n: int = 100_000
+    d: int = 1280
+    queries: int = 10_000
+    backend: str = "faiss"
+    device: str = "auto"
+
+
+SEARCH = {**{k: EMBED_HELP[k] for k in SEARCH_KEYS}, "n": "indexed vectors", "d": "dimension",
+          "queries": "query vectors", "device": DEVICE_HELP + " (torch backend)",
+          "backend": "faiss: the index as the Scorer loads it | torch: scoring.knn_score on --device"}
+
+
+@dataclass
+class BenchServeConfig:
+    checkpoint: str = os.path.join("~", "msc_runs", "msc")
+    index: str = os.path.join("~", "msc_runs", "msc", "serving")
+    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32])
+    seconds: float = 10.0
+    files_per_request: int = 8
+    replicas: int = 1
+    device: str = "auto"
+
+
+SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the embedding job's --out)",
+         "concurrency": "client concurrencies to measure", "seconds": "seconds per measurement",
+         "files_per_request": "images per multi-image request", "replicas": "Model replicas", "device": DEVICE_HELP}
+
+QUALITY_KEYS = ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "weight_decay", "momentum",
+                "temperature", "angular_weight", "crop_min_scale", "hflip", "eval_every", "knn_k", "loader_workers",
+                "seed")
+
+
+@dataclass
+class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
+    data: str | None = None
+    classes: list[str] | None = None
+    methods: list[str] = field(default_factory=lambda: ["knn", "msc", "msc-noangular"])
+    device: str = "auto"
+    time_budget: float | None = None
+    json_out: str | None = None
+    loop: str = "ours"
+
+
+QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
+           "eval_every": "ROC-AUC every N epochs; 0: final metrics only",
+           "data": "MNIST-format npz (required)", "classes": "normal classes to run in turn (default: all)",
+           "methods": "knn | msc | msc-noangular", "device": DEVICE_HELP,
+           "time_budget": "seconds; no new class starts after it", "json_out": "also write the result here",
+           "loop": "ours (the product's training loop) | reference (the paper's procedure written plainly)"}
+
+SCALE_KEYS = ("num_shards", "pool_size", "rows_per_task", "factory")
+
+
+@dataclass
+class BenchEmbedScaleConfig(borrow(EmbedConfig, SCALE_KEYS, "_ScaleFields")):
+    rows: int = 20_000
+    per_shard: int = 10_000
+    rows_per_file: int | None = None
+    workdir: str = os.path.join("~", "msc_runs", "bench-scale")
+
+
+SCALE = {**{k: EMBED_HELP[k] for k in SCALE_KEYS}, "rows": "tiny synthetic images to embed",
+         "per_shard": "samples per shard", "rows_per_file": "rows per Parquet part (default: rows / 8)",
+         "workdir": "where the data, the tiny checkpoint and the outputs go"}
+
+BENCHES = {
+    "train": (BenchTrainConfig, TRAIN, "images/s of the whole training step"),
+    "embed": (BenchEmbedConfig, EMBED, "images/s of embedding, end to end from shards"),
+    "load": (BenchLoadConfig, LOAD, "images/s of the loader alone (reading, decoding, batching)"),
+    "search": (BenchSearchConfig, SEARCH, "queries/s of exact k-NN search against N vectors"),
+    "serve": (BenchServeConfig, SERVE, "HTTP throughput and latency of the Serve app vs offline embedding"),
+    "quality": (BenchQualityConfig, QUALITY,
+                "one-class ROC-AUC etc. of knn / msc / msc-noangular in one process (MNIST npz)"),
+    "embed-scale": (BenchEmbedScaleConfig, SCALE,
+                    "the embedding job + index build on N tiny images: rows/s, driver peak RSS, bytes read ratio"),
+}

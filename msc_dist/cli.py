@@ -1,0 +1,350 @@
+"""msc: one command with the verbs users expect.
+
+    msc train     fine-tune on Ray Train (no --data: the demo set on a local Ray)
+    msc embed     embed the normal set: Parquet + the sharded FAISS index + threshold
+    msc score     score every image under a prefix (or shards) offline, on Ray Data
+    msc evaluate  the one-class protocol: train, embed, score and compare methods
+    msc test      metrics, tables and plots of an existing checkpoint + index (no training)
+    msc predict   score files or folders in this process (no Ray)
+    msc export    the feature model as ONNX or TorchScript, checked against PyTorch
+    msc serve     the HTTP scoring app on Ray Serve
+    msc bench     benchmarks (train, embed, load, search, serve, quality)
+    msc data      make-shards, demo, describe
+
+Every verb's flags come from its job's typed config (``msc VERB --help`` lists them with their
+defaults): defaults, then ``--config FILE.yaml``, then flags. ``python -m msc_dist.<job>`` runs
+the same code. Ray's own log lines stay off the console unless ``--verbose``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from msc_dist.config import ConfigError, add_config_args, config_from_args
+
+
+@dataclass
+class Verb:
+    summary: str
+    load: Callable[[], tuple[type, dict]]  # -> (config class, help texts); imported when used
+    run: Callable[..., int]  # (cfg, explicit) -> exit status
+    sub: dict[str, "Verb"] | None = None
+
+
+def _print_json(d: dict) -> None:
+    print(json.dumps(d, default=str), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The verbs
+
+
+def _train_cfg():
+    from msc_dist.train.config import HELP, TrainConfig
+
+    return TrainConfig, HELP
+
+
+def _train(cfg, explicit) -> int:
+    from msc_dist.train.job import main
+
+    out = main(cfg, explicit)
+    _print_json({"checkpoint": out.checkpoint, "run_dir": out.run_dir, "metrics": out.metrics})
+    return 1 if out.error else 0
+
+
+def _embed_cfg():
+    from msc_dist.embed.config import HELP, EmbedConfig
+
+    return EmbedConfig, HELP
+
+
+def _embed(cfg, explicit) -> int:
+    from msc_dist.console import init_ray
+    from msc_dist.embed.job import main
+
+    if cfg.checkpoint and cfg.out:
+        init_ray(cfg.ray_address)
+    out = main(cfg)
+    m = asdict(out.manifest)
+    _print_json({"out": out.out, "rows": out.rows, "corrupt": out.corrupt, "index_count": m["count"],
+                 "threshold": m["threshold"], "model_id": m["model_id"]})
+    return 0
+
+
+def _score_cfg():
+    from msc_dist.score.config import HELP, ScoreConfig
+
+    return ScoreConfig, HELP
+
+
+def _score(cfg, explicit) -> int:
+    from msc_dist.console import init_ray
+    from msc_dist.score.job import TooManyErrors, main
+
+    if cfg.index and cfg.input and cfg.out:
+        init_ray(cfg.ray_address)
+    try:
+        out = main(cfg)
+    except TooManyErrors as e:  # exit 3: the run itself is fine, the data is not; nothing published
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    _print_json({"out": out.out, "rows": out.rows, "errors": out.errors, "files": out.files})
+    return 0
+
+
+def _evaluate_cfg():
+    from msc_dist.evaluate.config import HELP, EvalConfig
+
+    return EvalConfig, HELP
+
+
+def _evaluate(cfg, explicit) -> int:
+    from msc_dist.console import init_ray
+    from msc_dist.evaluate.job import main
+
+    if cfg.data and (cfg.normal_class or cfg.all_classes):
+        init_ray(cfg.ray_address)
+    main(cfg)
+    print(open(os.path.join(os.path.abspath(os.path.expanduser(cfg.out)), "results.md")).read())
+    return 0
+
+
+def _test_cfg():
+    from msc_dist.evaluate.config import TEST_HELP, TestConfig
+
+    return TestConfig, TEST_HELP
+
+
+def _test(cfg, explicit) -> int:
+    from msc_dist.evaluate.tester import main
+
+    main(cfg)
+    out = os.path.abspath(os.path.expanduser(cfg.out))
+    print(open(os.path.join(out, "results.md")).read())
+    print(f"results: {out}/results.json, plots: {out}/plots/")
+    return 0
+
+
+def _predict_cfg():
+    from msc_dist.predict import HELP, PredictConfig
+
+    return PredictConfig, HELP
+
+
+def _predict(cfg, explicit) -> int:
+    from msc_dist.predict import main
+
+    return main(cfg)
+
+
+def _export_cfg():
+    from msc_dist.export import HELP, ExportConfig
+
+    return ExportConfig, HELP
+
+
+def _export(cfg, explicit) -> int:
+    from msc_dist.export import main
+
+    out = main(cfg)
+    print(f"exported {out.model_file} (+ center.pt, config.json, export.json"
+          + (", index_manifest.json" if out.spec["index"] else "") + ")")
+    return 0
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str = os.path.join("~", "msc_runs", "msc")
+    index: str = os.path.join("~", "msc_runs", "msc", "serving")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    max_batch_size: int = 32
+    api_key_file: str | None = None
+    ray_address: str | None = None
+
+
+SERVE_HELP = {
+    "checkpoint": "checkpoint, or a run folder (its newest checkpoint); local or s3://",
+    "index": "index folder (the embedding job's --out) or s3://...",
+    "host": "address to listen on (0.0.0.0: every interface)",
+    "port": "HTTP port",
+    "device": "auto (cuda when the replica has a GPU) | cpu | cuda",
+    "max_batch_size": "images the Model batches into one forward pass",
+    "api_key_file": "file holding the API key (else MSC_API_KEY; neither: no auth)",
+    "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+}
+
+
+def _serve_cfg():
+    return ServeConfig, SERVE_HELP
+
+
+def _serve(cfg, explicit) -> int:
+    """``serve run serving/config.yaml`` with these settings, from Python: the app's own builder."""
+    from ray import serve
+
+    from msc_dist.console import init_ray
+    from serving.app import build_app
+
+    init_ray(cfg.ray_address)
+    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
+    args = {"checkpoint": cfg.checkpoint, "index": cfg.index, "device": cfg.device,
+            "max_batch_size": cfg.max_batch_size, "api_key_file": cfg.api_key_file}
+    print(f"serving {cfg.checkpoint} with {cfg.index} on http://{cfg.host}:{cfg.port} (POST /v1/score; Ctrl-C stops)",
+          flush=True)
+    try:
+        serve.run(build_app(args), name="msc", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _bench_cfg(name: str):
+    def load():
+        from msc_dist.bench.config import BENCHES
+
+        cls, help_text, _ = BENCHES[name]
+        return cls, help_text
+
+    return load
+
+
+def _bench(name: str):
+    def run(cfg, explicit) -> int:
+        from msc_dist.bench.__main__ import run as run_bench
+
+        _print_json(run_bench(name, cfg))
+        return 0
+
+    return run
+
+
+def _data_cfg(name: str):
+    def load():
+        from msc_dist.data.config import COMMANDS
+
+        cls, help_text, _ = COMMANDS[name]
+        return cls, help_text
+
+    return load
+
+
+def _data(name: str):
+    def run(cfg, explicit) -> int:
+        from msc_dist.data.__main__ import run as run_data
+
+        print(json.dumps(run_data(name, cfg), indent=1))
+        return 0
+
+    return run
+
+
+BENCH_SUMMARIES = {
+    "train": "images/s of the whole training step", "embed": "images/s of embedding, end to end from shards",
+    "load": "images/s of the loader alone", "search": "queries/s of exact k-NN search against N vectors",
+    "serve": "HTTP throughput and latency of the Serve app", "quality": "one-class metrics in one process (MNIST npz)",
+}
+DATA_SUMMARIES = {"make-shards": "image folder (subfolders = classes) or MNIST npz -> shards",
+                  "demo": "generate the demo set (procedural textures with defects)", "describe": "shard counts and labels"}
+
+VERBS: dict[str, Verb] = {
+    "train": Verb("fine-tune on Ray Train (no --data: the demo set on a local Ray)", _train_cfg, _train),
+    "embed": Verb("embed the normal set: Parquet, the sharded FAISS index and its threshold", _embed_cfg, _embed),
+    "score": Verb("score every image under a prefix (or shards) offline on Ray Data", _score_cfg, _score),
+    "evaluate": Verb("one-class protocol: train, embed, score, compare knn / msc / msc-noangular", _evaluate_cfg, _evaluate),
+    "test": Verb("metrics, tables and plots of an existing checkpoint + index on labelled shards (no training)",
+                 _test_cfg, _test),
+    "predict": Verb("score image files or folders in this process (no Ray): a table or --json", _predict_cfg, _predict),
+    "export": Verb("the feature model as ONNX or TorchScript (+ center, config, index reference)", _export_cfg, _export),
+    "serve": Verb("the HTTP scoring app (serving/app.py) on Ray Serve", _serve_cfg, _serve),
+    "bench": Verb("benchmarks, one JSON line each", None, None,
+                  {n: Verb(s, _bench_cfg(n), _bench(n)) for n, s in BENCH_SUMMARIES.items()}),
+    "data": Verb("shards: make-shards, demo, describe", None, None,
+                 {n: Verb(s, _data_cfg(n), _data(n)) for n, s in DATA_SUMMARIES.items()}),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray's own log lines and debug messages (default: off)")
+    return p
+
+
+def _fill(parser: argparse.ArgumentParser, verb: Verb, path: str) -> None:
+    if verb.sub is not None:
+        sub = parser.add_subparsers(dest=f"_{path}_cmd", required=True, metavar="COMMAND")
+        for name, v in verb.sub.items():
+            sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()])
+            _fill(sp, v, f"{path}_{name}".replace("-", "_"))
+        return
+    cls, help_text = verb.load()
+    add_config_args(parser, cls, help_text)
+    parser.set_defaults(_verb=verb)
+
+
+def build_parser(prog: str = "msc") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                epilog="msc VERB --help lists the verb's flags with their defaults.",
+                                parents=[_common()])
+    sub = p.add_subparsers(dest="_verb_name", required=True, metavar="VERB")
+    for name, v in VERBS.items():
+        sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()])
+        _fill(sp, v, name)
+    return p
+
+
+def verb_parser(path: list[str], prog: str) -> argparse.ArgumentParser:
+    """A parser for one verb alone (``python -m msc_dist.train`` = ``msc train``)."""
+    verb = VERBS[path[0]]
+    for name in path[1:]:
+        verb = verb.sub[name]
+    p = argparse.ArgumentParser(prog=prog, description=verb.summary, parents=[_common()])
+    _fill(p, verb, "_".join(path))
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    ns = parser.parse_args(argv)
+    from msc_dist.console import set_verbose, setup_logging
+
+    if getattr(ns, "verbose", False):
+        set_verbose(True)
+    setup_logging()
+    cfg, explicit = config_from_args(ns._config_cls, ns, parser)
+    from msc_dist.data.shards import DataError
+    from msc_dist.index import IndexMismatch
+
+    errors: tuple = (ConfigError, DataError, IndexMismatch, FileNotFoundError)
+    try:
+        from msc_dist.export import ExportError
+
+        errors += (ExportError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return ns._verb.run(cfg, explicit)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None, prog: str = "msc") -> int:
+    """The ``msc`` console script."""
+    return _run(build_parser(prog), argv)
+
+
+def run_module(path: list[str], argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m msc_dist.<job>``: the verb's parser and code under the module's name."""
+    return _run(verb_parser(path, prog or f"python -m msc_dist.{path[0]}"), argv)
+

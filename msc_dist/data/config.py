@@ -1,0 +1,56 @@
+"""Typed configs of the data commands (``msc data ...`` / ``python -m msc_dist.data ...``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MakeShardsConfig:
+    src: str | None = field(default=None, metadata={"flag": "--from"})
+    out: str | None = None
+    exts: list[str] | None = None
+    per_shard: int = 1000
+    normal_class: str | None = None
+    train_fraction: float = 0.7
+    seed: int = 0
+
+
+MAKE_SHARDS_HELP = {
+    "src": "DIR with class subfolders, or an MNIST-format .npz (required)",
+    "out": "DIR or s3://bucket/prefix (required)",
+    "exts": "image extensions to take (e.g. jpg to skip .png masks); default: jpg jpeg png webp",
+    "per_shard": "samples per shard",
+    "normal_class": "write OUT/train (normal only) and OUT/test; folders get a seeded split",
+    "train_fraction": "fraction of the normal class that trains, for folders",
+    "seed": "seed of the split",
+}
+
+
+@dataclass
+class DemoConfig:
+    out: str | None = None
+    n_train: int = 512
+    n_test_normal: int = 128
+    n_test_defect: int = 128
+    size: int = 96
+    seed: int = 0
+
+
+DEMO_HELP = {"out": "output folder (required): OUT/train and OUT/test", "n_train": "normal training images",
+             "n_test_normal": "normal test images", "n_test_defect": "defective test images",
+             "size": "image side in pixels", "seed": "seed of the generator"}
+
+
+@dataclass
+class DescribeConfig:
+    data: str | None = field(default=None, metadata={"positional": True})
+
+
+DESCRIBE_HELP = {"data": "shards: folder, brace pattern, glob or s3://..."}
+
+COMMANDS = {
+    "make-shards": (MakeShardsConfig, MAKE_SHARDS_HELP, "image folder (subfolders = classes) or MNIST npz -> shards"),
+    "demo": (DemoConfig, DEMO_HELP, "generate the embedded demo set (procedural textures with defects)"),
+    "describe": (DescribeConfig, DESCRIBE_HELP, "shard counts and labels"),
+}

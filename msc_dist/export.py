@@ -1,0 +1,241 @@
+"""``msc export``: the feature model of a checkpoint, input normalisation included, as ONNX or
+TorchScript, for deployment without this package.
+
+The exported graph takes what the Scorer feeds its model: a batch of decoded, resized RGB images,
+(B, 3, S, S) uint8 (``--input uint8``, the default) or float in [0, 1] (``--input float``), and
+returns (B, D) float32 L2-normalised features. The anomaly score is then the sum of squared L2
+distances to the k nearest vectors of the index (on unit vectors, 2 - 2 cos each).
+
+The export folder holds the model file, ``center.pt``, ``config.json`` (the training config),
+``export.json`` (input/output spec, model id, the check's result, the index reference) and, with
+``--index``, ``index_manifest.json`` (a copy; the index files stay where they are). At export
+time the exported model runs in its runtime (ONNX Runtime or TorchScript) on a few images and is
+compared with the PyTorch model; a difference above ``--atol`` is an error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from msc_dist.config import ConfigError
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+INPUTS = ("uint8", "float")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None
+    format: str = "onnx"
+    out: str | None = None
+    index: str | None = None
+    input: str = "uint8"
+    check_images: int = 4
+    atol: float = 1e-4
+    opset: int = 18
+
+
+HELP = {
+    "checkpoint": "checkpoint folder, or a run folder (its newest checkpoint); local or s3://",
+    "format": "onnx | torchscript",
+    "out": "export folder (created; files in it are replaced)",
+    "index": "index folder whose manifest the export references (checked against the checkpoint's model id)",
+    "input": "uint8: (B, 3, S, S) uint8 RGB as decoded | float: (B, 3, S, S) float in [0, 1]",
+    "check_images": "images the exported model is checked on against PyTorch",
+    "atol": "largest absolute feature difference to PyTorch that the check accepts",
+    "opset": "ONNX opset version",
+}
+
+
+class ExportError(RuntimeError):
+    """The exported model does not reproduce the PyTorch model."""
+
+
+class ExportModule(nn.Module):
+    """images -> unit features: the Scorer's input scaling, then the FeatureModel (which holds the
+    backbone's mean/std normalisation and the final L2 normalisation)."""
+
+    def __init__(self, model: nn.Module, uint8: bool = True):
+        super().__init__()
+        self.model, self.uint8 = model, uint8
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if self.uint8:
+            x = x / 255.0
+        return self.model(x)
+
+
+def check_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """(n, 3, size, size) uint8: demo textures, every other one with a defect, JPEG-encoded and
+    decoded as the Scorer decodes uploads."""
+    from msc_dist.data.decode import decode_image
+    from msc_dist.data.demo import add_defect, encode_jpeg, texture
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = texture(rng, max(size, 64))
+        if i % 2:
+            img = add_defect(img, i % 3, rng)
+        out.append(decode_image(encode_jpeg(img), size))
+    return np.stack(out).transpose(0, 3, 1, 2).copy()
+
+
+def reference_features(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """What the Scorer computes on CPU for these images (``Scorer.embed``)."""
+    from msc_dist.features import autocast, unit_input
+
+    dev = torch.device("cpu")
+    with torch.no_grad(), autocast(dev):
+        return model(unit_input(torch.from_numpy(images), dev)).float().numpy()
+
+
+def _export_onnx(module: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    import warnings
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own chatter; the check below is the verdict
+        prog = torch.onnx.export(module, (example,), dynamo=True, verbose=False, opset_version=opset,
+                                 input_names=["images"], output_names=["features"],
+                                 dynamic_shapes=({0: batch},), report=False)
+    prog.save(path)
+
+
+def _run_onnx(path: str, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return sess.run(["features"], {"images": x})[0]
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, path: str) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(path)
+
+
+def _run_torchscript(path: str, x: np.ndarray) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but this is its file format
+        m = torch.jit.load(path, map_location="cpu")
+    with torch.no_grad():
+        return m(torch.from_numpy(x)).float().numpy()
+
+
+def run_exported(path: str, x: np.ndarray) -> np.ndarray:
+    """Features from an exported model file in its own runtime."""
+    return _run_onnx(path, x) if path.endswith(".onnx") else _run_torchscript(path, x)
+
+
+@dataclass
+class ExportOutcome:
+    out: str
+    model_file: str
+    max_abs_diff: float
+    spec: dict
+
+
+def main(cfg: ExportConfig, log=print) -> ExportOutcome:
+    from msc_dist import checkpoint as ckpt
+    from msc_dist import storage
+
+    if not cfg.checkpoint or not cfg.out:
+        raise ConfigError("--checkpoint and --out are required")
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"unknown format {cfg.format!r}; valid: {sorted(FORMATS)}")
+    if cfg.input not in INPUTS:
+        raise ConfigError(f"unknown input {cfg.input!r}; valid: {list(INPUTS)}")
+    if cfg.check_images < 1:
+        raise ConfigError(f"check_images must be at least 1, got {cfg.check_images}")
+    ck_url = ckpt.resolve(cfg.checkpoint if "://" in cfg.checkpoint else os.path.expanduser(cfg.checkpoint))
+    model, center, config, model_id = ckpt.load_model(ck_url, "cpu")
+    size, dim = int(config["image_size"]), int(model.dim)
+
+    index_ref, manifest_bytes = None, None
+    if cfg.index:
+        from msc_dist.index import MANIFEST, IndexManifest, IndexMismatch
+
+        idx = cfg.index if "://" in cfg.index else os.path.expanduser(cfg.index)
+        folder = storage.join(idx, "index")
+        if not storage.exists(storage.join(folder, MANIFEST)):
+            folder = idx
+        man_url = storage.join(folder, MANIFEST)
+        if not storage.exists(man_url):
+            raise IndexMismatch(f"no {MANIFEST} in {idx} or {idx}/index: not an index folder")
+        manifest_bytes = storage.read_bytes(man_url)
+        man = IndexManifest.from_json(json.loads(manifest_bytes))
+        if man.model_id != model_id:
+            raise IndexMismatch(f"index {idx} was built with model {man.model_id[:12]}…, the checkpoint is {model_id[:12]}…")
+        index_ref = {"path": folder, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "count": man.count,
+                     "dimension": man.dimension, "k": man.k, "metric": man.metric, "threshold": man.threshold,
+                     "target_fpr": man.target_fpr, "model_id": man.model_id}
+
+    out = os.path.abspath(os.path.expanduser(cfg.out))
+    os.makedirs(out, exist_ok=True)
+    images = check_images(cfg.check_images, size)
+    x = images if cfg.input == "uint8" else (images.astype(np.float32) / 255.0)
+    ref = reference_features(model, images)
+
+    # Export a plain (contiguous, CPU, float32) copy: channels_last is a speed layout, not part of the model.
+    module = ExportModule(model.to(memory_format=torch.contiguous_format), cfg.input == "uint8").eval()
+    example = torch.from_numpy(x[: min(2, len(x))])
+    path = os.path.join(out, FORMATS[cfg.format])
+    t0 = time.perf_counter()
+    if cfg.format == "onnx":
+        _export_onnx(module, example, path, cfg.opset)
+    else:
+        _export_torchscript(module, example, path)
+    seconds = time.perf_counter() - t0
+    got = run_exported(path, x)  # all check images: a batch size other than the traced one
+    if got.shape != ref.shape:
+        raise ExportError(f"exported model returns {got.shape}, PyTorch {ref.shape}")
+    diff = float(np.abs(got - ref).max())
+    runtime = f"onnxruntime {__import__('onnxruntime').__version__}" if cfg.format == "onnx" else f"torch.jit {torch.__version__}"
+    log(f"export check: {len(images)} images, {runtime} vs PyTorch: max abs difference {diff:.2e} (limit {cfg.atol:g})")
+    if not diff <= cfg.atol:
+        raise ExportError(f"the exported model differs from PyTorch by {diff:.3e} (> --atol {cfg.atol:g})")
+
+    torch.save(center.detach().float().cpu(), os.path.join(out, "center.pt"))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if manifest_bytes is not None:
+        with open(os.path.join(out, "index_manifest.json"), "wb") as f:
+            f.write(manifest_bytes)
+    elif os.path.exists(os.path.join(out, "index_manifest.json")):
+        os.remove(os.path.join(out, "index_manifest.json"))
+    spec = {
+        "format": cfg.format, "file": FORMATS[cfg.format], "checkpoint": ck_url, "model_id": model_id,
+        "backbone": config["backbone"], "image_size": size, "dimension": dim,
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB",
+                  "dtype": "uint8" if cfg.input == "uint8" else "float32",
+                  "range": "0..255" if cfg.input == "uint8" else "0..1",
+                  "preprocess": f"decode, convert to RGB, resize to {size}x{size} (bilinear, no crop)"},
+        "output": {"name": "features", "shape": ["batch", dim], "dtype": "float32", "note": "L2-normalised"},
+        "normalization": {"mean": list(model.spec.mean), "std": list(model.spec.std), "inside_model": True},
+        "score": "sum over the k nearest index vectors of the squared L2 distance (2 - 2 cos on unit vectors)",
+        "center": "center.pt", "index": index_ref,
+        "check": {"images": len(images), "runtime": runtime, "max_abs_diff": diff, "atol": cfg.atol},
+        "export_seconds": seconds, "torch": torch.__version__,
+    }
+    if cfg.format == "onnx":
+        spec["opset"] = cfg.opset
+    for other in FORMATS.values():  # one model file per export folder
+        if other != FORMATS[cfg.format] and os.path.exists(os.path.join(out, other)):
+            os.remove(os.path.join(out, other))
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump(spec, f, indent=1)
+    return ExportOutcome(out, path, diff, spec)

@@ -1,0 +1,158 @@
+"""``msc predict --index IDX PATH...``: score image files or folders in this process, no Ray.
+
+The same ``Scorer`` as offline scoring and serving (same decoding, model, index and threshold),
+so a file gets the score it would get from the endpoint. A file that cannot be read or decoded
+is a row with an error, never a crash. Prints a table, or JSON with ``--json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from msc_dist.config import ConfigError
+
+
+@dataclass
+class PredictConfig:
+    paths: list[str] = field(default_factory=list, metadata={"positional": True})
+    index: str | None = None
+    checkpoint: str | None = None
+    json: bool = False
+    batch_size: int = 32
+    device: str = "auto"
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 64_000_000
+
+
+HELP = {
+    "paths": "image files or folders (every file under a folder, recursively; hidden files skipped)",
+    "index": "index folder (the embedding job's --out) or s3://...",
+    "checkpoint": "checkpoint or run folder (default: the one recorded in the index manifest)",
+    "json": "print a JSON list instead of a table",
+    "batch_size": "images per forward pass",
+    "device": "auto (cuda when available) | cpu | cuda | cuda:N",
+    "max_bytes": "files larger than this are not read (error row)",
+    "max_pixels": "images above this many pixels are not decoded (error row)",
+}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def open_scorer(index: str | None, checkpoint: str | None = None, device: str = "auto", max_pixels: int = 64_000_000):
+    """The Scorer for an index; the checkpoint defaults to the one its manifest records."""
+    from msc_dist import checkpoint as ckpt
+    from msc_dist.index import load_index
+    from msc_dist.scorer import Scorer
+
+    if not index:
+        raise ConfigError("--index is required (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
+    dev = resolve_device(device)
+    idx = load_index(os.path.expanduser(index) if "://" not in index else index, use_gpu=dev.startswith("cuda"))
+    ck = checkpoint or idx.manifest.extra.get("checkpoint")
+    if not ck:
+        raise ConfigError(f"the manifest of {index} names no checkpoint: pass --checkpoint")
+    ck = os.path.expanduser(ck) if "://" not in ck else ck
+    return Scorer(ckpt.resolve(ck), idx, device=dev, max_pixels=max_pixels)
+
+
+def list_files(paths: list[str]) -> list[str]:
+    """Files as given, and every non-hidden file under each folder (sorted); a missing path is
+    kept, so that it gets its error row."""
+    out = []
+    for p in paths:
+        p = os.path.expanduser(p)
+        if os.path.isdir(p):
+            for root, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+        else:
+            out.append(p)
+    return out
+
+
+_BYTESIO = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names the buffer, not the file
+
+
+def _read(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    try:
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            return None, f"file is {size} bytes, above the limit of {max_bytes}"
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError as e:
+        return None, f"cannot read: {e.strerror or e}"
+
+
+def predict(cfg: PredictConfig, scorer=None, progress: bool = False) -> list[dict]:
+    """One dict per file, in order: path, score, is_anomaly, threshold, neighbors, error."""
+    if not cfg.paths:
+        raise ConfigError("give at least one image file or folder")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
+    scorer = scorer or open_scorer(cfg.index, cfg.checkpoint, cfg.device, cfg.max_pixels)
+    files = list_files(cfg.paths)
+    rows: list[dict] = []
+    bar = None
+    if progress:
+        from msc_dist.progress import bar as make_bar
+
+        bar = make_bar(total=len(files), desc="predict", unit="img")
+    for lo in range(0, len(files), cfg.batch_size):
+        chunk = files[lo:lo + cfg.batch_size]
+        read = [_read(p, cfg.max_bytes) for p in chunk]
+        ok = [i for i, (data, _) in enumerate(read) if data is not None]
+        results = dict(zip(ok, scorer.score_bytes([read[i][0] for i in ok]))) if ok else {}
+        for i, p in enumerate(chunk):
+            if i in results:
+                r = results[i].to_dict()
+                err = r.get("error")
+                rows.append({"path": p, **r, "error": _BYTESIO.sub("", err) if err else None})
+            else:
+                rows.append({"path": p, "score": None, "is_anomaly": None, "threshold": scorer.threshold,
+                             "neighbors": [], "error": read[i][1]})
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """Aligned columns: path, score, verdict, nearest normal id, error."""
+    head = ("path", "score", "anomaly", "nearest", "error")
+    body = []
+    for r in rows:
+        verdict = "-" if r["is_anomaly"] is None else ("YES" if r["is_anomaly"] else "no")
+        body.append((r["path"], "-" if r["score"] is None else f"{r['score']:.4f}", verdict,
+                     r["neighbors"][0]["id"] if r["neighbors"] else "-", r["error"] or ""))
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i]) for i in range(len(head))]
+    fmt = lambda cols: "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()  # noqa: E731
+    thr = rows[0]["threshold"] if rows else None
+    n_anom = sum(1 for r in rows if r["is_anomaly"])
+    n_err = sum(1 for r in rows if r["error"])
+    foot = (f"{len(rows)} files: {n_anom} anomalous, {len(rows) - n_anom - n_err} normal, {n_err} error{'' if n_err == 1 else 's'}"
+            + (f" (threshold {thr:.4f})" if thr is not None else " (the index has no threshold)"))
+    return "\n".join([fmt(head), *(fmt(b) for b in body), foot])
+
+
+def main(cfg: PredictConfig, out=None) -> int:
+    """Print the rows; 0 when it ran (files with errors included), 2 on a config error."""
+    out = out or sys.stdout
+    rows = predict(cfg, progress=not cfg.json and sys.stderr.isatty())
+    if cfg.json:
+        print(json.dumps(rows, indent=1), file=out)
+    else:
+        print(table(rows), file=out)
+    return 0

@@ -1,0 +1,144 @@
+"""The ``msc`` command: verbs, flags from the typed configs, defaults in every --help, the
+flag > file > default order, and the benchmarks' flags borrowed from the jobs' configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+
+from msc_dist.cli import VERBS, build_parser, main, verb_parser
+
+EXPECTED_VERBS = ["train", "embed", "score", "evaluate", "test", "predict", "export", "serve", "bench", "data"]
+
+
+def _help(argv: list[str], parser=None) -> str:
+    buf = io.StringIO()
+    with redirect_stdout(buf), pytest.raises(SystemExit) as e:
+        (parser or build_parser()).parse_args(argv)
+    assert e.value.code == 0
+    return re.sub(r"\s+", " ", buf.getvalue())
+
+
+def _leaves():
+    for name, v in VERBS.items():
+        if v.sub is None:
+            yield [name], v
+        else:
+            for sub, sv in v.sub.items():
+                yield [name, sub], sv
+
+
+def test_msc_help_lists_the_verbs():
+    text = _help(["--help"])
+    for v in EXPECTED_VERBS:
+        assert re.search(rf" {v} \w", text), v
+    assert list(VERBS) == EXPECTED_VERBS
+    assert set(VERBS["bench"].sub) == {"train", "embed", "load", "search", "serve", "quality"}
+    assert set(VERBS["data"].sub) == {"make-shards", "demo", "describe"}
+
+
+@pytest.mark.parametrize("path", [p for p, _ in _leaves()], ids="-".join)
+def test_every_verb_help_lists_every_flag_with_its_default(path):
+    verb = dict((tuple(p), v) for p, v in _leaves())[tuple(path)]
+    cls, _ = verb.load()
+    text = _help([*path, "--help"])
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get("flag") or ("--" + f.name.replace("_", "-") if not f.metadata.get("positional")
+                                          else f.name.upper())
+        assert flag in text, (path, f.name)
+        # the flag's own help ends with its default
+        assert re.search(re.escape(flag) + r"\b.*?\(default: " + re.escape(repr(getattr(defaults, f.name))) + r"\)",
+                         text), (path, f.name)
+    assert "--config FILE.yaml" in text and "--verbose" in text
+
+
+def test_python_m_job_is_the_same_parser():
+    for job in ("train", "embed", "score", "evaluate"):
+        ours = _help(["--help"], verb_parser([job], f"python -m msc_dist.{job}"))
+        msc = _help([job, "--help"])
+        assert ours.replace(f"python -m msc_dist.{job}", "msc " + job) == msc
+
+
+def test_flag_beats_file_beats_default(tmp_path):
+    from msc_dist.config import config_from_args
+    from msc_dist.predict import PredictConfig
+
+    y = tmp_path / "p.yaml"
+    y.write_text("batch-size: 7\ndevice: cpu\nmax_bytes: 100\n")
+    p = build_parser()
+    ns = p.parse_args(["predict", "--config", str(y), "--batch-size", "3", "a.png", "b"])
+    cfg, explicit = config_from_args(PredictConfig, ns, p)
+    assert (cfg.batch_size, cfg.device, cfg.max_bytes, cfg.paths) == (3, "cpu", 100, ["a.png", "b"])
+    assert cfg.max_pixels == PredictConfig().max_pixels and explicit == {"batch_size", "device", "max_bytes", "paths"}
+
+
+def test_bad_values_name_the_valid_choices(tmp_path, capsys):
+    y = tmp_path / "bad.yaml"
+    y.write_text("batchsize: 3\n")
+    with pytest.raises(SystemExit) as e:
+        main(["predict", "--config", str(y), "x.png"])
+    assert e.value.code == 2 and "valid keys" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "tflite"]) == 2
+    assert "valid: ['onnx', 'torchscript']" in capsys.readouterr().err
+    assert main(["predict", "--index", str(tmp_path), str(tmp_path)]) == 2  # no manifest there
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_bench_flags_come_from_the_job_configs():
+    """bench train / quality take TrainConfig's fields with TrainConfig's defaults (they were
+    repeated by hand, --epochs 10 vs 20); evaluation borrows its 13 training fields."""
+    from msc_dist.bench.config import BenchQualityConfig, BenchSearchConfig, BenchTrainConfig
+    from msc_dist.config import field_types, project
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.evaluate.config import TRAIN_KEYS, EvalConfig
+    from msc_dist.train.config import TrainConfig
+
+    t, tt = TrainConfig(), field_types(TrainConfig)
+    for cls in (BenchTrainConfig, BenchQualityConfig):
+        for f in dataclasses.fields(cls):
+            if f.name in tt:
+                assert getattr(cls(), f.name) == getattr(t, f.name) and field_types(cls)[f.name] == tt[f.name], f.name
+    assert BenchQualityConfig().epochs == TrainConfig().epochs == 20
+    assert {"temperature", "angular_weight", "hflip", "crop_min_scale", "lr"} <= {f.name for f in dataclasses.fields(BenchTrainConfig)}
+    assert (BenchSearchConfig().k, BenchSearchConfig().factory) == (EmbedConfig().k, EmbedConfig().factory)
+    ev = EvalConfig(lr=3e-4, hflip=False, image_size=48)
+    tc = project(ev, TrainConfig, data="d")
+    assert {k: getattr(tc, k) for k in TRAIN_KEYS} == {k: getattr(ev, k) for k in TRAIN_KEYS}
+    assert tc.data == "d" and tc.temperature == t.temperature
+
+
+def test_data_verbs_run(tmp_path, capsys):
+    assert main(["data", "demo", "--out", str(tmp_path / "d"), "--n-train", "8", "--n-test-normal", "2",
+                 "--n-test-defect", "2", "--size", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["samples"] == 8
+    assert main(["data", "describe", str(tmp_path / "d" / "test")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["samples"] == 4 and d["classes"][0] == "normal"
+
+
+def test_serve_deploys_the_serving_app_with_its_builder(monkeypatch, capsys):
+    """msc serve = serve run serving/config.yaml from Python: the app's own build_app, no shell."""
+    from ray import serve
+
+    import msc_dist.console
+    import serving.app
+
+    calls = {}
+    monkeypatch.setattr(msc_dist.console, "init_ray", lambda address=None: calls.setdefault("ray", address))
+    monkeypatch.setattr(serve, "start", lambda **kw: calls.setdefault("start", kw))
+    monkeypatch.setattr(serve, "run", lambda app, **kw: calls.setdefault("run", (app, kw)))
+    built = {}
+    real = serving.app.build_app
+    monkeypatch.setattr(serving.app, "build_app", lambda args: built.setdefault("args", args) and real(args))
+    assert main(["serve", "--checkpoint", "/ck", "--index", "/idx", "--port", "8123", "--device", "cpu"]) == 0
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 8123}}
+    assert built["args"]["checkpoint"] == "/ck" and built["args"]["index"] == "/idx" and built["args"]["device"] == "cpu"
+    app, kw = calls["run"]
+    assert kw == {"name": "msc", "route_prefix": "/", "blocking": True} and type(app).__name__ == "Application"
+    assert "http://127.0.0.1:8123" in capsys.readouterr().out
