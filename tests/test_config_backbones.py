@@ -25,7 +25,7 @@ def test_unknown_config_key_lists_valid_keys():
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ValueError, match=r"valid names: \['efficientnet_lite0', 'resnet152', 'resnet18', 'resnet50'\]"):
+    with pytest.raises(ValueError, match=r"valid names: \['efficientnet_lite0', 'resnet152', 'resnet18', 'resnet50', 'tiny_cnn'\]"):
         get_spec("vgg16")
     r = subprocess.run([sys.executable, "-m", "msc_dist.train", "--backbone", "vgg16", "--data", "/nonexistent"],
                        capture_output=True, text=True, timeout=120)
