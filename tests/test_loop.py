@@ -44,3 +44,27 @@ def test_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path):
     assert trained, "epoch 2 changed no weight: the test would prove nothing"
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_training_with_decode_on_device_matches_the_pil_path(tmp_path):
+    """decode_on_device on (the CPU stands in for the GPU: the same torchvision call): the center
+    pass, the training epoch and the evaluation read bytes and decode in batches on the device;
+    same samples, a center within the decoders' pixel tolerance, a finite loss."""
+    train, test = make_demo(str(tmp_path / "demo"), n_train=40, n_test_normal=8, n_test_defect=8, size=48, per_shard=16)
+    plan = DataPlan(kept_counts(train, LabelFilter(frozenset({0}))), [0], kept_counts(test, LabelFilter(None)))
+    out = {}
+    for mode in ("off", "on"):
+        cfg = TrainConfig(image_size=32, batch_size=8, epochs=1, lr=1e-3, loader_workers=0, steps_per_epoch=2,
+                          decode_on_device=mode)
+        got: dict = {}
+
+        def report(metrics: dict, folder: str | None, got=got) -> None:
+            got[metrics["epoch"]] = (metrics, ckpt.load(folder).center if folder else None)
+
+        run_worker(cfg, plan, report, None, torch.device("cpu"))
+        out[mode] = got
+    (m0_off, c_off), (m0_on, c_on) = out["off"][0], out["on"][0]
+    assert m0_on["center_samples"] == m0_off["center_samples"] == 40 and m0_on["eval_samples"] == 16
+    assert float(c_on @ c_off) > 0.999
+    assert abs(m0_on["roc_auc"] - m0_off["roc_auc"]) < 0.05
+    assert torch.isfinite(torch.tensor(out["on"][1][0]["loss"]))

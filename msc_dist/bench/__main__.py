@@ -21,11 +21,12 @@ def run(name: str, cfg) -> dict:
         from msc_dist.bench.embed_search import bench_embed
 
         return bench_embed(cfg.backbone, cfg.image_size, cfg.batch_size, device, cfg.images, cfg.loader_workers,
-                           cfg.data, pretrained=not cfg.random_init)
+                           cfg.data, pretrained=not cfg.random_init, decode_on_device=cfg.decode_on_device)
     if name == "load":
         from msc_dist.bench.embed_search import bench_load
 
-        return bench_load(cfg.image_size, cfg.batch_size, cfg.images, cfg.loader_workers, cfg.data)
+        return bench_load(cfg.image_size, cfg.batch_size, cfg.images, cfg.loader_workers, cfg.data,
+                          cfg.decode_on_device, device)
     if name == "search":
         from msc_dist.bench.embed_search import bench_search, bench_search_torch
 

@@ -15,7 +15,7 @@ from msc_dist.train.config import TrainConfig
 DEVICE_HELP = "auto (cuda when available) | cpu | cuda | cuda:N"
 
 STEP_KEYS = ("data", "backbone", "weights", "image_size", "batch_size", "loader_workers", "compile", "lr",
-             "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "hflip")
+             "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "hflip", "decode_on_device")
 
 
 @dataclass
@@ -34,14 +34,15 @@ TRAIN = {**{k: TRAIN_HELP[k] for k in STEP_KEYS}, "data": "shards to read (defau
 
 
 @dataclass
-class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "loader_workers"), "_EmbedFields")):
+class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "loader_workers", "decode_on_device"),
+                              "_EmbedFields")):
     batch_size: int = 256
     device: str = "auto"
     images: int = 2048
     random_init: bool = False
 
 
-EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers")},
+EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers", "decode_on_device")},
          "data": "shards to read (default: generated demo JPEGs)", "batch_size": "images per forward pass",
          "device": DEVICE_HELP, "images": "demo images to generate when --data is absent",
          "random_init": "random weights (throughput only; no weights needed)"}
@@ -51,9 +52,14 @@ EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers
 class BenchLoadConfig(borrow(TrainConfig, ("data", "image_size", "loader_workers"), "_LoadFields")):
     batch_size: int = 256
     images: int = 2048
+    decode_on_device: str = "off"
+    device: str = "auto"
 
 
 LOAD = {**{k: TRAIN_HELP[k] for k in ("image_size", "loader_workers")},
+        "decode_on_device": "off: decoded pixels from the workers | on: bytes, decoded in batches on --device "
+                            "(the loader plus the device decode) | auto: on with a GPU",
+        "device": DEVICE_HELP,
         "data": "shards to read (default: generated demo JPEGs)", "batch_size": "images per batch",
         "images": "demo images to generate when --data is absent"}
 

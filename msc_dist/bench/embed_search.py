@@ -11,22 +11,27 @@ import torch
 
 from msc_dist.backbones import build_model
 from msc_dist.bench.train import device_name, shard_counts
-from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
+from msc_dist.data.loader import LabelFilter
 from msc_dist.features import embed_batches, place
 
 
 def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_images: int, loader_workers: int,
-                data: str | None = None, pretrained: bool = True) -> dict:
-    """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU)."""
+                data: str | None = None, pretrained: bool = True, decode_on_device: str = "auto") -> dict:
+    """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU); JPEGs
+    decode on the GPU there (``decode_on_device`` auto)."""
+    from msc_dist.train.config import TrainConfig
+    from msc_dist.train.loop import loader_for
+
     dev = torch.device(device)
+    cfg = TrainConfig(image_size=image_size, batch_size=batch_size, loader_workers=loader_workers,
+                      decode_on_device=decode_on_device)
     with tempfile.TemporaryDirectory() as tmp:
         counts, keep = shard_counts(tmp, data, n_images, image_size), LabelFilter(None)
         model = place(build_model(backbone, pretrained=pretrained), dev).eval()
         torch.backends.cudnn.benchmark = True
 
         def run():
-            loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers, dev.type == "cuda")
-            return embed_batches(model, loader, dev)
+            return embed_batches(model, loader_for(cfg, counts, keep, dev, train=False), dev)
 
         run()  # warm-up: cudnn autotuning, page cache
         t0 = time.perf_counter()
@@ -85,20 +90,32 @@ def bench_search(n: int, d: int, queries: int, k: int, num_shards: int, use_gpu:
             "faiss_threads": faiss.omp_get_max_threads(), "queries_per_s": queries / dt}
 
 
-def bench_load(image_size: int, batch_size: int, n_images: int, loader_workers: int, data: str | None = None) -> dict:
+def bench_load(image_size: int, batch_size: int, n_images: int, loader_workers: int, data: str | None = None,
+               decode_on_device: str = "off", device: str = "cpu") -> dict:
     """Images/s of the loader alone (shard reading, decoding, batching, worker IPC): what the
-    training and embedding steps can be fed at most. Compare with ``bench train --synthetic``."""
+    training and embedding steps can be fed at most. Compare with ``bench train --synthetic``.
+    With ``decode_on_device`` the workers hand bytes and the batches decode on ``device``: the
+    loader plus the device decode, without the step."""
+    from msc_dist.train.config import TrainConfig
+    from msc_dist.train.loop import decode_on_device as on_device, loader_for
+
+    dev = torch.device(device)
+    cfg = TrainConfig(image_size=image_size, batch_size=batch_size, loader_workers=loader_workers,
+                      decode_on_device=decode_on_device)
     with tempfile.TemporaryDirectory() as tmp:
         counts, keep = shard_counts(tmp, data, n_images, image_size), LabelFilter(None)
 
         def run() -> int:
-            loader = make_loader(ShardStream(counts, keep, image_size, batch_size), loader_workers)
-            return sum(int(b["images"].shape[0]) for b in loader)
+            n = sum(int(b["images"].shape[0]) for b in loader_for(cfg, counts, keep, dev, train=False))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return n
 
         run()  # warm-up: page cache
         t0 = time.perf_counter()
         n = run()
         dt = time.perf_counter() - t0
     return {"bench": "load", "image_size": image_size, "batch_size": batch_size, "loader_workers": loader_workers,
+            "decode_on_device": on_device(cfg, dev), "device": device_name(dev),
             "images": n, "images_per_s": n / dt, "ms_per_image_per_worker": 1000 * dt * max(1, loader_workers) / n,
             "cpus": os.cpu_count()}

@@ -13,11 +13,11 @@ import torch
 
 from msc_dist.backbones import build_model
 from msc_dist.data.demo import make_demo
-from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
+from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.shards import describe
 from msc_dist.features import place
 from msc_dist.train.config import TrainConfig
-from msc_dist.train.loop import Stepper, full_batches
+from msc_dist.train.loop import Stepper, decode_on_device, full_batches, loader_for
 
 
 def shard_counts(tmp: str, data: str | None, n_images: int, image_size: int, per_shard: int = 256) -> list[tuple[str, int]]:
@@ -57,10 +57,9 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
             batches = (fixed[i % 4] for i in range(warmup + steps))
         else:
             # Enough distinct JPEGs that the loader decodes real files throughout (it wraps around).
-            keep = LabelFilter(None)
             counts = shard_counts(tmp, data, max(256, batch_size * 4), image_size, per_shard=128)
-            stream = ShardStream(counts, keep, image_size, batch_size, train=True, shuffle_buffer=64)
-            loader = make_loader(stream, loader_workers, pin_memory=dev.type == "cuda")
+            loader = loader_for(dataclasses.replace(cfg, loader_workers=loader_workers, shuffle_buffer=64), counts,
+                                LabelFilter(None), dev, train=True)
             batches = full_batches(loader, batch_size, warmup + steps, set())
         for _ in range(warmup):
             stepper(next(batches).to(dev, non_blocking=True))
@@ -75,7 +74,7 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
     return {
         "bench": "train", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
         "device": device_name(dev), "loader_workers": loader_workers, "compile": compile, "steps": steps,
-        "pretrained": pretrained, "synthetic": synthetic,
+        "pretrained": pretrained, "synthetic": synthetic, "decode_on_device": not synthetic and decode_on_device(cfg, dev),
         "images_per_s": steps * batch_size / dt, "views_per_s": 2 * steps * batch_size / dt,
         "step_ms": 1000 * dt / steps, "torch": torch.__version__,
     }

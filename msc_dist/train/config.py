@@ -16,6 +16,7 @@ class TrainConfig:
     loader_workers: int = 2
     shuffle_buffer: int = 256
     max_pixels: int = 64_000_000
+    decode_on_device: str = "auto"
     demo_dir: str = os.path.join("~", ".cache", "msc_dist", "demo")
     # model
     backbone: str = "efficientnet_lite0"
@@ -57,6 +58,7 @@ HELP = {
     "loader_workers": "DataLoader worker processes per training worker",
     "shuffle_buffer": "per-loader-worker shuffle buffer (samples)",
     "max_pixels": "images above this many pixels are skipped as corrupt (decompression bombs)",
+    "decode_on_device": "auto | on | off: loader workers hand encoded bytes and JPEGs are decoded and resized in batches on the training device (auto: on GPUs)",
     "demo_dir": "where the demo set is generated when --data is absent",
     "backbone": "efficientnet_lite0 | resnet18 | resnet50 | resnet152",
     "weights": "backbone weights file (state_dict); default: the packaged / torch hub cache weights",

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from msc_dist import dist
 from msc_dist.augment import TwoViewAugment
 from msc_dist.backbones import FeatureModel, build_model
+from msc_dist.data.device_decode import materialize
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.features import Embedded, autocast, embed_batches, place
@@ -48,17 +49,42 @@ class DataPlan:
         return sum(n for _, n in self.train_counts)
 
 
-def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: int = 0) -> ShardStream:
+def decode_on_device(cfg: TrainConfig, device: torch.device) -> bool:
+    """auto: loader workers hand encoded bytes and JPEGs decode on the GPU; PIL in the workers on CPU."""
+    if cfg.decode_on_device not in ("auto", "on", "off"):
+        raise ValueError(f"decode_on_device must be one of ['auto', 'on', 'off'], got {cfg.decode_on_device!r}")
+    return cfg.decode_on_device == "on" or (cfg.decode_on_device == "auto" and device.type == "cuda")
+
+
+def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: int = 0,
+            encoded: bool = False) -> ShardStream:
     return ShardStream(
         counts, keep, cfg.image_size, cfg.batch_size, dist.world_size(), dist.rank(),
         train=train, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer, max_pixels=cfg.max_pixels,
+        encoded=encoded,
     )
+
+
+def device_batches(cfg: TrainConfig, loader, device: torch.device):
+    """Loader batches with ``images`` on the device: decoded there from bytes (``materialize``)
+    when the loader hands bytes, else copied (pinned, non-blocking)."""
+    for batch in loader:
+        if "encoded" in batch:
+            yield materialize(batch, cfg.image_size, device, cfg.max_pixels)
+        else:
+            yield {**batch, "images": batch["images"].to(device, non_blocking=True)}
+
+
+def loader_for(cfg: TrainConfig, counts, keep: LabelFilter, device: torch.device, *, train: bool, epoch: int = 0):
+    on = decode_on_device(cfg, device)
+    loader = make_loader(_stream(cfg, counts, keep, train=train, epoch=epoch, encoded=on), cfg.loader_workers,
+                         device.type == "cuda" and not on)
+    return device_batches(cfg, loader, device)
 
 
 def embed_counts(cfg, model, counts, keep, device) -> Embedded:
     """This rank's share of (shard url, count) shards, the samples `keep` admits, as features."""
-    loader = make_loader(_stream(cfg, counts, keep, train=False), cfg.loader_workers, device.type == "cuda")
-    return embed_batches(model, loader, device)
+    return embed_batches(model, loader_for(cfg, counts, keep, device, train=False), device)
 
 
 def _count_corrupt(keys: list[str] | set[str]) -> int:
@@ -134,7 +160,8 @@ def _log_epoch(m: dict) -> None:
 
 
 def full_batches(loader, batch_size: int, n_steps: int, corrupt: set[str]):
-    """Exactly ``n_steps`` full (B, 3, S, S) uint8 batches; records skipped corrupt keys."""
+    """Exactly ``n_steps`` full (B, 3, S, S) uint8 batches (where ``loader`` put them: on the
+    device from ``loader_for``); records skipped corrupt keys."""
     it, done = iter(loader), 0
     while done < n_steps:
         try:
@@ -210,13 +237,12 @@ def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", p
     # base seed), and a run resumed from a checkpoint must train as the uninterrupted one did.
     torch.manual_seed((cfg.seed * 1000 + dist.rank()) * 1009 + epoch)
     normal = LabelFilter(frozenset(plan.normal_labels))
-    loader = make_loader(_stream(cfg, plan.train_counts, normal, train=True, epoch=epoch),
-                         cfg.loader_workers, device.type == "cuda")
+    loader = loader_for(cfg, plan.train_counts, normal, device, train=True, epoch=epoch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     corrupt: set[str] = set()
     done, t0 = 0, time.perf_counter()
     for x in full_batches(loader, cfg.batch_size, n_steps, corrupt):
-        loss_sum += stepper(x.to(device, non_blocking=True))
+        loss_sum += stepper(x)
         done += 1
     del loader
     mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
