@@ -77,18 +77,31 @@ want quality && quality paper "${BUDGET_A:-330}" --lr 1e-5
 stamp "benchmarks"
 if want bench; then
 # SMOKE=1 shrinks every size, to check this script on a CPU machine before spending GPU time.
-if [ "${SMOKE:-0}" = 1 ]; then S=32 ST=2 W=1 BB=8 NI=64 NS=20000 NQ=500; else S=224 ST=20 W=5 BB=256 NI=8192 NS=1000000 NQ=10000; fi
+if [ "${SMOKE:-0}" = 1 ]; then S=32 ST=2 W=1 BB=8 NI=64 NS=20000 NQ=500 C=; else S=224 ST=20 W=5 BB=256 NI=8192 NS=1000000 NQ=10000 C=--compile; fi
 LW=$((NPROC > 2 ? NPROC - 2 : 1))
 B="python3 -m msc_dist.bench"
-$B load --image-size $S --batch-size $BB --images $NI --loader-workers $LW | tee -a "$WORK/bench.jsonl"
-$B train --backbone efficientnet_lite0 --image-size $S --batch-size $BB --steps $ST --warmup $W --loader-workers $LW | tee -a "$WORK/bench.jsonl"
-$B train --backbone efficientnet_lite0 --image-size $S --batch-size $BB --steps $ST --warmup $W --synthetic | tee -a "$WORK/bench.jsonl"
-$B train --backbone efficientnet_lite0 --image-size $S --batch-size 64 --steps $ST --warmup $W --loader-workers $LW | tee -a "$WORK/bench.jsonl"
-$B train --backbone resnet152 --random-init --image-size $S --batch-size $((BB / 2)) --steps $ST --warmup $W --loader-workers $LW | tee -a "$WORK/bench.jsonl"
-$B train --backbone resnet152 --random-init --image-size $S --batch-size $((BB / 2)) --steps $ST --warmup $W --synthetic | tee -a "$WORK/bench.jsonl"
-$B embed --backbone efficientnet_lite0 --image-size $S --batch-size $((BB * 2)) --images $NI --loader-workers $LW | tee -a "$WORK/bench.jsonl"
-$B embed --backbone resnet152 --random-init --image-size $S --batch-size $BB --images $((NI / 2)) --loader-workers $LW | tee -a "$WORK/bench.jsonl"
-$B search --backend torch --n $NS --d 2048 --queries $NQ | tee -a "$WORK/bench.jsonl"
+# row WORK TARGET BENCH-ARGS...: one JSON line with the issue's `work` key, the target and the
+# share of it, appended to $WORK/h200.jsonl (committed as infra/results/h200.jsonl).
+row() {
+  local work=$1 target=$2; shift 2
+  $B "$@" 2>>"$WORK/bench.log" | tail -1 | python3 -c "
+import json, sys
+text = sys.stdin.read().strip(); t = float('$target')
+r = json.loads(text) if text.startswith('{') else {'error': 'no result: see bench.log'}
+v = r.get('images_per_s', r.get('queries_per_s'))
+r.update(work='$work', target=t, share_of_target=None if v is None else round(v / t, 3))
+print(json.dumps(r))" | tee -a "$WORK/h200.jsonl"
+}
+$B load --image-size $S --batch-size $BB --images $NI --loader-workers $LW --decode-on-device off | tee -a "$WORK/bench.jsonl"
+$B load --image-size $S --batch-size $BB --images $NI --loader-workers $LW --decode-on-device on | tee -a "$WORK/bench.jsonl"
+row train_lite0 9000 train --backbone efficientnet_lite0 --image-size $S --batch-size $BB --steps $ST --warmup $W --loader-workers $LW $C
+row train_lite0_synthetic 9000 train --backbone efficientnet_lite0 --image-size $S --batch-size $BB --steps $ST --warmup $W --synthetic $C
+row train_r152 3000 train --backbone resnet152 --random-init --image-size $S --batch-size $((BB / 2)) --steps $ST --warmup $W --loader-workers $LW $C
+row embed_lite0 20000 embed --backbone efficientnet_lite0 --image-size $S --batch-size $((BB * 2)) --images $NI --loader-workers $LW
+row embed_r152 12000 embed --backbone resnet152 --random-init --image-size $S --batch-size $BB --images $((NI / 2)) --loader-workers $LW
+row search 50000 search --backend torch --n $NS --d 2048 --queries $NQ
+if python3 -c "import ray" 2>/dev/null; then row serve 1 serve --device cuda; else echo '{"work": "serve", "skipped": "Ray is not installed on this machine"}' | tee -a "$WORK/h200.jsonl"; fi
+cp "$WORK/h200.jsonl" "$OUT/h200.jsonl"
 save
 fi
 # A second setting with whatever time is left: views without flips and with milder crops (a
