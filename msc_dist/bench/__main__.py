@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--files-per-request", type=int, default=8)
     v.add_argument("--replicas", type=int, default=1)
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v.add_argument("--index-shards", type=int, default=0,
+                   help="N > 0: the index over N IndexShard deployments (resharded into N when it has fewer); "
+                        "adds max_score_diff against one unsharded index")
     q = sub.add_parser("quality", help="one-class ROC-AUC etc. of knn / msc / msc-noangular in one process (MNIST npz)")
     q.add_argument("--data", required=True, help="MNIST-format npz")
     q.add_argument("--classes", nargs="+", default=None, help="normal classes to run in turn (default: all)")
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "serve":
         from msc_dist.bench.serve import bench_serve
 
-        res = bench_serve(a.checkpoint, a.index, a.concurrency, a.seconds, a.files_per_request, a.replicas, a.device)
+        res = bench_serve(a.checkpoint, a.index, a.concurrency, a.seconds, a.files_per_request, a.replicas, a.device,
+                          a.index_shards)
     elif a.cmd == "train":
         from msc_dist.bench.train import bench_train
 
