@@ -564,11 +564,14 @@ class ExactTwoStage:
     ``stats`` counts queries and the ones that took the float32 path."""
 
     def __init__(self, vectors: np.ndarray, device: str = "cuda", dtype=None, candidates: int = 32,
-                 max_scores_bytes: int = 2 << 30):
+                 max_scores_bytes: int = 4 << 30):
         import torch
 
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+        if self.device.type == "cuda":  # the error bound assumes float32 accumulation in the low-precision matmul
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device)
         self.ntotal, self.d = int(x.shape[0]), int(x.shape[1])
         self.max_norm = float(x.norm(dim=1).max()) if self.ntotal else 0.0
@@ -582,6 +585,8 @@ class ExactTwoStage:
         import torch
 
         old = torch.get_float32_matmul_precision()
+        if old == "highest":
+            return q @ self.x32.T
         torch.set_float32_matmul_precision("highest")  # no TF32
         try:
             return q @ self.x32.T
@@ -599,7 +604,7 @@ class ExactTwoStage:
             return sims, rows
         kk = min(k, self.ntotal)
         c = min(max(self.candidates, kk), self.ntotal)
-        chunk = max(1, min(4096, self.max_scores_bytes // max(1, 4 * self.ntotal)))
+        chunk = max(1, min(4096, self.max_scores_bytes // max(1, 2 * self.ntotal)))  # (chunk, N) low-precision scores
         with torch.no_grad():
             for s in range(0, m, chunk):
                 qt = torch.from_numpy(q[s:s + chunk]).to(self.device)

@@ -266,7 +266,7 @@ class ShardedModel:
     def _refresh_done(self, t) -> None:
         if not t.cancelled() and t.exception() is not None:
             log.warning("index version check failed: %s", _why(t.exception()))
-            self._next_check = 0.0
+            self._next_check = time.monotonic() + 1.0
 
     async def _current(self) -> _Live:
         if self.live is None:
