@@ -153,10 +153,10 @@ def test_faiss_index_on_gpu_equals_cpu(tmp_path, factory):
         if not hasattr(faiss, "StandardGpuResources"):
             pytest.skip("faiss-cpu installed: the IVF GPU path needs the 'gpu' extra")
         assert gpu._gpu is not None and len(gpu._gpu[1]) == 3  # three sub-indexes cloned, not the wrapper
-        for s in cpu._subs:
-            faiss.extract_index_ivf(s).nprobe = 8
-        for s in gpu._gpu[1]:
-            faiss.extract_index_ivf(s).nprobe = 8
+        for s in cpu._subs + gpu._gpu[1]:  # probe every list: both searches exhaustive
+            space = faiss.GpuParameterSpace() if type(s).__name__.startswith("Gpu") else faiss.ParameterSpace()
+            space.set_index_parameter(s, "nprobe", 64)
+        assert any(type(s).__name__.startswith("Gpu") for s in gpu._gpu[1])
     dc, rc = cpu.search(q, 4)
     dg, rg = gpu.search(q, 4)
     np.testing.assert_allclose(dg, dc, atol=1e-4)

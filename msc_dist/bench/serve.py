@@ -36,7 +36,7 @@ def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: f
     lock, stop = threading.Lock(), time.time() + seconds
 
     def client(i):
-        nonlocal errors, images
+        nonlocal errors, images, diff
         with httpx.Client(timeout=60) as c:
             j = i
             while time.time() < stop:
@@ -101,7 +101,9 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
 
     tcfg = load(resolve(os.path.expanduser(checkpoint))).config
     size, backbone = int(tcfg["image_size"]), tcfg["backbone"]
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    # Logical CPUs for every replica asked below (shards included), even on a smaller machine.
+    need = replicas + max(1, replicas) + 0.5 * index_shards
+    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))))
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpu = device == "cuda"
