@@ -175,6 +175,18 @@ def merge_answers(answers: list[dict], k: int, version: str, num_shards: int) ->
             np.take_along_axis(ids, order, axis=1))
 
 
+def _at_size(im: np.ndarray, s: int) -> np.ndarray:
+    """(S', S', 3) uint8 -> (S, S, 3): images decoded for an older model's size during a roll
+    (one batch can hold both sizes)."""
+    if im.shape[0] == s and im.shape[1] == s:
+        return im
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)[None].float()
+    x = torch.nn.functional.interpolate(x, size=(s, s), mode="bilinear")
+    return x.round().clamp(0, 255).byte()[0].permute(1, 2, 0).numpy()
+
+
 class _Live:
     """What one request uses, swapped in one assignment: a model and the index version paired with it."""
 
@@ -293,7 +305,9 @@ class ShardedModel:
                  "index_version": live.version}
                 for s, d, row in zip(scores, dists, ids)]
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    # Two batches at once: one embeds (in a thread, off the event loop) while the other waits for
+    # the shards.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
     async def score_batch(self, images: list[np.ndarray]) -> list[dict]:
         import torch
 
@@ -302,12 +316,12 @@ class ShardedModel:
         live = await self._current()  # one model and one index version for the whole batch
         m = live.model
         s = m["image_size"]
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (B, 3, S', S') uint8
-        if x.shape[-1] != s:  # decoded for an older model's size during a roll
-            x = torch.nn.functional.interpolate(x.float(), size=(s, s), mode="bilinear").round().clamp(0, 255).byte()
-        with torch.no_grad():
-            z = embed_images(m["model"], x, m["device"]).numpy()
-        return await self._search(live, z)
+        x = torch.from_numpy(np.stack([_at_size(im, s) for im in images])).permute(0, 3, 1, 2)  # (B, 3, S, S) uint8
+        def embed():
+            with torch.no_grad():
+                return embed_images(m["model"], x, m["device"]).numpy()
+
+        return await self._search(live, await asyncio.to_thread(embed))
 
     async def score(self, images: list[np.ndarray]) -> list[dict]:
         return list(await asyncio.gather(*(self.score_batch(im) for im in images)))

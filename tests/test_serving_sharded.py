@@ -118,6 +118,9 @@ def test_faiss_on_cpu_shard_groups_and_sub_index_clones_equal_brute_force(tmp_pa
     placed, subs = clone_subs(32, whole._subs, clone)
     assert subs[1] is whole._subs[1] and subs[0] is not whole._subs[0] and placed.count() == 5
     np.testing.assert_array_equal(placed.search(q, 3)[1], rows)
+    if not torch.cuda.is_available():  # use_gpu on a machine without one: the CPU search, same answers
+        cpu_too = exact(load_index(str(tmp_path), "m", use_gpu=True))
+        np.testing.assert_array_equal(cpu_too.search(q, 3)[1], rows)
     with pytest.raises(Exception, match="checksum"):
         v = version_root(str(tmp_path), man.version)
         Path(v, man.shards[2].file).write_bytes(b"x")
