@@ -139,6 +139,7 @@ def test_faiss_index_on_gpu_equals_cpu(tmp_path, factory):
     sub-index cloned to the GPUs (FAISS GPU build). Same neighbours and distances as the CPU."""
     import numpy as np
 
+    pytest.importorskip("faiss", reason="carry the faiss_cpu (or faiss_gpu) wheel, see infra/gpu-check.sh")
     from msc_dist.index import ExactTwoStage, load_index, write_index
 
     rng = np.random.default_rng(0)
