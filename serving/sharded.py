@@ -216,7 +216,14 @@ class ShardedModel:
 
         from msc_dist.checkpoint import load_model, resolve
 
-        url = _expand(self.s["checkpoint"])
+        url = self.s.get("checkpoint")
+        if not url:  # none given: the checkpoint that built the index (recorded in its manifest)
+            from msc_dist.index import read_manifest
+
+            url = read_manifest(_expand(self.s["index"]))[0].extra.get("checkpoint")
+            if not url:
+                raise ValueError("no checkpoint given and none recorded in the index manifest")
+        url = _expand(url)
         if self.model is None or self.model["url"] != url:
             dev = self.s.get("device", "auto")
             dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)

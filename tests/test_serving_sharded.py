@@ -163,7 +163,7 @@ def sharded(embedded, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": embedded["run_dir"], "index": root, "index_shards": 2, "max_files": 64,
-                         "index_poll_s": 1, "shard_timeout_s": 3, "api_key_env": "MSC_TEST_NO_SUCH_VAR",
+                         "index_poll_s": 1, "shard_timeout_s": 3, "api_key_env": "MSC_TEST_NO_SUCH_VAR", "allow_anonymous": True,
                          "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
                          "shard_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
                          "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}), name="sharded", route_prefix="/")
