@@ -418,18 +418,218 @@ def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = 
         shards.add_shard(sub)
     if sum(e.count for e in man.shards) != man.count:
         raise IndexMismatch(f"manifest count {man.count} does not match its shards ({sum(e.count for e in man.shards)})")
-    index = shards
-    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        co = faiss.GpuMultipleClonerOptions()
-        co.shard = True
-        cpu_flat = faiss.IndexFlatIP(man.dimension) if man.factory == "Flat" else None
-        if cpu_flat is not None:
-            # A flat copy cloned across all GPUs, sharded, is the fastest exact search there.
-            for s in subs:
-                cpu_flat.add(s.reconstruct_n(0, s.ntotal))
-            index = faiss.index_cpu_to_all_gpus(cpu_flat, co)
-        else:
-            index = faiss.index_cpu_to_all_gpus(shards, co)
+    index, keep = shards, None
+    if use_gpu:
+        # Each sub-index to the GPUs (never the IndexShards wrapper: FAISS has no GPU clone of it);
+        # Flat: one exact two-stage search over all vectors (see ExactTwoStage).
+        index, keep = place_subs(man, subs, use_gpu)
     out = ShardedIndex(man, index, np.concatenate(ids) if ids else np.zeros(0, dtype=object), folder)
-    out._subs = subs  # IndexShards does not own its sub-indexes: keep them alive with it
+    out._subs, out._gpu = subs, keep  # IndexShards does not own its sub-indexes: keep them alive with it
     return out
+
+
+# --- One group of shards, and the GPU placement (serving an index spread over replicas) --------
+
+def _read_checked(folder: str, name: str, digest: str) -> bytes:
+    """A file of a version folder, checked against its manifest digest (names stay inside it)."""
+    from msc_dist.data.shards import DataError, safe_name
+
+    try:
+        url = storage.join(folder, safe_name(name, storage.join(folder, MANIFEST)))
+    except DataError as e:
+        raise IndexMismatch(str(e)) from None
+    if not storage.exists(url):
+        raise IndexMismatch(f"{url} is listed in the manifest but missing")
+    data = storage.read_bytes(url)
+    if sha256(data) != digest:
+        raise IndexMismatch(f"{url}: checksum does not match the manifest (file changed or partial)")
+    return data
+
+
+def shard_group(num_shards: int, group: int, groups: int) -> list[int]:
+    """The manifest shards that index-shard deployment ``group`` of ``groups`` serves: i % groups
+    == group, so an index built with 16 shards can be served by 4 deployments."""
+    return [i for i in range(num_shards) if i % groups == group]
+
+
+def load_shards(path: str, shards: list[int] | None = None, expected_model_id: str | None = None,
+                use_gpu: bool = False, version: str | None = None) -> ShardedIndex:
+    """Some shards of one index version, verified like ``load_index`` (checksums, counts,
+    dimension, model id). ``path``: the index root (``version`` None: the version the pointer
+    names) or a version folder. The result searches only these shards; row numbers index its
+    ``ids`` (``.shard_numbers`` says which shards they are)."""
+    import pyarrow.parquet as pq
+
+    if version is not None and not storage.exists(storage.join(path, MANIFEST)):
+        from msc_dist.data.shards import DataError, safe_name
+
+        try:
+            path = version_root(path, safe_name(version, "index version"))
+        except DataError as e:
+            raise IndexMismatch(str(e)) from None
+    man, folder = read_manifest(path)
+    if version is not None and man.version != version:
+        raise IndexMismatch(f"{folder} holds version {man.version}, not {version}")
+    if expected_model_id is not None and man.model_id != expected_model_id:
+        raise IndexMismatch(f"index model_id {man.model_id[:12]}… does not match the checkpoint's "
+                            f"{expected_model_id[:12]}…: the index was built with another model")
+    numbers = list(range(len(man.shards))) if shards is None else sorted(shards)
+    if not numbers or numbers[0] < 0 or numbers[-1] >= len(man.shards):
+        raise IndexMismatch(f"shards {numbers} asked of a version with {len(man.shards)} shards")
+    faiss = _faiss()
+    subs, ids = [], []
+    for i in numbers:
+        e = man.shards[i]
+        sub = faiss.deserialize_index(np.frombuffer(_read_checked(folder, e.file, e.sha256), dtype=np.uint8))
+        if sub.d != man.dimension or sub.ntotal != e.count:
+            raise IndexMismatch(f"{e.file}: the file holds {sub.ntotal} vectors of dimension {sub.d}, the manifest "
+                                f"says {e.count} x {man.dimension}")
+        sub_ids = pq.read_table(io.BytesIO(_read_checked(folder, e.ids_file, e.ids_sha256)))["id"]
+        sub_ids = sub_ids.to_numpy(zero_copy_only=False)
+        if len(sub_ids) != e.count:
+            raise IndexMismatch(f"{e.ids_file}: {len(sub_ids)} ids for {e.count} vectors")
+        subs.append(sub)
+        ids.append(sub_ids)
+    index, keep = place_subs(man, subs, use_gpu)
+    out = ShardedIndex(man, index, np.concatenate(ids), folder)
+    out._subs, out._gpu = subs, keep
+    out.shard_numbers = numbers
+    return out
+
+
+def _cpu_shards(d: int, subs: list):
+    faiss = _faiss()
+    shards = faiss.IndexShards(d, True, True)  # threaded, successive ids
+    for s in subs:
+        shards.add_shard(s)
+    return shards
+
+
+def clone_subs(d: int, subs: list, clone) -> tuple[object, list]:
+    """An ``IndexShards`` over ``clone(i, sub)`` of every sub-index (the clone of each sub-index,
+    never of a wrapper: FAISS has no GPU clone of ``IndexShards``). A sub-index that ``clone``
+    cannot place (a type with no GPU version) stays as it is, with a warning."""
+    placed = []
+    for i, s in enumerate(subs):
+        try:
+            placed.append(clone(i, s))
+        except RuntimeError as e:
+            log.warning("index shard %d (%s) stays on the CPU: %s", i, type(s).__name__, str(e).splitlines()[0])
+            placed.append(s)
+    return _cpu_shards(d, placed), placed
+
+
+def place_subs(man: IndexManifest, subs: list, use_gpu: bool) -> tuple[object, object]:
+    """(searchable index, objects to keep alive with it). On the CPU: ``IndexShards`` over the
+    sub-indexes. With ``use_gpu`` and CUDA: a Flat index becomes one ``ExactTwoStage`` over all
+    its vectors (exact, float32 results, needs only torch); other factories are cloned to the
+    GPUs sub-index by sub-index when a FAISS GPU build is installed (else they stay on the CPU)."""
+    if not use_gpu:
+        return _cpu_shards(man.dimension, subs), None
+    import torch
+
+    if man.factory == "Flat" and torch.cuda.is_available():
+        z = np.concatenate([s.reconstruct_n(0, s.ntotal) for s in subs])
+        return ExactTwoStage(z, device="cuda"), None
+    faiss = _faiss()
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        log.warning("use_gpu: no FAISS GPU build or no GPU visible (install the 'gpu' extra); searching on the CPU")
+        return _cpu_shards(man.dimension, subs), None
+    ngpu = faiss.get_num_gpus()
+    res = [faiss.StandardGpuResources() for _ in range(ngpu)]
+    index, placed = clone_subs(man.dimension, subs, lambda i, s: faiss.index_cpu_to_gpu(res[i % ngpu], i % ngpu, s))
+    return index, (res, placed)
+
+
+def _low_precision_error(dtype, d: int) -> float:
+    """A bound on |approximate - exact| inner product of two vectors of norm <= 1, when both are
+    rounded to ``dtype`` (unit roundoff u), multiplied with float32 accumulation and the result
+    rounded to ``dtype``: 2u + u^2 for the inputs, u for the output, d * 2^-24 for the sum; times
+    2 for safety (accumulation order and fused steps differ between kernels)."""
+    import torch
+
+    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    return 2.0 * (3 * u + 2 * u * u + d * 2.0 ** -24)
+
+
+class ExactTwoStage:
+    """Exact top-k by inner product with a low-precision first pass, for unit vectors.
+
+    1. A float16 (bfloat16 on the CPU) matmul of the queries with the whole bank and a top-(c+1):
+       c candidates per query and b, the best approximate score left out.
+    2. An exact float32 re-rank of the c candidates (products summed elementwise in float32, no
+       TF32) and their top-k.
+    3. Certification: every approximate score is within ``eps`` of the exact one
+       (``_low_precision_error``), so a vector left out has an exact score <= b + eps. Where the
+       k-th exact score among the candidates is above b + eps the answer is exact; every other
+       query is searched again exactly in float32 over the whole bank.
+
+    ``search`` has the FAISS signature: (sims float32, rows int64) as NumPy arrays, best first.
+    ``stats`` counts queries and the ones that took the float32 path."""
+
+    def __init__(self, vectors: np.ndarray, device: str = "cuda", dtype=None, candidates: int = 32,
+                 max_scores_bytes: int = 4 << 30):
+        import torch
+
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+        if self.device.type == "cuda":  # the error bound assumes float32 accumulation in the low-precision matmul
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(self.device)
+        self.ntotal, self.d = int(x.shape[0]), int(x.shape[1])
+        self.max_norm = float(x.norm(dim=1).max()) if self.ntotal else 0.0
+        self.x32 = x
+        self.xlo = x.to(self.dtype)
+        self.candidates = candidates
+        self.max_scores_bytes = max_scores_bytes
+        self.stats = {"queries": 0, "exact_fallback": 0}
+
+    def _exact_full(self, q):
+        import torch
+
+        old = torch.get_float32_matmul_precision()
+        if old == "highest":
+            return q @ self.x32.T
+        torch.set_float32_matmul_precision("highest")  # no TF32
+        try:
+            return q @ self.x32.T
+        finally:
+            torch.set_float32_matmul_precision(old)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        m = q.shape[0]
+        sims = np.full((m, k), -np.inf, np.float32)
+        rows = np.full((m, k), -1, np.int64)
+        if m == 0 or self.ntotal == 0:
+            return sims, rows
+        kk = min(k, self.ntotal)
+        c = min(max(self.candidates, kk), self.ntotal)
+        chunk = max(1, min(4096, self.max_scores_bytes // max(1, 2 * self.ntotal)))  # (chunk, N) low-precision scores
+        with torch.no_grad():
+            for s in range(0, m, chunk):
+                qt = torch.from_numpy(q[s:s + chunk]).to(self.device)
+                if c == self.ntotal:  # the bank is no larger than the candidate list: all exact
+                    top, idx = torch.topk(self._exact_full(qt), kk, dim=1)
+                    sims[s:s + len(qt), :kk], rows[s:s + len(qt), :kk] = top.cpu().numpy(), idx.cpu().numpy()
+                    continue
+                approx = qt.to(self.dtype) @ self.xlo.T  # (B, N) low precision
+                av, ai = torch.topk(approx, c + 1, dim=1)
+                b = av[:, c].float()  # the best approximate score left out
+                cand = ai[:, :c]
+                exact = (self.x32[cand] * qt[:, None, :]).sum(dim=2)  # (B, c) float32
+                top, pos = torch.topk(exact, kk, dim=1)
+                idx = torch.gather(cand, 1, pos)
+                eps = _low_precision_error(self.dtype, self.d) * self.max_norm * qt.norm(dim=1)
+                bad = ~(top[:, kk - 1] > b + eps)
+                nbad = int(bad.sum())
+                if nbad:
+                    ftop, fidx = torch.topk(self._exact_full(qt[bad]), kk, dim=1)
+                    top[bad], idx[bad] = ftop, fidx
+                self.stats["queries"] += len(qt)
+                self.stats["exact_fallback"] += nbad
+                sims[s:s + len(qt), :kk], rows[s:s + len(qt), :kk] = top.cpu().numpy(), idx.cpu().numpy()
+        return sims, rows

@@ -330,9 +330,16 @@ class Gateway:
 def build_app(args: dict | None = None):
     """Application builder for ``serve run`` / ``serve deploy``: ``args`` override DEFAULTS
     (``serve run serving.app:build_app allow_anonymous=true`` for an open local endpoint).
+    ``index_shards: N`` > 0 builds the sharded layout of serving/sharded.py instead (the index
+    spread over N IndexShard deployments); 0, the default, one Model deployment with the index.
     From Python, ``model_options`` / ``gateway_options`` set deployment options (the YAML's
     ``deployments:`` section does the same for ``serve deploy``)."""
     args = {**DEFAULTS, **(args or {})}
+    if int(args.get("index_shards") or 0) > 0:  # the index spread over IndexShard deployments
+        from serving.sharded import build_sharded_app
+
+        return build_sharded_app(args)
+    args.pop("index_shards", None)
     model_opts, gateway_opts = args.pop("model_options", None) or {}, args.pop("gateway_options", None) or {}
     model_keys = ("checkpoint", "index", "device", "max_batch_size", "batch_wait_timeout_s")
     model_args = {k: args[k] for k in model_keys}

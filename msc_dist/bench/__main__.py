@@ -39,7 +39,7 @@ def run(name: str, cfg) -> dict:
         from msc_dist.bench.serve import bench_serve
 
         return bench_serve(cfg.checkpoint, cfg.index, cfg.concurrency, cfg.seconds, cfg.files_per_request,
-                           cfg.replicas, device)
+                           cfg.replicas, device, cfg.index_shards)
     if name == "train":
         from msc_dist.bench.train import bench_train
         from msc_dist.train.config import TrainConfig

@@ -89,11 +89,14 @@ class BenchServeConfig:
     files_per_request: int = 8
     replicas: int = 1
     device: str = "auto"
+    index_shards: int = 0
 
 
 SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the embedding job's --out)",
          "concurrency": "client concurrencies to measure", "seconds": "seconds per measurement",
-         "files_per_request": "images per multi-image request", "replicas": "Model replicas", "device": DEVICE_HELP}
+         "files_per_request": "images per multi-image request", "replicas": "Model replicas", "device": DEVICE_HELP,
+         "index_shards": "0: one Model deployment holding the whole index; N: the index spread over N IndexShard "
+                         "deployments (max_score_diff against one unsharded index is reported)"}
 
 QUALITY_KEYS = ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "weight_decay", "momentum",
                 "temperature", "angular_weight", "crop_min_scale", "hflip", "eval_every", "knn_k", "loader_workers",

@@ -1,5 +1,7 @@
 """Serving throughput and latency over HTTP on loopback at several client concurrencies, single-
-and multi-image requests, next to the offline embedding throughput of the same backbone."""
+and multi-image requests, next to the offline embedding throughput of the same backbone. With
+``index_shards`` N > 0: the sharded layout (serving/sharded.py), and ``max_score_diff``, the largest
+|score - score of one unsharded index| over every answered image."""
 
 from __future__ import annotations
 
@@ -25,14 +27,16 @@ def _images(n: int, size: int) -> list[bytes]:
     return [encode_jpeg(texture(rng, size)) for _ in range(n)]
 
 
-def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: float) -> dict:
+def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: float,
+          expected: list[list[float]] | None = None) -> dict:
+    """``expected``: per body, the reference score of each of its images (for max_score_diff)."""
     import httpx
 
-    lat, errors, images = [], 0, 0
+    lat, errors, images, diff = [], 0, 0, 0.0
     lock, stop = threading.Lock(), time.time() + seconds
 
     def client(i):
-        nonlocal errors, images
+        nonlocal errors, images, diff
         with httpx.Client(timeout=60) as c:
             j = i
             while time.time() < stop:
@@ -45,6 +49,9 @@ def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: f
                     if r.status_code == 200:
                         lat.append(dt)
                         images += n
+                        if expected is not None:
+                            got = [x["score"] for x in r.json()]
+                            diff = max([diff] + [abs(g - e) for g, e in zip(got, expected[(j - 1) % len(bodies)])])
                     else:
                         errors += 1
 
@@ -57,12 +64,31 @@ def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: f
     wall = time.perf_counter() - t0
     lat.sort()
     q = (lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else (lambda p: float("nan"))
-    return {"concurrency": concurrency, "requests_per_s": len(lat) / wall, "images_per_s": images / wall,
-            "p50_ms": q(0.5), "p99_ms": q(0.99), "errors": errors}
+    out = {"concurrency": concurrency, "requests_per_s": len(lat) / wall, "images_per_s": images / wall,
+           "p50_ms": q(0.5), "p99_ms": q(0.99), "errors": errors}
+    if expected is not None:
+        out["max_score_diff"] = diff
+    return out
+
+
+def _resharded(index: str, n: int, workdir: str) -> str:
+    """The live version of ``index`` when it has at least ``n`` shards, else a copy of it split
+    into ``n`` shards (same vectors, ids, model id, k and threshold) under ``workdir``."""
+    from msc_dist.index import load_index, publish, write_index
+
+    idx = load_index(index)
+    man = idx.manifest
+    if len(man.shards) >= n:
+        return index
+    z = np.concatenate([s.reconstruct_n(0, s.ntotal) for s in idx._subs])
+    new = write_index(workdir, z, list(idx.ids), man.model_id, num_shards=n, factory=man.factory, k=man.k, extra=man.extra)
+    new.threshold, new.target_fpr = man.threshold, man.target_fpr
+    publish(workdir, new)
+    return workdir
 
 
 def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: float, files_per_request: int,
-                replicas: int, device: str) -> dict:
+                replicas: int, device: str, index_shards: int = 0) -> dict:
     import ray
     from ray import serve
 
@@ -75,13 +101,22 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
 
     tcfg = load(resolve(os.path.expanduser(checkpoint))).config
     size, backbone = int(tcfg["image_size"]), tcfg["backbone"]
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    # Logical CPUs for every replica asked below (shards included), even on a smaller machine.
+    need = replicas + max(1, replicas) + 0.5 * index_shards
+    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))))
     port = _port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     gpu = device == "cuda"
-    # On loopback only: the benchmark measures throughput, not auth.
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory()
+    index = os.path.expanduser(index)
+    sharding = {}
+    if index_shards > 0:
+        index = _resharded(index, index_shards, tmp.name)
+        sharding = {"index_shards": index_shards, "shard_options": {"ray_actor_options": {"num_cpus": 0.5}}}
     serve.run(build_app({"checkpoint": checkpoint, "index": index, "device": device, "max_files": max(16, files_per_request),
-                         "allow_anonymous": True,
+                         "allow_anonymous": True, **sharding,  # loopback only: throughput, not auth
                          "model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
                                            "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0}},
                          "gateway_options": {"num_replicas": max(1, replicas), "ray_actor_options": {"num_cpus": 1}}}),
@@ -91,12 +126,25 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
     single = [({"content": b, "headers": {"content-type": "image/jpeg"}}, 1) for b in imgs]
     multi = [({"files": [("f", (f"{i}.jpg", imgs[(j + i) % len(imgs)], "image/jpeg")) for i in range(files_per_request)]},
               files_per_request) for j in range(8)]
+    exp_single = exp_multi = None
+    if index_shards > 0:  # the reference: one unsharded index of the same version, in this process
+        from msc_dist.scorer import Scorer
+
+        ref = [r.score for r in Scorer(resolve(os.path.expanduser(checkpoint)), index).score_bytes(imgs)]
+        exp_single = [[x] for x in ref]
+        exp_multi = [[ref[(j + i) % len(imgs)] for i in range(files_per_request)] for j in range(8)]
     _load(url, single, 2, 2.0)  # warm-up
-    res = {"single": [_load(url, single, c, seconds) for c in concurrencies],
-           "multi": [_load(url, multi, c, seconds) for c in concurrencies]}
+    res = {"single": [_load(url, single, c, seconds, exp_single) for c in concurrencies],
+           "multi": [_load(url, multi, c, seconds, exp_multi) for c in concurrencies]}
     serve.shutdown()
+    tmp.cleanup()
     offline = bench_embed(backbone, size, 64, device, 512, 2)
-    best_multi = max(r["images_per_s"] for r in res["multi"])
-    return {"bench": "serve", "backbone": backbone, "image_size": size, "device": offline["device"], "replicas": replicas,
-            "files_per_request": files_per_request, **res, "offline_embed_images_per_s": offline["images_per_s"],
-            "multi_over_offline": best_multi / offline["images_per_s"]}
+    best = max(res["multi"], key=lambda r: r["images_per_s"])
+    out = {"bench": "serve", "backbone": backbone, "image_size": size, "device": offline["device"], "replicas": replicas,
+           "index_shards": index_shards, "files_per_request": files_per_request,
+           "images_per_s": best["images_per_s"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"], **res,
+           "offline_embed_images_per_s": offline["images_per_s"], "multi_over_offline": best["images_per_s"] / offline["images_per_s"]}
+    if index_shards > 0:
+        runs = res["single"] + res["multi"]
+        out["max_score_diff"] = max(r["max_score_diff"] for r in runs if r["requests_per_s"] > 0)
+    return out
