@@ -10,8 +10,6 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from msc_dist.features import to_unit  # noqa: F401  (re-exported for callers of augment.to_unit)
-
 
 def _odd(n: float) -> int:
     k = max(3, int(n))

@@ -36,6 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from msc_dist import storage
+from msc_dist.scoring import knn_from_similarities, squared_distances
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,6 @@ def _new_index(d: int, factory: str, trained: bytes | None):
     return index
 
 
-def to_sq_dist(sims: np.ndarray) -> np.ndarray:
-    """Inner products of unit vectors -> squared L2 distances (2 - 2 cos), clipped at 0."""
-    return np.maximum(2.0 - 2.0 * sims, 0.0).astype(np.float32)
-
-
 def _write_table(url: str, table) -> str:
     import pyarrow.parquet as pq
 
@@ -172,7 +168,7 @@ def calibration_distances(index, cal: np.ndarray | None, k: int) -> np.ndarray:
     if cal is None or len(cal) == 0:
         return np.zeros((0, k), np.float32)
     sims, rows = index.search(np.ascontiguousarray(cal, dtype=np.float32), k)
-    d = to_sq_dist(sims)
+    d = squared_distances(sims)
     d[rows < 0] = np.inf
     return d
 
@@ -340,12 +336,13 @@ class ShardedIndex:
     def search(self, q: np.ndarray, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         k = k or self.manifest.k
         sims, rows = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
-        return to_sq_dist(sims), rows
+        return squared_distances(sims), rows
 
     def score(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The paper's score, the sum of squared distances to the k nearest, plus the neighbours."""
-        d, rows = self.search(q)
-        return d.sum(axis=1), d, rows
+        sims, rows = self.index.search(np.ascontiguousarray(q, dtype=np.float32), self.manifest.k)
+        score, d = knn_from_similarities(sims)  # the one kNN formula: training's evaluation uses it too
+        return score, d, rows
 
 
 def resolve_version(path: str) -> str:

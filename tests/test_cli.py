@@ -7,7 +7,7 @@ import dataclasses
 import io
 import json
 import re
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import redirect_stdout
 
 import pytest
 

@@ -273,7 +273,7 @@ def test_bytes_to_device_path_matches_the_pil_path(tmp_path):
     pixel path, pixels within the stated tolerance, PNG through PIL, corrupt images dropped."""
     from msc_dist.data.device_decode import decode_batch, materialize, mean_abs_diff
 
-    keys = write_shards(tmp_path / "s", [9, 7], corrupt={"k000004"})
+    write_shards(tmp_path / "s", [9, 7], corrupt={"k000004"})
     info = describe(str(tmp_path / "s"))
     counts = kept_counts(info, LabelFilter(None))
     plain = list(ShardStream(counts, LabelFilter(None), 24, 4))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from msc_dist import dist
-from msc_dist.augment import TwoViewAugment, to_unit
+from msc_dist.augment import TwoViewAugment
+from msc_dist.features import to_unit
 from msc_dist.backbones import build_model
 from msc_dist.features import autocast
 from msc_dist.train.center import global_center

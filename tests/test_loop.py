@@ -24,17 +24,23 @@ def test_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path):
     cfg = TrainConfig(image_size=32, batch_size=8, epochs=2, lr=1e-3, loader_workers=0, steps_per_epoch=3)
     cpu = torch.device("cpu")
 
+    progress: list[tuple[str, int, int]] = []
+
     def run(c: TrainConfig, resume=None) -> dict[int, str]:
         kept = {}
 
         def report(metrics: dict, folder: str | None) -> None:
             kept[metrics["epoch"]] = shutil.copytree(folder, tmp_path / f"e{metrics['epoch']}-{len(list(tmp_path.iterdir()))}")
 
-        run_worker(c, plan, report, resume, cpu)
+        run_worker(c, plan, report, resume, cpu, progress=lambda *p: progress.append(p))
         return kept
 
     straight = run(cfg)
     assert sorted(straight) == [0, 1, 2]
+    # progress for the bars: the center pass over every normal sample, then each epoch's steps
+    center = [p for p in progress if p[0] == "center"]
+    assert center[-1] == ("center", 48, 48) and [d for _, d, _ in center] == sorted(d for _, d, _ in center)
+    assert [p for p in progress if p[0] != "center"] == [(f"epoch {e}", s, 3) for e in (1, 2) for s in (1, 2, 3)]
     first = run(TrainConfig(**{**cfg.__dict__, "epochs": 1}))
     resumed = run(cfg, ckpt.load(str(first[1]), with_optimizer=True))
     assert sorted(resumed) == [2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,5 +191,8 @@ def test_embedded_default_runs_the_demo_end_to_end(tmp_path):
     # (a progress bar redrawn with \r counts as one line).
     lines = [ln for ln in (r.stdout + r.stderr).split("\n") if ln.strip()]
     assert len(lines) <= 40, "\n".join(lines)
-    assert [ln.split(" |")[0] for ln in lines if ln.startswith("epoch ")] == ["epoch 0", "epoch 1"], lines
+    assert [ln.split(" |")[0] for ln in r.stdout.split("\n") if re.match(r"epoch \d+ \|", ln)] == ["epoch 0", "epoch 1"]
+    # progress bars with rate and ETA on the center pass and the steps (each one line, redrawn with \r)
+    assert any(ln.startswith("center pass:") and "img/s" in ln for ln in lines), lines
+    assert any(ln.startswith("epoch 1:") and "step" in ln for ln in lines), lines
     assert not [ln for ln in lines if "RayTrainWorker" in ln or "(pid=" in ln or "Warning" in ln], lines

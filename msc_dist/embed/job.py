@@ -28,10 +28,11 @@ from msc_dist.data.loader import LabelFilter
 from msc_dist.data.rows import read_shards, shard_items
 from msc_dist.data.shards import DataError, describe
 from msc_dist.embed.config import EmbedConfig
-from msc_dist.embed.workers import EmbedActor, held_out, write_part  # noqa: F401  (held_out: public helper)
+from msc_dist.embed.workers import EmbedActor, write_part
 from msc_dist.index import (MAX_TRAIN_ROWS, IndexManifest, ShardEntry, assign_parts, build_shard_from_parts,
                             needs_training, new_version, publish, threshold_from_shards, train_from_parts,
                             version_root)
+from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
 
 log = logging.getLogger("msc_dist.embed")
@@ -83,21 +84,21 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
     )
     st = PassStats([], [])
     t0 = time.perf_counter()
-    for r in ds.iter_rows():  # one small row per written part
-        if r["part"]:
-            st.parts.append((r["part"], int(r["part_rows"])))
-        if r["cal"]:
-            st.cal.append((r["cal"], int(r["cal_rows"])))
-        st.rows += int(r["part_rows"]) + int(r["cal_rows"])
-        st.corrupt += int(r["corrupt"])
-        st.bytes_read += int(r["bytes_read"])
-        st.bytes_stored += int(r["bytes_stored"])
-        if int(r["corrupt"]):
-            log.warning("%s: skipped %d corrupt samples, e.g. %s", progress, int(r["corrupt"]), json.loads(r["corrupt_keys"]))
-        dt = time.perf_counter() - t0
-        rate = st.rows / max(dt, 1e-9)
-        eta = f", ETA {(known - st.rows - st.corrupt) / max(rate, 1e-9):.0f}s" if known else ""
-        log.info("%s: %d%s rows, %.0f rows/s%s", progress, st.rows, f"/{known}" if known else "", rate, eta)
+    with bar(total=known, desc=progress, unit="rows") as pb:
+        for r in ds.iter_rows():  # one small row per written part
+            if r["part"]:
+                st.parts.append((r["part"], int(r["part_rows"])))
+            if r["cal"]:
+                st.cal.append((r["cal"], int(r["cal_rows"])))
+            n = int(r["part_rows"]) + int(r["cal_rows"])
+            st.rows += n
+            st.corrupt += int(r["corrupt"])
+            st.bytes_read += int(r["bytes_read"])
+            st.bytes_stored += int(r["bytes_stored"])
+            pb.update(n + int(r["corrupt"]))
+            if int(r["corrupt"]):
+                log.warning("%s: skipped %d corrupt samples, e.g. %s", progress, int(r["corrupt"]),
+                            json.loads(r["corrupt_keys"]))
     st.seconds = time.perf_counter() - t0
     return st
 

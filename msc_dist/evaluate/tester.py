@@ -17,6 +17,7 @@ from msc_dist.data.shards import DataError, describe, iter_samples
 from msc_dist.evaluate.config import TestConfig
 from msc_dist.evaluate.report import Scored, shard_images, write_plots
 from msc_dist.metrics import summary
+from msc_dist.data.labels import resolve_labels
 from msc_dist.predict import open_scorer
 from msc_dist.progress import bar
 
@@ -26,9 +27,6 @@ TABLE_KEYS = ("roc_auc", "average_precision", "fpr_at_95_tpr", "threshold", "f1_
 
 
 def normal_labels(names: list[str], classes: list[str] | None) -> list[int]:
-    # Label resolution lives with training today; it moves to the data package (issue 15, item 7).
-    from msc_dist.train.job import resolve_labels
-
     return resolve_labels(names, classes)
 
 

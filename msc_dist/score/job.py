@@ -30,6 +30,7 @@ from msc_dist.data.rows import expand_listing, iter_listing, object_ext, read_ob
 from msc_dist.data.shards import MANIFEST as SHARDS_MANIFEST, DataError, describe
 from msc_dist.embed.workers import content_name
 from msc_dist.index import load_index
+from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
 from msc_dist.score.config import INPUT_FORMATS, ScoreConfig
 
@@ -193,15 +194,13 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     ds = ds.map_batches(write_scores, fn_kwargs={"out": cfg.out, "run": run}, batch_size=cfg.rows_per_file,
                         batch_format="numpy")
     files, n_rows, n_err, n_bytes, t0 = [], 0, 0, 0, time.perf_counter()
-    for r in ds.iter_rows():  # one small row per written part
-        files.append(r["file"])
-        n_rows += int(r["rows"])
-        n_err += int(r["errors"])
-        n_bytes += int(r["bytes_read"])
-        dt = time.perf_counter() - t0
-        rate = n_rows / max(dt, 1e-9)
-        eta = f", ETA {(total - n_rows) / max(rate, 1e-9):.0f}s" if total else ""
-        log.info("scored %d%s (%.0f rows/s%s, %d errors)", n_rows, f"/{total}" if total else "", rate, eta, n_err)
+    with bar(total=total, desc="score", unit="rows") as pb:
+        for r in ds.iter_rows():  # one small row per written part
+            files.append(r["file"])
+            n_rows += int(r["rows"])
+            n_err += int(r["errors"])
+            n_bytes += int(r["bytes_read"])
+            pb.update(int(r["rows"]))
     if n_rows and n_err / n_rows > cfg.max_error_fraction:
         raise TooManyErrors(f"{n_err} of {n_rows} rows are errors ({n_err / n_rows:.1%}), above --max-error-fraction "
                             f"{cfg.max_error_fraction:.1%}: nothing published, the previous run stays; the rows "

@@ -131,13 +131,17 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     print(f"run {run_dir}: " + (f"resuming after epoch {done} of {cfg.epochs}" if done is not None else
                                 f"{cfg.epochs} epochs on {plan.n_train} normal samples, {cfg.num_workers} workers"
                                 f"{' (GPU)' if cfg.use_gpu else ''}"), flush=True)
-    progress = EpochProgress(cfg.epochs, done or 0)
+    n_steps = steps_per_epoch(plan.n_train, cfg.num_workers, cfg.batch_size)
+    if cfg.steps_per_epoch:
+        n_steps = min(n_steps, cfg.steps_per_epoch)
+    progress = EpochProgress(cfg.epochs, n_steps, done or 0, cfg.num_workers)
     # The resolved config beside the run (and inside every checkpoint).
     storage.write_bytes_atomic(storage.join(run_dir, "config.json"), to_json(cfg).encode())
 
     trainer = TorchTrainer(
         ray_train_fn,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan)},
+        train_loop_config={"cfg": dataclasses.asdict(cfg), "plan": dataclasses.asdict(plan),
+                           "progress_queue": progress.queue},
         torch_config=torch_config(cfg),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -215,4 +219,9 @@ def ray_train_fn(loop_config: dict) -> None:
     if ck is not None:
         with ck.as_directory() as d:
             resume = ckpt.load(d, with_optimizer=True)
-    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id())
+    progress = None
+    if loop_config.get("progress_queue") is not None and ray.train.get_context().get_world_rank() == 0:
+        from msc_dist.train.progress import ProgressSender
+
+        progress = ProgressSender(loop_config["progress_queue"])
+    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress)

@@ -34,6 +34,9 @@ from msc_dist.train.config import TrainConfig
 log = logging.getLogger("msc_dist.train")
 
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint folder or None)
+# (phase, done, total): phase "center" counts this rank's samples embedded for the center,
+# "epoch N" this rank's optimiser steps in epoch N. Called often; throttle on the far side.
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -82,9 +85,21 @@ def loader_for(cfg: TrainConfig, counts, keep: LabelFilter, device: torch.device
     return device_batches(cfg, loader, device)
 
 
-def embed_counts(cfg, model, counts, keep, device) -> Embedded:
-    """This rank's share of (shard url, count) shards, the samples `keep` admits, as features."""
-    return embed_batches(model, loader_for(cfg, counts, keep, device, train=False), device)
+def embed_counts(cfg, model, counts, keep, device, on_samples: Callable[[int], None] | None = None) -> Embedded:
+    """This rank's share of (shard url, count) shards, the samples `keep` admits, as features.
+    ``on_samples(n)`` after each batch: the samples read so far (decoded or skipped)."""
+    loader = loader_for(cfg, counts, keep, device, train=False)
+    if on_samples is not None:
+        loader = _counted(loader, on_samples)
+    return embed_batches(model, loader, device)
+
+
+def _counted(loader, on_samples: Callable[[int], None]):
+    n = 0
+    for batch in loader:
+        yield batch
+        n += len(batch["keys"]) + len(batch["corrupt"])
+        on_samples(n)
 
 
 def _count_corrupt(keys: list[str] | set[str]) -> int:
@@ -208,13 +223,15 @@ class Stepper:
 
 
 def center_pass(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device: torch.device,
-                node_id: str = "local") -> tuple[torch.Tensor, dict]:
+                node_id: str = "local", progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
     """Epoch 0: every rank embeds its exact share of the normal set with the frozen model; the
     global center from those features, and the frozen-feature (kNN baseline) evaluation reusing
     them. Returns (center on the device, epoch-0 metrics)."""
     t0 = time.perf_counter()
     model.eval()
-    emb = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(plan.normal_labels)), device)
+    share = plan.n_train // dist.world_size()  # this rank's slice, +-1
+    emb = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(plan.normal_labels)), device,
+                       on_samples=None if progress is None else (lambda n: progress("center", n, share)))
     center_cpu, n = global_center(emb.z)
     metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
                "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
@@ -228,7 +245,7 @@ def center_pass(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device: t
 
 
 def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", plan: DataPlan, epoch: int,
-                    n_steps: int, device: torch.device) -> dict:
+                    n_steps: int, device: torch.device, progress: Progress | None = None) -> dict:
     """One pass of ``n_steps`` optimiser steps on every rank; the epoch's metrics (no evaluation,
     no step count: the caller adds ``step``/``start_epoch``)."""
     model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
@@ -244,6 +261,8 @@ def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", p
     for x in full_batches(loader, cfg.batch_size, n_steps, corrupt):
         loss_sum += stepper(x)
         done += 1
+        if progress is not None:
+            progress(f"epoch {epoch}", done, n_steps)
     del loader
     mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
     elapsed = time.perf_counter() - t0
@@ -257,7 +276,7 @@ def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", p
 
 
 def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
-               device: torch.device, node_id: str = "local") -> None:
+               device: torch.device, node_id: str = "local", progress: Progress | None = None) -> None:
     torch.manual_seed(cfg.seed * 1000 + dist.rank())
     model = place(build_model(cfg.backbone, cfg.weights), device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -274,7 +293,7 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
             log.info("resumed from checkpoint at epoch %d (step %d)%s", start_epoch, step,
                      "; the run is already complete" if start_epoch >= cfg.epochs else "")
     else:
-        center, metrics = center_pass(cfg, model, plan, device, node_id)
+        center, metrics = center_pass(cfg, model, plan, device, node_id, progress)
         _log_epoch(metrics)
         _publish(report, metrics, model, center, cfg, opt)
 
@@ -283,7 +302,7 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
     if cfg.steps_per_epoch:
         n_steps = min(n_steps, cfg.steps_per_epoch)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        metrics = train_one_epoch(cfg, model, stepper, plan, epoch, n_steps, device)
+        metrics = train_one_epoch(cfg, model, stepper, plan, epoch, n_steps, device, progress)
         step += n_steps
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, **metrics}
         if plan.eval_counts is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
