@@ -1,5 +1,5 @@
 """Fail-closed behaviour of the service and the jobs (issue 14), on real components without a
-Serve cluster: the real Gateway and Model classes, real images in every format Pillow writes,
+Serve cluster: the real Gateway class, real images in every format Pillow writes,
 real checkpoints from the shared training run, a real local Ray started in a subprocess, and a
 real Ray Train worker group that stalls. The HTTP side is in test_serving.py.
 

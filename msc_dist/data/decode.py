@@ -38,10 +38,11 @@ def sniff_format(data: bytes) -> str | None:
     for fmt in Image.ID:
         _factory, accept = Image.OPEN[fmt]
         try:
-            if accept is not None and accept(prefix) is True:
-                return fmt
+            hit = accept is not None and accept(prefix)
         except Exception:  # a prefix check that trips on short input is no match
             continue
+        if hit and not isinstance(hit, str):  # a str is Pillow's "maybe" warning, not a match
+            return fmt
     return None
 
 
