@@ -325,7 +325,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     from msc_dist.data.shards import DataError
     from msc_dist.index import IndexMismatch
 
-    errors: tuple = (ConfigError, DataError, IndexMismatch, FileNotFoundError)
+    from msc_dist.checkpoint import CheckpointError
+
+    errors: tuple = (ConfigError, DataError, IndexMismatch, FileNotFoundError, CheckpointError)
     try:
         from msc_dist.export import ExportError
 
