@@ -249,6 +249,7 @@ BENCH_SUMMARIES = {
     "train": "images/s of the whole training step", "embed": "images/s of embedding, end to end from shards",
     "load": "images/s of the loader alone", "search": "queries/s of exact k-NN search against N vectors",
     "serve": "HTTP throughput and latency of the Serve app", "quality": "one-class metrics in one process (MNIST npz)",
+    "embed-scale": "the embedding job on N tiny images: driver peak RSS, bytes read ratio",
 }
 DATA_SUMMARIES = {"make-shards": "image folder (subfolders = classes) or MNIST npz -> shards",
                   "demo": "generate the demo set (procedural textures with defects)", "describe": "shard counts and labels"}

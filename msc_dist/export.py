@@ -167,17 +167,11 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
 
     index_ref, manifest_bytes = None, None
     if cfg.index:
-        from msc_dist.index import MANIFEST, IndexManifest, IndexMismatch
+        from msc_dist.index import MANIFEST, IndexMismatch, read_manifest
 
         idx = cfg.index if "://" in cfg.index else os.path.expanduser(cfg.index)
-        folder = storage.join(idx, "index")
-        if not storage.exists(storage.join(folder, MANIFEST)):
-            folder = idx
-        man_url = storage.join(folder, MANIFEST)
-        if not storage.exists(man_url):
-            raise IndexMismatch(f"no {MANIFEST} in {idx} or {idx}/index: not an index folder")
-        manifest_bytes = storage.read_bytes(man_url)
-        man = IndexManifest.from_json(json.loads(manifest_bytes))
+        man, folder = read_manifest(idx)  # the live version (or a pinned version folder), checked
+        manifest_bytes = storage.read_bytes(storage.join(folder, MANIFEST))
         if man.model_id != model_id:
             raise IndexMismatch(f"index {idx} was built with model {man.model_id[:12]}…, the checkpoint is {model_id[:12]}…")
         index_ref = {"path": folder, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "count": man.count,

@@ -232,9 +232,9 @@ except ConnectionError as e:
 def test_a_stalled_rank_fails_the_group_after_the_collective_timeout(local_ray, demo_data, tmp_path, monkeypatch):
     """Item 10: rank 1 stalls (as on a hung storage read) before an all-reduce; rank 0 gives up
     after --collective-timeout-s, not after torch's 30 minutes, and the run fails."""
-    import msc_dist.train.loop as loop
+    import msc_dist.train.job as train_job
     from msc_dist.train.config import TrainConfig
-    from msc_dist.train.job import main
+    main = train_job.main
 
     def stalling_fn(config):  # nested: pickled by value into the Ray Train workers
         import time as _time
@@ -247,7 +247,7 @@ def test_a_stalled_rank_fails_the_group_after_the_collective_timeout(local_ray, 
             _time.sleep(300)
         dist.all_reduce(torch.zeros(1))
 
-    monkeypatch.setattr(loop, "ray_train_fn", stalling_fn)
+    monkeypatch.setattr(train_job, "ray_train_fn", stalling_fn)
     cfg = TrainConfig(data=str(demo_data / "train"), normal_classes=["normal"], epochs=1, image_size=32, batch_size=8,
                       num_workers=2, loader_workers=0, storage_path=str(tmp_path / "runs"), name="stall",
                       max_failures=0, collective_timeout_s=5)
