@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 from msc_dist import checkpoint as ckpt
 from msc_dist import storage
+from msc_dist.backbones import get_spec
 from msc_dist.capacity import check_capacity
 from msc_dist.config import ConfigError
 from msc_dist.data.labels import resolve_labels
@@ -217,8 +218,6 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
 
 
 def _dimension(backbone: str) -> int:
-    from msc_dist.backbones import get_spec
-
     return get_spec(backbone).dim
 
 

@@ -21,6 +21,9 @@ from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import DataError, DatasetInfo, describe
 from msc_dist.console import init_ray
 from msc_dist.train.config import TrainConfig
+# Imported with the module, before Ray starts: a job's driver must not import from its working dir
+# after ray.init (on a one-host test "cluster" the nodes share that folder and may re-extract it).
+from msc_dist.train.progress import EpochProgress
 from msc_dist.train.loop import DataPlan
 
 log = logging.getLogger("msc_dist.train")
@@ -123,7 +126,6 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     log.debug("resolved config:\n%s", to_json(cfg))
 
     init_ray(cfg.ray_address)
-    from msc_dist.train.progress import EpochProgress
 
     fs, path = storage.pyarrow_filesystem(cfg.storage_path)
     run_dir = storage.join(cfg.storage_path, cfg.name)
