@@ -38,7 +38,7 @@ def test_msc_help_lists_the_verbs():
     for v in EXPECTED_VERBS:
         assert re.search(rf" {v} \w", text), v
     assert list(VERBS) == EXPECTED_VERBS
-    assert set(VERBS["bench"].sub) == {"train", "embed", "load", "search", "serve", "quality"}
+    assert set(VERBS["bench"].sub) == {"train", "embed", "load", "search", "serve", "quality", "embed-scale"}
     assert set(VERBS["data"].sub) == {"make-shards", "demo", "describe"}
 
 
