@@ -237,8 +237,10 @@ def describe(spec: str, scan_workers: int = 8, scan: bool = True) -> DatasetInfo
     if not scan:
         return DatasetInfo(spec, [ShardInfo(u, None) for u in urls], None)
     log.info("no %s beside %s: scanning %d shard(s) for counts", MANIFEST, spec, len(urls))
+    from msc_dist.progress import bar
+
     with ThreadPoolExecutor(max_workers=min(scan_workers, len(urls))) as ex:
-        shards = list(ex.map(scan_shard, urls))
+        shards = list(bar(ex.map(scan_shard, urls), total=len(urls), desc="scanning shards", unit="shard"))
     return DatasetInfo(spec, shards, None)
 
 
