@@ -61,8 +61,11 @@ def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path):
     first = embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=out))  # a finished earlier run
     man = os.path.join(out, "current.json")
     before = open(man).read()
+    # The rebuild reads a set large enough (1,500 images, 4 a batch) that it is still embedding when
+    # it is killed, however fast the machine: it is killed as soon as its first part is written.
+    big = make_demo(str(tmp_path / "big"), n_train=1500, n_test_normal=0, n_test_defect=0, size=48, per_shard=500)[0]
     args = [sys.executable, "-m", "msc_dist.embed", "--checkpoint", embedded["run_dir"], "--out", out, "--batch-size", "4",
-            "--rows-per-file", "8"]
+            "--rows-per-file", "8", "--data", big.spec]
     p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 180
     new_parts = []
