@@ -375,54 +375,33 @@ def read_manifest(path: str) -> tuple[IndexManifest, str]:
 
 
 def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = False) -> ShardedIndex:
+    """The live (or pinned) version with every shard, verified (checksums, counts, dimension,
+    model id): ``load_shards`` of all its shards."""
+    man, _ = read_manifest(path)
+    if sum(e.count for e in man.shards) != man.count:
+        raise IndexMismatch(f"manifest count {man.count} does not match its shards ({sum(e.count for e in man.shards)})")
+    return load_shards(path, None, expected_model_id, use_gpu)
+
+
+def _load_subs(man: IndexManifest, folder: str, numbers: list[int]) -> tuple[list, list]:
+    """(FAISS sub-indexes, their id arrays) of shards ``numbers``, each checked against the manifest."""
     import pyarrow.parquet as pq
 
-    from msc_dist.data.shards import DataError, safe_name
-
     faiss = _faiss()
-    man, folder = read_manifest(path)
-    man_url = storage.join(folder, MANIFEST)
-    if expected_model_id is not None and man.model_id != expected_model_id:
-        raise IndexMismatch(
-            f"index model_id {man.model_id[:12]}… does not match the checkpoint's {expected_model_id[:12]}…: "
-            "the index was built with another model; rebuild it with python -m msc_dist.embed"
-        )
-
-    def _read(name: str, digest: str) -> bytes:
-        try:
-            url = storage.join(folder, safe_name(name, man_url))
-        except DataError as e:
-            raise IndexMismatch(str(e)) from None
-        if not storage.exists(url):
-            raise IndexMismatch(f"{url} is listed in the manifest but missing")
-        data = storage.read_bytes(url)
-        if sha256(data) != digest:
-            raise IndexMismatch(f"{url}: checksum does not match the manifest (file changed or partial)")
-        return data
-
-    shards = faiss.IndexShards(man.dimension, True, True)  # threaded, successive ids
     subs, ids = [], []
-    for e in man.shards:
-        sub = faiss.deserialize_index(np.frombuffer(_read(e.file, e.sha256), dtype=np.uint8))
+    for i in numbers:
+        e = man.shards[i]
+        sub = faiss.deserialize_index(np.frombuffer(_read_checked(folder, e.file, e.sha256), dtype=np.uint8))
         if sub.d != man.dimension or sub.ntotal != e.count:
             raise IndexMismatch(f"{e.file}: count/dimension mismatch: the file holds {sub.ntotal} vectors of dimension "
                                 f"{sub.d}, the manifest says {e.count} x {man.dimension}")
-        sub_ids = pq.read_table(io.BytesIO(_read(e.ids_file, e.ids_sha256)))["id"].to_numpy(zero_copy_only=False)
+        sub_ids = pq.read_table(io.BytesIO(_read_checked(folder, e.ids_file, e.ids_sha256)))["id"]
+        sub_ids = sub_ids.to_numpy(zero_copy_only=False)
         if len(sub_ids) != e.count:
             raise IndexMismatch(f"{e.ids_file}: {len(sub_ids)} ids for {e.count} vectors")
         subs.append(sub)
         ids.append(sub_ids)
-        shards.add_shard(sub)
-    if sum(e.count for e in man.shards) != man.count:
-        raise IndexMismatch(f"manifest count {man.count} does not match its shards ({sum(e.count for e in man.shards)})")
-    index, keep = shards, None
-    if use_gpu:
-        # Each sub-index to the GPUs (never the IndexShards wrapper: FAISS has no GPU clone of it);
-        # Flat: one exact two-stage search over all vectors (see ExactTwoStage).
-        index, keep = place_subs(man, subs, use_gpu)
-    out = ShardedIndex(man, index, np.concatenate(ids) if ids else np.zeros(0, dtype=object), folder)
-    out._subs, out._gpu = subs, keep  # IndexShards does not own its sub-indexes: keep them alive with it
-    return out
+    return subs, ids
 
 
 # --- One group of shards, and the GPU placement (serving an index spread over replicas) --------
@@ -451,12 +430,9 @@ def shard_group(num_shards: int, group: int, groups: int) -> list[int]:
 
 def load_shards(path: str, shards: list[int] | None = None, expected_model_id: str | None = None,
                 use_gpu: bool = False, version: str | None = None) -> ShardedIndex:
-    """Some shards of one index version, verified like ``load_index`` (checksums, counts,
-    dimension, model id). ``path``: the index root (``version`` None: the version the pointer
+    """Some shards of one index version, each verified (checksums, counts, dimension, model id). ``path``: the index root (``version`` None: the version the pointer
     names) or a version folder. The result searches only these shards; row numbers index its
     ``ids`` (``.shard_numbers`` says which shards they are)."""
-    import pyarrow.parquet as pq
-
     if version is not None and not storage.exists(storage.join(path, MANIFEST)):
         from msc_dist.data.shards import DataError, safe_name
 
@@ -468,25 +444,13 @@ def load_shards(path: str, shards: list[int] | None = None, expected_model_id: s
     if version is not None and man.version != version:
         raise IndexMismatch(f"{folder} holds version {man.version}, not {version}")
     if expected_model_id is not None and man.model_id != expected_model_id:
-        raise IndexMismatch(f"index model_id {man.model_id[:12]}… does not match the checkpoint's "
-                            f"{expected_model_id[:12]}…: the index was built with another model")
+        raise IndexMismatch(
+            f"index model_id {man.model_id[:12]}… does not match the checkpoint's {expected_model_id[:12]}…: "
+            "the index was built with another model; rebuild it with python -m msc_dist.embed")
     numbers = list(range(len(man.shards))) if shards is None else sorted(shards)
     if not numbers or numbers[0] < 0 or numbers[-1] >= len(man.shards):
         raise IndexMismatch(f"shards {numbers} asked of a version with {len(man.shards)} shards")
-    faiss = _faiss()
-    subs, ids = [], []
-    for i in numbers:
-        e = man.shards[i]
-        sub = faiss.deserialize_index(np.frombuffer(_read_checked(folder, e.file, e.sha256), dtype=np.uint8))
-        if sub.d != man.dimension or sub.ntotal != e.count:
-            raise IndexMismatch(f"{e.file}: the file holds {sub.ntotal} vectors of dimension {sub.d}, the manifest "
-                                f"says {e.count} x {man.dimension}")
-        sub_ids = pq.read_table(io.BytesIO(_read_checked(folder, e.ids_file, e.ids_sha256)))["id"]
-        sub_ids = sub_ids.to_numpy(zero_copy_only=False)
-        if len(sub_ids) != e.count:
-            raise IndexMismatch(f"{e.ids_file}: {len(sub_ids)} ids for {e.count} vectors")
-        subs.append(sub)
-        ids.append(sub_ids)
+    subs, ids = _load_subs(man, folder, numbers)
     index, keep = place_subs(man, subs, use_gpu)
     out = ShardedIndex(man, index, np.concatenate(ids), folder)
     out._subs, out._gpu = subs, keep

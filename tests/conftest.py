@@ -31,7 +31,8 @@ def demo_data(tmp_path_factory):
     return root
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on loopback (shared by the tests that start servers)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -40,7 +41,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server as a separate process on loopback; yields its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -25,10 +24,7 @@ from msc_dist.data.shards import iter_samples  # noqa: E402
 from msc_dist.scorer import Scorer  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port as _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")

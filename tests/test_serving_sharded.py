@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -131,10 +130,7 @@ def test_faiss_on_cpu_shard_groups_and_sub_index_clones_equal_brute_force(tmp_pa
 
 # --- Over HTTP ----------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port as _free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
