@@ -99,6 +99,12 @@ def load(folder_url: str, with_optimizer: bool = False) -> LoadedCheckpoint:
                             json.loads(_bytes("meta.json")), opt, sha256(model_bytes))
 
 
+def resize_mode(config: dict) -> str:
+    """How images are made S x S for this checkpoint's model (decode.RESIZE_MODES): its config's
+    ``resize_mode``; checkpoints from before the setting existed were trained on squashed images."""
+    return str(config.get("resize_mode", "squash"))
+
+
 def load_model(folder_url: str, device: str | torch.device = "cpu"):
     """(FeatureModel in eval mode on device, center, config dict, model_id) from a checkpoint."""
     from msc_dist.backbones import build_model

@@ -79,6 +79,17 @@ def from_dict(cls: type[T], data: dict[str, Any], *, base: T | None = None, sour
     return dataclasses.replace(obj, **updates)
 
 
+def preset_values(cls: type, name: str) -> dict[str, Any]:
+    """A config class's named preset (its ``PRESETS`` class attribute): the values that sit
+    between its defaults and the YAML file. Unknown names are an error naming the valid ones."""
+    presets = getattr(cls, "PRESETS", None)
+    if not presets:
+        raise ConfigError(f"{cls.__name__} has no presets")
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {sorted(presets)}")
+    return {**presets[name], "preset": name}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     text = Path(path).read_text()
     data = yaml.safe_load(text) or {}
@@ -171,11 +182,14 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, parser: argparse.Argu
     cfg, explicit = cls(), set()
     try:
         path = getattr(ns, "config", None)
+        data = load_yaml(path) if path else {}
+        flags = {k: v for k, v in vars(ns).items() if k in names and v is not None and v != []}
+        preset = flags.get("preset", data.get("preset"))
+        if preset is not None:  # defaults -> preset -> YAML -> flags
+            cfg = from_dict(cls, preset_values(cls, str(preset)), base=cfg, source=f"preset {preset}")
         if path:
-            data = load_yaml(path)
             cfg = from_dict(cls, data, base=cfg, source=path)
             explicit |= set(data)
-        flags = {k: v for k, v in vars(ns).items() if k in names and v is not None and v != []}
         cfg = from_dict(cls, flags, base=cfg, source="command line")
     except (ConfigError, OSError) as e:
         if parser is None:

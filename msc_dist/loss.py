@@ -67,3 +67,22 @@ def msc_loss(
 
     angular = s1.pow(2).sum(-1).mean() + s2.pow(2).sum(-1).mean()
     return contrastive + angular_weight * angular
+
+
+def feature_stats(z: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """Collapse statistics of a batch of unit features, summable across batches and ranks:
+    float64 [sum of cos(z_i, z_j) over ordered pairs i != j, number of such pairs,
+    sum of ||z_i - c||, n]. The mean pairwise cosine (sum / pairs) tends to 1 as the features
+    collapse onto one point; ||z - c|| tends to 0 as they collapse onto the center."""
+    z = z.detach().double()
+    n = z.shape[0]
+    s = z.sum(0)
+    pairs = s.dot(s) - z.pow(2).sum()
+    return torch.stack([pairs, z.new_tensor(float(n * (n - 1))), (z - center.double()).norm(dim=1).sum(),
+                        z.new_tensor(float(n))])
+
+
+def summarize_feature_stats(stats: torch.Tensor) -> dict[str, float]:
+    """{feature_cos, zc_norm} from summed ``feature_stats``."""
+    pairs, n_pairs, norms, n = (float(v) for v in stats)
+    return {"feature_cos": pairs / n_pairs if n_pairs else float("nan"), "zc_norm": norms / n if n else float("nan")}

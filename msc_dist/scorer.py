@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from msc_dist.checkpoint import load_model, resolve
+from msc_dist.checkpoint import load_model, resize_mode, resolve
 from msc_dist.data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, BadImage, decode_image
 from msc_dist.features import embed_images
 from msc_dist.index import IndexMismatch, ShardedIndex, load_index
@@ -47,6 +47,7 @@ class Scorer:
                                 f"{self.model_id[:12]}…: the index was built with another model; rebuild it with "
                                 "python -m msc_dist.embed, or leave the checkpoint out to use the index's own")
         self.image_size = int(self.config["image_size"])
+        self.resize_mode = resize_mode(self.config)
         self.max_pixels = max_pixels
         self.formats = tuple(formats)
 
@@ -57,7 +58,7 @@ class Scorer:
     def info(self) -> dict:
         m = self.index.manifest
         return {"model_id": self.model_id, "backbone": self.config["backbone"], "image_size": self.image_size,
-                "index_size": m.count, "dimension": m.dimension, "k": m.k, "threshold": m.threshold,
+                "resize_mode": self.resize_mode, "index_size": m.count, "dimension": m.dimension, "k": m.k, "threshold": m.threshold,
                 "target_fpr": m.target_fpr}  # no storage URIs: this goes to API clients
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
@@ -74,7 +75,7 @@ class Scorer:
         return out
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.image_size, self.max_pixels, formats=self.formats)
+        return decode_image(data, self.image_size, self.max_pixels, formats=self.formats, resize_mode=self.resize_mode)
 
     def score_bytes(self, items: list[bytes]) -> list[ScoreResult]:
         """Encoded images -> one result each; undecodable ones get an error, never an exception."""

@@ -125,9 +125,10 @@ def image_error(name: str, e: BadImage) -> ApiError:
 
 
 def decode_request(files: list[tuple[str, bytes]], size: int, max_pixels: int, max_request_pixels: int,
-                   formats) -> list[np.ndarray]:
-    """Every header first (format and pixel limits, no pixel data decoded), then the pixels: a
-    request over its pixel budget costs only header parsing. Runs in the decode thread pool."""
+                   formats, resize_mode: str = "squash") -> list[np.ndarray]:
+    """Every header first (format and pixel limits, no pixel data decoded), then the pixels (made
+    ``size`` square by the model's ``resize_mode``): a request over its pixel budget costs only
+    header parsing. Runs in the decode thread pool."""
     opened, total = [], 0
     for name, data in files:
         try:
@@ -142,7 +143,7 @@ def decode_request(files: list[tuple[str, bytes]], size: int, max_pixels: int, m
     out = []
     for name, img in opened:
         try:
-            out.append(to_array(img, size))
+            out.append(to_array(img, size, resize_mode))
         except BadImage as e:
             raise image_error(name, e) from None
     return out
@@ -222,7 +223,7 @@ class Gateway:
         self.formats = tuple(str(f).upper() for f in self.s["formats"])
         self.inflight = InflightBytes(self.s["max_inflight_bytes"], self.s["retry_after_s"])
         self.pool = ThreadPoolExecutor(int(self.s["decode_threads"]), thread_name_prefix="msc-decode")
-        self._size = None  # (fetched at, image size)
+        self._view = None  # (fetched at, (image size, resize mode)) of the live model
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -252,10 +253,12 @@ class Gateway:
             log.exception("request failed")
             raise ApiError(503, f"scoring failed ({type(e).__name__}), retry later", retry) from None
 
-    async def _image_size(self) -> int:
-        if self._size is None or time.monotonic() - self._size[0] > 10:
-            self._size = (time.monotonic(), int((await self.model.info.remote())["image_size"]))
-        return self._size[1]
+    async def _model_view(self) -> tuple[int, str]:
+        """(image size, resize mode) of the live model: the checkpoint's, refreshed every 10 s."""
+        if self._view is None or time.monotonic() - self._view[0] > 10:
+            info = await self.model.info.remote()
+            self._view = (time.monotonic(), (int(info["image_size"]), str(info.get("resize_mode", "squash"))))
+        return self._view[1]
 
     async def _read(self, request: Request, take) -> bytes:
         limit = self.s["max_body_bytes"]
@@ -300,10 +303,10 @@ class Gateway:
         return files
 
     async def _decode_and_score(self, files: list[tuple[str, bytes]]) -> list[dict]:
-        size = await self._image_size()
+        size, mode = await self._model_view()
         arrays = await asyncio.get_running_loop().run_in_executor(
             self.pool, decode_request, files, size, int(self.s["max_pixels"]), int(self.s["max_request_pixels"]),
-            self.formats)
+            self.formats, mode)
         return await self.model.score.remote(arrays)
 
     @api.get("/healthz")

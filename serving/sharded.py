@@ -214,7 +214,7 @@ class ShardedModel:
     def _load_model(self) -> None:
         import torch
 
-        from msc_dist.checkpoint import load_model, resolve
+        from msc_dist.checkpoint import load_model, resize_mode, resolve
 
         url = self.s.get("checkpoint")
         if not url:  # none given: the checkpoint that built the index (recorded in its manifest)
@@ -230,7 +230,8 @@ class ShardedModel:
             path = resolve(url)
             model, _, config, model_id = load_model(path, dev)
             self.model = {"url": url, "checkpoint": path, "model": model, "config": config, "model_id": model_id,
-                          "device": dev, "image_size": int(config["image_size"])}
+                          "device": dev, "image_size": int(config["image_size"]),
+                          "resize_mode": resize_mode(config)}
 
     def _batching(self) -> None:
         self.score_batch.set_max_batch_size(int(self.s["max_batch_size"]))
@@ -337,7 +338,7 @@ class ShardedModel:
         live = await self._current()
         m, man = live.model, live.manifest
         return {"model_id": m["model_id"], "backbone": m["config"]["backbone"], "image_size": m["image_size"],
-                "index_size": man.count, "dimension": man.dimension, "k": man.k, "threshold": man.threshold,
+                "resize_mode": m["resize_mode"], "index_size": man.count, "dimension": man.dimension, "k": man.k, "threshold": man.threshold,
                 "target_fpr": man.target_fpr, "checkpoint": m["checkpoint"], "index_version": man.version,
                 "index_shards": len(man.shards), "index_shard_groups": len(self.shards)}
 

@@ -292,11 +292,34 @@ def test_bytes_to_device_path_matches_the_pil_path(tmp_path):
     png = io.BytesIO()
     Image.open(io.BytesIO(datas[0])).save(png, format="PNG")
     datas += [png.getvalue(), b"\xff\xd8\xff\xe0" + b"\0" * 50]  # a PNG, and a truncated JPEG
-    for size in (64, 224):
-        x, ok, errors = decode_batch(datas, size, "cpu")
+    for size, mode in ((64, "squash"), (224, "squash"), (64, "center_crop"), (224, "center_crop")):
+        x, ok, errors = decode_batch(datas, size, "cpu", resize_mode=mode)
         assert ok == list(range(13)) and list(errors) == [13]
         for i, img in zip(ok, x.permute(0, 2, 3, 1).numpy()):
-            assert mean_abs_diff(img, decode_image(datas[i], size)) < 2.5, (size, i)
+            assert mean_abs_diff(img, decode_image(datas[i], size, resize_mode=mode)) < 2.5, (size, mode, i)
+
+
+def test_center_crop_is_the_papers_test_transform_and_squash_keeps_the_whole_image():
+    """resize_mode center_crop gives exactly torchvision's Resize(int(S * 256 / 224)) +
+    CenterCrop(S) on non-square images of either orientation (PNG: no JPEG draft scaling);
+    squash gives Resize((S, S)), keeping a mark at the image's edge."""
+    import torchvision.transforms as T
+
+    rng = np.random.default_rng(1)
+    for w, h in ((150, 90), (90, 150), (64, 64), (33, 47)):
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        arr[:, :4] = 255  # a defect on the left edge
+        img = Image.fromarray(arr)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        for size in (32, 64):
+            ref = np.asarray(T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size)])(img))
+            assert np.array_equal(decode_image(buf.getvalue(), size, resize_mode="center_crop"), ref), (w, h, size)
+            assert np.array_equal(decode_image(buf.getvalue(), size, resize_mode="squash"),
+                                  np.asarray(img.resize((size, size), Image.BILINEAR))), (w, h, size)
+    assert decode_image(buf.getvalue(), 32, resize_mode="squash")[:, 0].min() > 200  # the edge is kept
+    with pytest.raises(ValueError, match="center_crop"):
+        decode_image(buf.getvalue(), 32, resize_mode="crop")
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding():

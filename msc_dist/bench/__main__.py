@@ -53,7 +53,7 @@ def run(name: str, cfg) -> dict:
         from msc_dist.train.config import TrainConfig
 
         if not cfg.data:
-            raise ConfigError("--data (an MNIST-format npz) is required")
+            raise ConfigError("--data (an MNIST-format npz or an image folder) is required")
         classes = cfg.classes or list_classes(cfg.data)
         base = project(cfg, TrainConfig, data=None, use_gpu=device.startswith("cuda"))
 
@@ -64,7 +64,9 @@ def run(name: str, cfg) -> dict:
                 os.replace(cfg.json_out + ".tmp", cfg.json_out)
 
         return bench_quality(cfg.data, classes, base, cfg.methods, device, cfg.time_budget,
-                             log=lambda m: print(m, file=sys.stderr, flush=True), on_class=save, loop=cfg.loop)
+                             log=lambda m: print(m, file=sys.stderr, flush=True), on_class=save, loop=cfg.loop,
+                             seeds=cfg.seeds, max_train=cfg.max_train, max_test=cfg.max_test, exts=cfg.exts,
+                             plot_dir=cfg.plot_dir)
     if name == "embed-scale":
         from msc_dist.bench.scale import bench_embed_scale
 

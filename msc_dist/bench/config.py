@@ -98,9 +98,9 @@ SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the e
          "index_shards": "0: one Model deployment holding the whole index; N: the index spread over N IndexShard "
                          "deployments (max_score_diff against one unsharded index is reported)"}
 
-QUALITY_KEYS = ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "weight_decay", "momentum",
-                "temperature", "angular_weight", "crop_min_scale", "hflip", "eval_every", "knn_k", "loader_workers",
-                "seed")
+QUALITY_KEYS = ("backbone", "weights", "image_size", "resize_mode", "epochs", "batch_size", "lr", "lr_schedule",
+                "warmup_epochs", "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "hflip",
+                "eval_every", "knn_k", "collapse_cos", "on_collapse", "loader_workers", "seed")
 
 
 @dataclass
@@ -112,12 +112,24 @@ class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
     time_budget: float | None = None
     json_out: str | None = None
     loop: str = "ours"
+    seeds: list[int] | None = None
+    max_train: int | None = None
+    max_test: int | None = None
+    exts: list[str] | None = None
+    plot_dir: str | None = None
 
 
 QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "eval_every": "ROC-AUC every N epochs; 0: final metrics only",
-           "data": "MNIST-format npz (required)", "classes": "normal classes to run in turn (default: all)",
-           "methods": "knn | msc | msc-noangular", "device": DEVICE_HELP,
+           "data": "MNIST-format npz, or an image folder with a subfolder per class (required)",
+           "classes": "normal classes to run in turn (default: all)",
+           "methods": "knn | msc | msc-fast | msc-noangular (msc-fast: the fast preset's values over these settings)",
+           "device": DEVICE_HELP,
+           "seeds": "train each method once per seed; mean and spread reported (default: --seed alone)",
+           "max_train": "seeded subset of the normal training images per class (npz only)",
+           "max_test": "seeded subset of the test images (npz only)",
+           "exts": "image extensions of a folder's images (the magnetic tiles: jpg; their masks are png)",
+           "plot_dir": "write the ROC-AUC per epoch of each class here (PNG)",
            "time_budget": "seconds; no new class starts after it", "json_out": "also write the result here",
            "loop": "ours (the product's training loop) | reference (the paper's procedure written plainly)"}
 
@@ -143,7 +155,7 @@ BENCHES = {
     "search": (BenchSearchConfig, SEARCH, "queries/s of exact k-NN search against N vectors"),
     "serve": (BenchServeConfig, SERVE, "HTTP throughput and latency of the Serve app vs offline embedding"),
     "quality": (BenchQualityConfig, QUALITY,
-                "one-class ROC-AUC etc. of knn / msc / msc-noangular in one process (MNIST npz)"),
+                "one-class ROC-AUC etc. of knn / msc / msc-fast / msc-noangular in one process, per seed"),
     "embed-scale": (BenchEmbedScaleConfig, SCALE,
                     "the embedding job + index build on N tiny images: rows/s, driver peak RSS, bytes read ratio"),
 }

@@ -5,7 +5,14 @@ no-ops), the final model embeds the normal training set, a seeded hashed-id hold
 normals calibrates the threshold (as the embedding job does), the rest is the kNN bank, and the
 test set is scored with the same metrics as ``msc_dist.evaluate``. Use it to measure quality
 where Ray is not installed or to sweep settings quickly; ``msc_dist.evaluate`` is the product
-path and also writes plots."""
+path and also writes plots.
+
+Data: an MNIST-format npz (each digit in turn) or an image folder with a class per subfolder
+(the magnetic tiles: a seeded 70/30 split of the normal class, every other class is an anomaly).
+``max_train`` / ``max_test`` take seeded subsets (a CPU-sized run). Every method and seed of a
+class runs on the same shards; ``--seeds`` repeats the training per seed and reports the mean and
+the spread. ``--loop reference`` trains with the paper's loop written plainly (bench/reference.py)
+on the same shards, hold-out, bank and metrics."""
 
 from __future__ import annotations
 
@@ -18,8 +25,10 @@ import numpy as np
 import torch
 
 from msc_dist.backbones import build_model
+from msc_dist.data.labels import resolve_label
 from msc_dist.data.loader import LabelFilter, kept_counts
-from msc_dist.data.make_shards import from_npz
+from msc_dist.data.make_shards import from_npz, make_shards
+from msc_dist.data.shards import DatasetInfo, iter_samples
 from msc_dist.embed.workers import held_out
 from msc_dist.features import place
 from msc_dist.index import threshold_at_fpr
@@ -29,8 +38,66 @@ from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, embed_counts, format_epoch, run_worker
 
-METHODS = ("knn", "msc", "msc-noangular")
+# msc-fast: TrainConfig.PRESETS["fast"] over the given settings (its keys win over the flags).
+METHODS = ("knn", "msc", "msc-fast", "msc-noangular")
 LOOPS = ("ours", "reference")
+METRICS = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr")
+
+
+def method_config(base: TrainConfig, method: str) -> TrainConfig:
+    if method == "knn":
+        return dataclasses.replace(base, epochs=0)
+    if method == "msc-noangular":
+        return dataclasses.replace(base, angular_weight=0.0)
+    if method == "msc-fast":
+        return dataclasses.replace(base, **TrainConfig.PRESETS["fast"], preset="fast")
+    return base
+
+
+@dataclasses.dataclass
+class Prepared:
+    """One class's benchmark data, written once as shards and shared by every method and seed."""
+
+    normal: str
+    label: int
+    train: DatasetInfo  # the normal training images
+    test: DatasetInfo  # every test image, labelled
+
+
+def prepare(data: str, normal: str, out: str, max_train: int | None = None, max_test: int | None = None,
+            exts: list[str] | None = None) -> Prepared:
+    if data.endswith(".npz"):
+        d = np.load(data)
+        label = int(normal)
+        rng = np.random.default_rng(label)  # the same subsets for every method, seed and loop
+        tr = np.flatnonzero(d["y_train"] == label)
+        te = np.arange(len(d["y_test"]))
+        if max_train and len(tr) > max_train:
+            tr = np.sort(rng.choice(tr, max_train, replace=False))
+        if max_test and len(te) > max_test:
+            te = np.sort(rng.choice(te, max_test, replace=False))
+        idx_tr = d["idx_train"][tr] if "idx_train" in d else tr
+        idx_te = d["idx_test"][te] if "idx_test" in d else te
+        sub = os.path.join(out, "subset.npz")
+        np.savez(sub, x_train=d["x_train"][tr], y_train=d["y_train"][tr], idx_train=idx_tr,
+                 x_test=d["x_test"][te], y_test=d["y_test"][te], idx_test=idx_te)
+        info = from_npz(sub, out, 2000, normal)
+        return Prepared(normal, label, info["train"], info["test"])
+    info = make_shards(data, out, exts, 1000, normal, 0.7, 0)
+    if max_train or max_test:
+        raise ValueError("max_train / max_test apply to npz data only (image folders are split 70/30)")
+    return Prepared(normal, resolve_label(normal, info["test"].classes), info["train"], info["test"])
+
+
+def _samples(info: DatasetInfo, keep: LabelFilter) -> tuple[list[str], list[bytes], np.ndarray]:
+    keys, datas, labels = [], [], []
+    for sh in info.shards:
+        for s in iter_samples(sh.url):
+            if keep(s.label):
+                keys.append(s.key)
+                datas.append(s.data)
+                labels.append(-1 if s.label is None else s.label)
+    return keys, datas, np.asarray(labels)
 
 
 def _metrics_from(z_train: torch.Tensor, keys: list[str], z_test: torch.Tensor, y_test: np.ndarray, normal: set[int],
@@ -44,35 +111,38 @@ def _metrics_from(z_train: torch.Tensor, keys: list[str], z_test: torch.Tensor, 
     return summary(s, y, thr) | {"test_samples": int(len(s)), "index_size": int(bank.shape[0])}
 
 
-def run_class_reference(npz: str, normal: str, base: TrainConfig, methods: list[str], device: torch.device,
-                        calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=print) -> dict:
+def run_class_reference(prep: Prepared, base: TrainConfig, methods: list[str], device: torch.device,
+                        calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None) -> dict:
     """``run_class`` with the paper's loop written plainly (bench/reference.py) instead of ours."""
     from msc_dist.bench.reference import transforms, embed_with, train_reference
 
-    d = np.load(npz)
-    label = int(normal)
-    sel = d["y_train"] == label
-    x_train, x_test, y_test = d["x_train"][sel], d["x_test"], d["y_test"]
-    idx = d["idx_train"][sel] if "idx_train" in d else np.flatnonzero(sel)
-    keys = [f"train{int(i):06d}" for i in idx]  # the shard keys of make_shards: the same hold-out as ours
+    label = prep.label
+    keys, x_train, _ = _samples(prep.train, LabelFilter(frozenset([label])))
+    _, x_test, y_test = _samples(prep.test, LabelFilter(None))
     out: dict = {}
     for m in methods:
-        cfg = dataclasses.replace(base, angular_weight=0.0 if m == "msc-noangular" else base.angular_weight,
-                                  epochs=0 if m == "knn" else base.epochs)
+        cfg = method_config(base, m)
         epochs: list = []
+        evals = [0.0]
         t0 = time.perf_counter()
         test_tf = transforms(cfg.image_size, cfg.crop_min_scale, cfg.hflip)[1]
 
-        def on_epoch(epoch, model, loss, cfg=cfg, epochs=epochs, test_tf=test_tf):
+        def on_epoch(epoch, model, loss, cfg=cfg, epochs=epochs, test_tf=test_tf, evals=evals, m=m):
             if base.eval_every > 0 and cfg.epochs > 0:  # ROC-AUC per epoch against the whole normal set
+                t = time.perf_counter()
                 z_tr = embed_with(model, x_train, test_tf, cfg, device)
                 z_te = embed_with(model, x_test, test_tf, cfg, device)
-                epochs.append((epoch, _metrics_from(z_tr, keys, z_te, y_test, {label}, cfg, 0.0, target_fpr)["roc_auc"]))
+                auc = _metrics_from(z_tr, keys, z_te, y_test, {label}, cfg, 0.0, target_fpr)["roc_auc"]
+                epochs.append((epoch, auc))
+                evals[0] += time.perf_counter() - t
+                if log is not None:
+                    log(f"class {prep.normal} {m} (reference): epoch {epoch} | loss {loss} | roc_auc {auc:.4f}")
 
         model, _ = train_reference(x_train, cfg, device, on_epoch=on_epoch)
+        train_s = time.perf_counter() - t0 - evals[0]
         z_tr, z_te = embed_with(model, x_train, test_tf, cfg, device), embed_with(model, x_test, test_tf, cfg, device)
         out[m] = _metrics_from(z_tr, keys, z_te, y_test, {label}, cfg, calibration_fraction, target_fpr) | {
-            "epoch_auc": epochs, "seconds": time.perf_counter() - t0}
+            "epoch_auc": epochs, "seconds": time.perf_counter() - t0, "train_seconds": train_s}
     return out
 
 
@@ -85,48 +155,71 @@ def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_
     return _metrics_from(tr.z, tr.keys, te.z, te.labels.numpy(), normal, cfg, calibration_fraction, target_fpr)
 
 
-def run_class(npz: str, normal: str, base: TrainConfig, methods: list[str], device: torch.device,
+def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: torch.device,
               calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None) -> dict:
     out: dict = {}
-    with tempfile.TemporaryDirectory(prefix="msc-quality-") as tmp:
-        info = from_npz(npz, tmp, 2000, normal)
-        label = int(normal)
-        plan = DataPlan(kept_counts(info["train"], LabelFilter(frozenset([label]))), [label],
-                        kept_counts(info["test"], LabelFilter(None)))
-        # eval_every <= 0: no ROC-AUC per epoch (each costs a pass over the test set), final metrics only
-        train_plan = plan if base.eval_every > 0 else dataclasses.replace(plan, eval_counts=None)
-        runs = [m for m in methods if m != "knn"]
-        for m in runs:
-            cfg = dataclasses.replace(base, angular_weight=0.0 if m == "msc-noangular" else base.angular_weight,
-                                      eval_every=max(1, base.eval_every))
-            epochs, last = [], {}
-            t0 = time.perf_counter()
+    label = prep.label
+    plan = DataPlan(kept_counts(prep.train, LabelFilter(frozenset([label]))), [label],
+                    kept_counts(prep.test, LabelFilter(None)))
+    # eval_every <= 0: no ROC-AUC per epoch (each costs a pass over the test set), final metrics only
+    train_plan = plan if base.eval_every > 0 else dataclasses.replace(plan, eval_counts=None)
+    for m in [m for m in methods if m != "knn"]:
+        cfg = dataclasses.replace(method_config(base, m), eval_every=max(1, base.eval_every))
+        epochs, last = [], {}
+        t0 = time.perf_counter()
 
-            def report(metrics: dict, folder: str | None) -> None:
-                epochs.append({k: metrics[k] for k in ("epoch", "loss", "roc_auc", "images_per_s") if k in metrics})
-                if log is not None:
-                    log(f"class {normal} {m}: {format_epoch(metrics)}")
-                if folder is not None and metrics["epoch"] == cfg.epochs:
-                    last["state"] = ckpt.load(folder).model_state
+        def report(metrics: dict, folder: str | None, m=m, cfg=cfg, epochs=epochs, last=last) -> None:
+            epochs.append({k: metrics[k] for k in ("epoch", "loss", "roc_auc", "feature_cos", "zc_norm", "lr",
+                                                   "images_per_s", "epoch_seconds", "center_seconds") if k in metrics})
+            if log is not None:
+                log(f"class {prep.normal} {m}: {format_epoch(metrics)}")
+            if folder is not None:  # the last published epoch (a collapse stop can end the run early)
+                last["state"] = ckpt.load(folder).model_state
 
-            run_worker(cfg, train_plan, report, None, device)
-            model = place(build_model(cfg.backbone, cfg.weights), device)
-            model.load_state_dict(last["state"])
-            out[m] = _final_metrics(cfg, model, plan, device, calibration_fraction, target_fpr) | {
-                "epoch_auc": [(e["epoch"], e.get("roc_auc")) for e in epochs],
-                "train_images_per_s": [e["images_per_s"] for e in epochs if "images_per_s" in e],
-                "seconds": time.perf_counter() - t0}
-        if "knn" in methods:
-            model = place(build_model(base.backbone, base.weights), device)
-            out["knn"] = _final_metrics(base, model, plan, device, calibration_fraction, target_fpr)
+        run_worker(cfg, train_plan, report, None, device)
+        model = place(build_model(cfg.backbone, cfg.weights), device)
+        model.load_state_dict(last["state"])
+        out[m] = _final_metrics(cfg, model, plan, device, calibration_fraction, target_fpr) | {
+            "epoch_auc": [(e["epoch"], e.get("roc_auc")) for e in epochs],
+            "epochs": epochs,
+            "train_images_per_s": [e["images_per_s"] for e in epochs if "images_per_s" in e],
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": sum(e.get("center_seconds", 0.0) + e.get("epoch_seconds", 0.0) for e in epochs)}
+    if "knn" in methods:
+        t0 = time.perf_counter()
+        model = place(build_model(base.backbone, base.weights), device)
+        out["knn"] = _final_metrics(base, model, plan, device, calibration_fraction, target_fpr) | {
+            "seconds": time.perf_counter() - t0}
     return out
 
 
-def bench_quality(npz: str, classes: list[str], base: TrainConfig, methods: list[str], device: str,
-                  time_budget_s: float | None = None, log=print, on_class=None, loop: str = "ours") -> dict:
+def _over_seeds(runs: list[dict]) -> dict:
+    """One method on one class over seeds: the mean of each metric, its standard deviation
+    (``<metric>_std``), the mean ROC-AUC per epoch, and every seed's own result."""
+    out: dict = {}
+    for k in METRICS + ("seconds", "train_seconds", "test_samples", "index_size"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        if vals:
+            out[k] = float(np.mean(vals))
+            if k in METRICS:
+                out[k + "_std"] = float(np.std(vals))
+    curves = [r.get("epoch_auc") or [] for r in runs]
+    if curves and curves[0]:
+        n = min(len(c) for c in curves)
+        out["epoch_auc"] = [(curves[0][i][0], float(np.mean([c[i][1] for c in curves]))) for i in range(n)
+                            if all(c[i][1] is not None for c in curves)]
+    out["seeds"] = runs
+    return out
+
+
+def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: list[str], device: str,
+                  time_budget_s: float | None = None, log=print, on_class=None, loop: str = "ours",
+                  seeds: list[int] | None = None, max_train: int | None = None, max_test: int | None = None,
+                  exts: list[str] | None = None, plot_dir: str | None = None) -> dict:
     """Each class in turn as the normal one; stops starting new classes once the budget is spent.
     ``on_class(partial_result)`` runs after every class, so a killed run keeps what it finished.
-    ``loop``: ours (the product's training loop) or reference (the paper's, written plainly)."""
+    ``loop``: ours (the product's training loop) or reference (the paper's, written plainly).
+    ``seeds``: train each method once per seed (default: the config's seed)."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; valid: {list(METHODS)}")
@@ -136,23 +229,50 @@ def bench_quality(npz: str, classes: list[str], base: TrainConfig, methods: list
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    seeds = list(seeds) if seeds else [base.seed]
     t0, per_class = time.perf_counter(), {}
-    res = _result(npz, per_class, methods, base, device, t0) | {"loop": loop}
+    extra = {"loop": loop, "seeds": seeds, "max_train": max_train, "max_test": max_test}
+    res = _result(data, per_class, methods, base, device, t0) | extra
     for c in classes:
         if time_budget_s is not None and per_class and time.perf_counter() - t0 > time_budget_s:
             log(f"time budget spent: stopping before class {c}")
             break
-        per_class[c] = run(npz, c, base, methods, dev, log=log)
+        with tempfile.TemporaryDirectory(prefix="msc-quality-") as tmp:
+            prep = prepare(data, c, tmp, max_train, max_test, exts)
+            runs = [run(prep, dataclasses.replace(base, seed=s), methods, dev, log=log) for s in seeds]
+        per_class[c] = {m: _over_seeds([r[m] for r in runs]) for m in methods}
         log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" for m in methods))
-        res = _result(npz, per_class, methods, base, device, t0) | {"loop": loop}
+        if plot_dir:
+            plot_class(plot_dir, c, per_class[c], loop, base)
+        res = _result(data, per_class, methods, base, device, t0) | extra
         if on_class is not None:
             on_class(res)
     return res
 
 
-def _result(npz, per_class, methods, base, device, t0) -> dict:
-    keys = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr")
-    mean = {m: {k: float(np.mean([per_class[c][m][k] for c in per_class])) for k in keys} for m in methods} if per_class else {}
-    return {"bench": "quality", "data": os.path.basename(npz), "classes": per_class, "mean": mean,
+def plot_class(plot_dir: str, c: str, per_method: dict, loop: str, base: TrainConfig) -> str:
+    """ROC-AUC per epoch of each trained method (the mean over seeds, each seed faint)."""
+    from msc_dist.evaluate.plots import epoch_auc_plot
+
+    os.makedirs(plot_dir, exist_ok=True)
+    path = os.path.join(plot_dir, f"epoch_auc_{loop}_{c}.png")
+    curves = {m: ([r.get("epoch_auc") or [] for r in v["seeds"]], v.get("epoch_auc") or [])
+              for m, v in per_method.items() if v.get("epoch_auc")}
+    epoch_auc_plot(path, curves, f"normal class {c}: ROC-AUC per epoch ({loop} loop, {base.image_size} px)",
+                   baseline=per_method.get("knn", {}).get("roc_auc"))
+    return path
+
+
+def _result(data, per_class, methods, base, device, t0) -> dict:
+    mean: dict = {}
+    if per_class:
+        for m in methods:
+            mean[m] = {k: float(np.mean([per_class[c][m][k] for c in per_class])) for k in METRICS}
+            # the spread of the class-mean over seeds
+            n_seeds = min(len(per_class[c][m]["seeds"]) for c in per_class)
+            by_seed = [np.mean([per_class[c][m]["seeds"][i]["roc_auc"] for c in per_class]) for i in range(n_seeds)]
+            mean[m]["roc_auc_std"] = float(np.std(by_seed))
+            mean[m]["seconds"] = float(np.mean([per_class[c][m].get("seconds", 0.0) for c in per_class]))
+    return {"bench": "quality", "data": os.path.basename(os.path.normpath(data)), "classes": per_class, "mean": mean,
             "config": dataclasses.asdict(base), "device": device, "seconds": time.perf_counter() - t0,
             "torch": torch.__version__}

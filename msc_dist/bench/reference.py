@@ -9,9 +9,13 @@
 * two forward passes (one per view), a full reshuffle every epoch, SGD as configured;
 * the same backbone, frozen half, BatchNorm in eval mode, loss and kNN score as ours.
 
-Only the MNIST-format npz is supported (the quality benchmark's data)."""
+It takes the encoded images of the benchmark's shards (MNIST digits, the magnetic tiles) and decodes
+each with PIL, as the paper's ImageFolder does. The learning-rate schedule and warm-up follow the
+config (the paper's: constant), so that both presets can be compared loop against loop."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import torch
@@ -22,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from msc_dist.backbones import build_model
 from msc_dist.features import place
 from msc_dist.loss import msc_loss
+from msc_dist.train.schedule import lr_factor
 
 
 def transforms(size: int, crop_min_scale: float, hflip: bool):
@@ -40,21 +45,23 @@ def transforms(size: int, crop_min_scale: float, hflip: bool):
 
 
 class _Images(Dataset):
-    def __init__(self, x: np.ndarray, transform, views: int = 1):
+    """Encoded images (bytes) decoded with PIL per item, as the paper's ImageFolder does."""
+
+    def __init__(self, x: list[bytes], transform, views: int = 1):
         self.x, self.transform, self.views = x, transform, views
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int):
-        img = Image.fromarray(self.x[i]).convert("RGB")
+        img = Image.open(io.BytesIO(self.x[i])).convert("RGB")
         if self.views == 1:
             return self.transform(img)
         return tuple(self.transform(img) for _ in range(self.views))
 
 
 @torch.no_grad()
-def _embed(model, x: np.ndarray, transform, device, batch_size: int, workers: int) -> torch.Tensor:
+def _embed(model, x: list[bytes], transform, device, batch_size: int, workers: int) -> torch.Tensor:
     model.eval()
     out = []
     for b in DataLoader(_Images(x, transform), batch_size=batch_size, num_workers=workers):
@@ -62,7 +69,7 @@ def _embed(model, x: np.ndarray, transform, device, batch_size: int, workers: in
     return torch.cat(out)
 
 
-def train_reference(x_train: np.ndarray, cfg, device: torch.device, x_eval=None, on_epoch=None):
+def train_reference(x_train: list[bytes], cfg, device: torch.device, x_eval=None, on_epoch=None):
     """Fine-tune as the paper's code does; returns (model, test transform). ``on_epoch(epoch,
     model, loss)`` runs after epoch 0 (frozen) and every training epoch."""
     torch.manual_seed(cfg.seed)
@@ -76,10 +83,14 @@ def train_reference(x_train: np.ndarray, cfg, device: torch.device, x_eval=None,
         on_epoch(0, model, None)
     loader = DataLoader(_Images(x_train, train_tf, views=2), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.loader_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    total, warmup, step = cfg.epochs * len(loader), round(cfg.warmup_epochs * len(loader)), 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         losses = []
         for v1, v2 in loader:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.lr_schedule)
+            step += 1
             z1 = model(v1.to(device).contiguous(memory_format=torch.channels_last))
             z2 = model(v2.to(device).contiguous(memory_format=torch.channels_last))
             loss = msc_loss(z1, z2, center, cfg.temperature, cfg.angular_weight)
@@ -92,5 +103,5 @@ def train_reference(x_train: np.ndarray, cfg, device: torch.device, x_eval=None,
     return model, test_tf
 
 
-def embed_with(model, x: np.ndarray, transform, cfg, device) -> torch.Tensor:
+def embed_with(model, x: list[bytes], transform, cfg, device) -> torch.Tensor:
     return _embed(model, x, transform, device, cfg.batch_size, cfg.loader_workers)

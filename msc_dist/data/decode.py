@@ -16,6 +16,30 @@ from PIL import Image
 DEFAULT_MAX_PIXELS = 64_000_000
 # Pillow format ids that decode_image accepts unless told otherwise.
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
+# How an image becomes the model's S x S input. ``center_crop`` (the paper's test transform, the
+# default for every image that is embedded rather than trained on): the shorter side resized to
+# S * 256 / 224, then the central S x S. ``squash``: the whole image resized to S x S (aspect
+# ratio lost, nothing cut off; training views are random crops of this whole image).
+RESIZE_MODES = ("center_crop", "squash")
+
+
+def check_resize_mode(mode: str) -> str:
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {list(RESIZE_MODES)}, got {mode!r}")
+    return mode
+
+
+def crop_geometry(w: int, h: int, size: int, mode: str) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """((resized w, h), (left, top) of the S x S crop or None) for an image of w x h, exactly as
+    torchvision's Resize(int(S * 256 / 224)) then CenterCrop(S) compute them."""
+    if check_resize_mode(mode) == "squash":
+        return (size, size), None
+    short = int(size * 256 / 224)
+    if w <= h:
+        nw, nh = short, int(short * h / w)
+    else:
+        nw, nh = int(short * w / h), short
+    return (nw, nh), (int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0)))
 
 
 class BadImage(ValueError):
@@ -72,25 +96,28 @@ def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def decode_image(data: bytes | None, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> np.ndarray:
-    """Encoded bytes -> (size, size, 3) uint8 RGB, squashed to a square as Resize((s, s)) does.
+                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS, resize_mode: str = "squash") -> np.ndarray:
+    """Encoded bytes -> (size, size, 3) uint8 RGB by ``resize_mode`` (see RESIZE_MODES).
     ``formats``: the Pillow format ids allowed (others raise UnsupportedFormat)."""
-    return to_array(open_image(data, max_pixels, formats), size)
+    return to_array(open_image(data, max_pixels, formats), size, resize_mode)
 
 
-def to_array(img: Image.Image, size: int) -> np.ndarray:
-    """An image from ``open_image`` decoded to (size, size, 3) uint8 RGB."""
+def to_array(img: Image.Image, size: int, resize_mode: str = "squash") -> np.ndarray:
+    """An image from ``open_image`` decoded to (size, size, 3) uint8 RGB by ``resize_mode``."""
     try:
+        (nw, nh), crop = crop_geometry(*img.size, size, resize_mode)
         # JPEG: let libjpeg downscale by 1/2..1/8 during decode (much cheaper than decoding full size).
-        img.draft("RGB", (size, size))
+        img.draft("RGB", (min(nw, nh), min(nw, nh)))
         img.load()  # decode now, inside this try: truncated data raises here
         # Grayscale is resized before it becomes RGB (a third of the work, identical pixels:
         # bilinear resizing is per channel); other modes (palette, alpha, CMYK) convert first.
         # convert() copies even when there is nothing to convert, so it runs only when needed.
         if img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.BILINEAR)
+        if img.size != (nw, nh):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        if crop is not None:
+            img = img.crop((crop[0], crop[1], crop[0] + size, crop[1] + size))
         if img.mode != "RGB":
             img = img.convert("RGB")
         return np.asarray(img, dtype=np.uint8)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image, open_image
+from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, crop_geometry, decode_image, open_image
 
 
 def probe(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
@@ -27,12 +27,16 @@ def probe(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     return open_image(data, max_pixels).format
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, h, w) uint8 -> (3, size, size) uint8, bilinear with antialiasing (as PIL's resize)."""
-    if x.shape[-2:] == (size, size):
-        return x
-    y = F.interpolate(x[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return y[0].round_().clamp_(0, 255).to(torch.uint8)
+def _resize(x: torch.Tensor, size: int, resize_mode: str = "squash") -> torch.Tensor:
+    """(3, h, w) uint8 -> (3, size, size) uint8 by ``resize_mode``, bilinear with antialiasing
+    (as PIL's resize), then the center crop where the mode has one."""
+    (nw, nh), crop = crop_geometry(x.shape[-1], x.shape[-2], size, resize_mode)
+    if x.shape[-2:] != (nh, nw):
+        y = F.interpolate(x[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = y[0].round_().clamp_(0, 255).to(torch.uint8)
+    if crop is not None:
+        x = x[:, crop[1]:crop[1] + size, crop[0]:crop[0] + size]
+    return x
 
 
 def _decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor | Exception]:
@@ -59,9 +63,10 @@ def _decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor
 
 
 def decode_batch(datas: list[bytes], size: int, device: torch.device | str,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[int], dict[int, str]]:
-    """Encoded images -> ((n, 3, size, size) uint8 on ``device``, channels_last; the indices of
-    ``datas`` that it holds, in order; {index: error} for the others)."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, resize_mode: str = "squash"
+                 ) -> tuple[torch.Tensor, list[int], dict[int, str]]:
+    """Encoded images -> ((n, 3, size, size) uint8 on ``device``, channels_last, by
+    ``resize_mode``; the indices of ``datas`` that it holds, in order; {index: error} for the others)."""
     device = torch.device(device)
     images: dict[int, torch.Tensor] = {}
     errors: dict[int, str] = {}
@@ -76,7 +81,7 @@ def decode_batch(datas: list[bytes], size: int, device: torch.device | str,
             jpegs.append(i)
             continue
         try:  # PNG, WebP: PIL on the CPU, then one copy to the device
-            arr = np.array(decode_image(d, size, max_pixels))  # PIL's array is read-only: one small copy
+            arr = np.array(decode_image(d, size, max_pixels, resize_mode=resize_mode))  # PIL's array is read-only: one small copy
             images[i] = torch.from_numpy(arr).permute(2, 0, 1).to(device, non_blocking=True)
         except BadImage as e:
             errors[i] = str(e)
@@ -84,7 +89,7 @@ def decode_batch(datas: list[bytes], size: int, device: torch.device | str,
         if isinstance(r, Exception):
             errors[i] = f"not a decodable image: {type(r).__name__}: {r}"
         else:
-            images[i] = _resize(r, size)
+            images[i] = _resize(r, size, resize_mode)
     ok = sorted(images)
     if not ok:
         return torch.zeros((0, 3, size, size), dtype=torch.uint8, device=device), [], errors
@@ -96,12 +101,13 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def materialize(batch: dict, size: int, device: torch.device | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def materialize(batch: dict, size: int, device: torch.device | str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                resize_mode: str = "squash") -> dict:
     """A loader batch of encoded bytes (``encoded``) -> the usual batch with ``images`` on the
     device; images that fail to decode leave the batch and join ``corrupt``."""
     if "encoded" not in batch:
         return batch
-    x, ok, errors = decode_batch(batch["encoded"], size, device, max_pixels)
+    x, ok, errors = decode_batch(batch["encoded"], size, device, max_pixels, resize_mode)
     keys = batch["keys"]
     return {
         "images": x,

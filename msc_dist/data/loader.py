@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, decode_image
+from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, check_resize_mode, decode_image
 from msc_dist.data.device_decode import probe
 from msc_dist.data.plan import Range, plan
 from msc_dist.data.shards import DatasetInfo, iter_samples
@@ -72,13 +72,16 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 256,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         encoded: bool = False,
+        resize_mode: str = "squash",
     ):
         """``encoded``: yield the encoded bytes (``encoded`` in the batch, header-checked against
-        ``max_pixels``) for ``device_decode.materialize`` to decode on the device."""
+        ``max_pixels``) for ``device_decode.materialize`` to decode on the device.
+        ``resize_mode``: how images become S x S (decode.RESIZE_MODES); training streams squash
+        (views are random crops of the whole image), embedding streams take the config's."""
         self.counts, self.keep, self.image_size, self.batch_size = counts, keep, image_size, batch_size
         self.world_size, self.rank, self.train = world_size, rank, train
         self.seed, self.epoch, self.shuffle_buffer, self.max_pixels = seed, epoch, shuffle_buffer, max_pixels
-        self.encoded = encoded
+        self.encoded, self.resize_mode = encoded, check_resize_mode(resize_mode)
 
     def _ranges(self, n_workers: int, worker: int, pass_: int) -> list[Range]:
         # Training reshuffles shard order every epoch (and every wrap-around pass), identically
@@ -99,7 +102,7 @@ class ShardStream(IterableDataset):
                             probe(s.data, self.max_pixels)
                             arr = s.data
                         else:
-                            arr = decode_image(s.data, self.image_size, self.max_pixels)
+                            arr = decode_image(s.data, self.image_size, self.max_pixels, resize_mode=self.resize_mode)
                     except BadImage as e:
                         yield s, None, e
                         continue

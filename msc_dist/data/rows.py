@@ -85,11 +85,12 @@ class _Rows:
         return out
 
 
-def _decode(data: bytes | None, size: int, max_pixels: int, why: str | None = None) -> tuple[np.ndarray | None, str | None]:
+def _decode(data: bytes | None, size: int, max_pixels: int, why: str | None = None,
+            resize_mode: str = "squash") -> tuple[np.ndarray | None, str | None]:
     try:
         if data is None and why:
             raise BadImage(why)
-        return decode_image(data, size, max_pixels), None
+        return decode_image(data, size, max_pixels, resize_mode=resize_mode), None
     except BadImage as e:
         return None, str(e)
 
@@ -107,9 +108,10 @@ def _probe(data: bytes | None, max_pixels: int, why: str | None = None) -> tuple
 
 
 def read_shards(batch: dict, image_size: int, max_pixels: int, max_bytes: int, block_rows: int,
-                encoded: bool = False) -> Iterator[dict]:
+                encoded: bool = False, resize_mode: str = "squash") -> Iterator[dict]:
     """Ray Data map_batches fn (batch_size=1): stream each shard item once, keep the samples
-    whose label passes ``keep``, decode them and yield blocks of ``block_rows`` rows.
+    whose label passes ``keep``, decode them (by ``resize_mode``, the checkpoint's) and yield
+    blocks of ``block_rows`` rows.
     ``encoded``: check each image's header only and pass its bytes on (column ``encoded``), for
     actors that decode on their device."""
     size = image_size
@@ -121,7 +123,7 @@ def read_shards(batch: dict, image_size: int, max_pixels: int, max_bytes: int, b
         for s in iter_samples(url, max_member_bytes=max_bytes, counter=counter):
             if not keep(s.label):
                 continue
-            img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, size, max_pixels, s.error)
+            img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, size, max_pixels, s.error, resize_mode)
             if err:
                 log.warning("skipping corrupt sample key=%s shard=%s: %s", s.key, s.source, err)
             rows.add(s.key, s.source, s.label, img, err)
@@ -198,7 +200,7 @@ def object_ext(uri: str) -> str:
     return base.rsplit(".", 1)[-1].lower() if "." in base else ""
 
 
-def read_objects(batch: dict, image_size: int, max_bytes: int, max_pixels: int) -> dict:
+def read_objects(batch: dict, image_size: int, max_bytes: int, max_pixels: int, resize_mode: str = "squash") -> dict:
     """Ray Data fn: object URIs -> decoded rows. Each object is read once, at most max_bytes + 1
     bytes of it, through one cached client per worker, with retries on transient errors; any
     failure is an error row."""
@@ -213,7 +215,7 @@ def read_objects(batch: dict, image_size: int, max_bytes: int, max_pixels: int) 
                 raise BadImage(f"not an image object (extension {ext or 'none'!r}; expected one of {list(IMAGE_EXTS)})")
             data = storage.retrying(storage.read_capped, uri, max_bytes, what=f"read of {uri}")
             nbytes = len(data)
-            img = decode_image(data, size, max_pixels)
+            img = decode_image(data, size, max_pixels, resize_mode=resize_mode)
         except (BadImage, storage.TooLarge) as e:
             err = str(e)
         except Exception as e:  # storage errors that survived the retries: permission, vanished object, ...

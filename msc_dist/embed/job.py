@@ -57,8 +57,10 @@ class PassStats:
 
 
 def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str, image_size: int, cfg: EmbedConfig,
-               root: str, cal_fraction: float, role: str = "index", progress: str = "embed") -> PassStats:
-    """Embed every kept sample of ``data`` into Parquet parts under <root>/embeddings/."""
+               root: str, cal_fraction: float, role: str = "index", progress: str = "embed",
+               resize_mode: str = "squash") -> PassStats:
+    """Embed every kept sample of ``data`` into Parquet parts under <root>/embeddings/, each
+    image made ``image_size`` square by ``resize_mode`` (the checkpoint's)."""
     import ray.data
 
     info = describe(data, scan=False)  # counts from shards.json when there is one; never a scan
@@ -69,7 +71,7 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
     items = shard_items(counts, keep)
     on_device = decode_on_device(cfg)
     limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-              "block_rows": cfg.rows_per_task, "encoded": on_device}
+              "block_rows": cfg.rows_per_task, "encoded": on_device, "resize_mode": resize_mode}
     gpus = 1 if cfg.use_gpu else 0
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
@@ -186,7 +188,7 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
         raise ConfigError("no --data and the checkpoint's config names none")
     info = describe(data, scan=False)
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
-    image_size = int(tcfg["image_size"])
+    image_size, mode = int(tcfg["image_size"]), ckpt.resize_mode(tcfg)
     init_ray(cfg.ray_address)
     check_capacity("embedding job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
@@ -195,16 +197,16 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     keep = LabelFilter(frozenset(normal))
     total = None if info.count is None else sum(s.count_where(keep) for s in info.shards)
     own_cal = 0.0 if cfg.calibration_data else _calibration_fraction(cfg, total)
-    st = embed_pass(data, normal, ck_url, ck.model_id, image_size, cfg, root, own_cal, "index", "embed")
+    st = embed_pass(data, normal, ck_url, ck.model_id, image_size, cfg, root, own_cal, "index", "embed", mode)
     if cfg.calibration_data:
         cst = embed_pass(cfg.calibration_data, normal, ck_url, ck.model_id, image_size, cfg, root, 1.0, "calibration",
-                         "calibrate")
+                         "calibrate", mode)
         st.cal += cst.cal
     index_rows = sum(n for _, n in st.parts)
     if index_rows < cfg.k:
         raise DataError(f"{index_rows} decodable normal samples in {data!r} after the calibration hold-out: "
                         f"need at least k = {cfg.k}")
-    extra = {"checkpoint": ck_url, "backbone": tcfg["backbone"], "image_size": image_size, "data": data,
+    extra = {"checkpoint": ck_url, "backbone": tcfg["backbone"], "image_size": image_size, "resize_mode": mode, "data": data,
              "embeddings": [{"file": f, "rows": n} for f, n in st.parts + st.cal],
              "corrupt": st.corrupt, "epoch": ck.meta.get("epoch"), "bytes_read": st.bytes_read,
              "bytes_stored": st.bytes_stored}

@@ -42,11 +42,12 @@ class EmbedActor:
     def __init__(self, checkpoint: str, use_gpu: bool = False, max_pixels: int = 64_000_000):
         import torch
 
-        from msc_dist.checkpoint import load_model
+        from msc_dist.checkpoint import load_model, resize_mode
 
         self.max_pixels = max_pixels
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _, self.config, self.model_id = load_model(checkpoint, self.device)
+        self.resize_mode = resize_mode(self.config)
 
     def __call__(self, batch: dict) -> dict:
         from msc_dist.features import embed_hwc, embed_images
@@ -58,7 +59,7 @@ class EmbedActor:
 
             rows = np.flatnonzero(ok)
             x, got, errors = decode_batch([batch["encoded"][i] for i in rows], int(self.config["image_size"]), self.device,
-                                          self.max_pixels)
+                                          self.max_pixels, self.resize_mode)
             batch["error"] = batch["error"].copy()
             for j, e in errors.items():
                 batch["error"][rows[j]] = e

@@ -119,3 +119,20 @@ def gallery(path: str, highest: list[tuple[str, float, bool, bytes, bytes | None
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title: str,
+                   baseline: float | None = None) -> None:
+    """curves: method -> (one [(epoch, roc_auc)] per seed, drawn faint; their mean, drawn bold).
+    ``baseline``: the frozen kNN's ROC-AUC, a dotted line."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for m, (per_seed, mean) in curves.items():
+        (line,) = ax.plot([e for e, _ in mean], [a for _, a in mean], "o-", label=m, lw=2)
+        for c in per_seed if len(per_seed) > 1 else []:
+            ax.plot([e for e, _ in c], [a for _, a in c], "-", color=line.get_color(), alpha=0.3, lw=1)
+    if baseline is not None:
+        ax.axhline(baseline, color="k", ls=":", lw=0.8, label=f"frozen kNN {baseline:.4f}")
+    ax.set(xlabel="epoch", ylabel="ROC-AUC", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(loc="lower right")
+    _save(fig, path)

@@ -163,14 +163,15 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     checkpoint = cfg.checkpoint or idx.manifest.extra.get("checkpoint")
     if not checkpoint:
         raise ConfigError("the index manifest names no checkpoint; pass --checkpoint")
-    image_size = int(idx.manifest.extra["image_size"])
+    # The index was built by this checkpoint (the actors check the model id): its size and resize mode.
+    image_size, mode = int(idx.manifest.extra["image_size"]), idx.manifest.extra.get("resize_mode", "squash")
     model_id, threshold, version = idx.manifest.model_id, idx.manifest.threshold, idx.manifest.version
     del idx  # the actors load their own; the driver keeps no index in memory
     fmt = input_format(cfg.input, cfg.input_format)
     init_ray(cfg.ray_address)
     check_capacity("scoring job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
-    limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
+    limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes, "resize_mode": mode}
     if fmt == "shards":
         info = describe(cfg.input, scan=False)
         items = shard_items([(s.url, s.count) for s in info.shards], None)

@@ -19,8 +19,9 @@ from msc_dist.config import ConfigError, to_json
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import DataError, DatasetInfo, describe
+from msc_dist.data.decode import RESIZE_MODES
 from msc_dist.console import init_ray
-from msc_dist.train.config import TrainConfig
+from msc_dist.train.config import LR_SCHEDULES, ON_COLLAPSE, TrainConfig
 # Imported with the module, before Ray starts: a job's driver must not import from its working dir
 # after ray.init (on a one-host test "cluster" the nodes share that folder and may re-extract it).
 from msc_dist.train.progress import EpochProgress
@@ -56,6 +57,12 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
             raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
     if cfg.batch_size < 2:
         raise ConfigError("batch_size must be at least 2 (the contrastive loss needs negatives)")
+    for key, valid in (("resize_mode", RESIZE_MODES), ("lr_schedule", LR_SCHEDULES), ("on_collapse", ON_COLLAPSE),
+                       ("preset", tuple(TrainConfig.PRESETS))):
+        if getattr(cfg, key) not in valid:
+            raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; valid: {list(valid)}")
+    if not 0 <= cfg.warmup_epochs <= max(cfg.epochs, 0):
+        raise ConfigError(f"warmup_epochs must be in [0, epochs = {cfg.epochs}], got {cfg.warmup_epochs}")
     if not 0.0 < cfg.crop_min_scale <= 1.0:
         raise ConfigError(f"crop_min_scale must be in (0, 1], got {cfg.crop_min_scale}")
     strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

@@ -21,15 +21,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from msc_dist import dist
 from msc_dist.augment import TwoViewAugment
 from msc_dist.backbones import FeatureModel, build_model
+from msc_dist.data.decode import check_resize_mode
 from msc_dist.data.device_decode import materialize
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.features import Embedded, autocast, embed_batches, place
-from msc_dist.loss import mean_shift, msc_loss
+from msc_dist.loss import feature_stats, mean_shift, msc_loss, summarize_feature_stats
 from msc_dist.scoring import knn_score, roc_auc
 from msc_dist import checkpoint as ckpt
 from msc_dist.train.center import global_center
-from msc_dist.train.config import TrainConfig
+from msc_dist.train.config import ON_COLLAPSE, TrainConfig
+from msc_dist.train.schedule import lr_factor
 
 log = logging.getLogger("msc_dist.train")
 
@@ -59,21 +61,27 @@ def decode_on_device(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.decode_on_device == "on" or (cfg.decode_on_device == "auto" and device.type == "cuda")
 
 
+def view_mode(cfg: TrainConfig, train: bool) -> str:
+    """How loader images become S x S: training views are random crops of the whole (squashed)
+    image; every image that is embedded (center, bank, evaluation) takes ``cfg.resize_mode``."""
+    return "squash" if train else check_resize_mode(cfg.resize_mode)
+
+
 def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: int = 0,
             encoded: bool = False) -> ShardStream:
     return ShardStream(
         counts, keep, cfg.image_size, cfg.batch_size, dist.world_size(), dist.rank(),
         train=train, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer, max_pixels=cfg.max_pixels,
-        encoded=encoded,
+        encoded=encoded, resize_mode=view_mode(cfg, train),
     )
 
 
-def device_batches(cfg: TrainConfig, loader, device: torch.device):
+def device_batches(cfg: TrainConfig, loader, device: torch.device, resize_mode: str = "squash"):
     """Loader batches with ``images`` on the device: decoded there from bytes (``materialize``)
     when the loader hands bytes, else copied (pinned, non-blocking)."""
     for batch in loader:
         if "encoded" in batch:
-            yield materialize(batch, cfg.image_size, device, cfg.max_pixels)
+            yield materialize(batch, cfg.image_size, device, cfg.max_pixels, resize_mode)
         else:
             yield {**batch, "images": batch["images"].to(device, non_blocking=True)}
 
@@ -82,7 +90,7 @@ def loader_for(cfg: TrainConfig, counts, keep: LabelFilter, device: torch.device
     on = decode_on_device(cfg, device)
     loader = make_loader(_stream(cfg, counts, keep, train=train, epoch=epoch, encoded=on), cfg.loader_workers,
                          device.type == "cuda" and not on)
-    return device_batches(cfg, loader, device)
+    return device_batches(cfg, loader, device, view_mode(cfg, train))
 
 
 def embed_counts(cfg, model, counts, keep, device, on_samples: Callable[[int], None] | None = None) -> Embedded:
@@ -160,11 +168,13 @@ def _publish(report: Report, metrics: dict, model: FeatureModel, center, cfg, op
 def format_epoch(m: dict) -> str:
     """The one line a person reads per epoch."""
     parts = [f"epoch {m['epoch']}"]
-    for k in ("loss", "roc_auc", "images_per_s", "epoch_seconds", "center_seconds", "corrupt_skipped"):
+    for k in ("loss", "roc_auc", "feature_cos", "images_per_s", "epoch_seconds", "center_seconds", "corrupt_skipped"):
         if k in m and m[k] is not None:
             v = m[k]
-            parts.append(f"{k} {v:.4f}" if isinstance(v, float) and k in ("loss", "roc_auc")
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) and k in ("loss", "roc_auc", "feature_cos")
                          else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}")
+    if m.get("collapsed"):
+        parts.append("COLLAPSED: feature_cos >= collapse_cos")
     return " | ".join(parts)
 
 
@@ -202,6 +212,15 @@ class Stepper:
             net = torch.compile(net)
         self.net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_dist() else net
         self.global_negatives = cfg.global_negatives and dist.world_size() > 1
+        # Summed feature_stats of the first view of every step since reset_stats (stays on the device).
+        self.stats = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def reset_stats(self) -> None:
+        self.stats.zero_()
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, S, S) uint8 on the device -> detached float64 loss."""
@@ -219,6 +238,7 @@ class Stepper:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        self.stats += feature_stats(z1, c)
         return loss.detach().double()
 
 
@@ -233,8 +253,10 @@ def center_pass(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device: t
     emb = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(plan.normal_labels)), device,
                        on_samples=None if progress is None else (lambda n: progress("center", n, share)))
     center_cpu, n = global_center(emb.z)
+    stats = dist.all_reduce_sum(feature_stats(emb.z, center_cpu))  # the frozen features' spread
     metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
                "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
+               **summarize_feature_stats(stats),
                "rank_center_samples": _per_rank(emb.z.shape[0]),
                # which node each rank ran on (first 12 hex digits of the Ray node id)
                "rank_nodes": [f"{v:012x}" for v in _per_rank(int(node_id[:12], 16) if _is_hex(node_id[:12]) else 0)]}
@@ -247,7 +269,8 @@ def center_pass(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device: t
 def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", plan: DataPlan, epoch: int,
                     n_steps: int, device: torch.device, progress: Progress | None = None) -> dict:
     """One pass of ``n_steps`` optimiser steps on every rank; the epoch's metrics (no evaluation,
-    no step count: the caller adds ``step``/``start_epoch``)."""
+    no step count: the caller adds ``step``/``start_epoch``). The learning rate follows
+    ``cfg.lr_schedule`` by global step, so a resumed run continues the same curve."""
     model.train()  # BatchNorm stays in eval mode (FeatureModel.train)
     # This epoch's augmentations and loader-worker seeds depend on (seed, rank, epoch) alone, not
     # on what ran before: evaluation passes draw from the global RNG (each DataLoader takes a
@@ -256,21 +279,28 @@ def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", p
     normal = LabelFilter(frozenset(plan.normal_labels))
     loader = loader_for(cfg, plan.train_counts, normal, device, train=True, epoch=epoch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    stepper.reset_stats()
     corrupt: set[str] = set()
     done, t0 = 0, time.perf_counter()
+    lr = cfg.lr
+    first, total, warmup = (epoch - 1) * n_steps, cfg.epochs * n_steps, round(cfg.warmup_epochs * n_steps)
     for x in full_batches(loader, cfg.batch_size, n_steps, corrupt):
+        lr = cfg.lr * lr_factor(first + done, total, warmup, cfg.lr_schedule)
+        stepper.set_lr(lr)
         loss_sum += stepper(x)
         done += 1
         if progress is not None:
             progress(f"epoch {epoch}", done, n_steps)
     del loader
-    mean_loss = float(dist.all_reduce_sum(loss_sum.cpu()).item()) / max(1, n_steps * dist.world_size())
+    sums = dist.all_reduce_sum(torch.cat([loss_sum.reshape(1), stepper.stats]).cpu())  # one collective
+    mean_loss = float(sums[0].item()) / max(1, n_steps * dist.world_size())
     elapsed = time.perf_counter() - t0
     if corrupt:
         log.warning("rank %d skipped corrupt samples this epoch: %s", dist.rank(), sorted(corrupt))
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"loss is {mean_loss} at epoch {epoch}")
-    return {"epoch": epoch, "loss": mean_loss, "steps": n_steps, "rank_steps": _per_rank(done),
+    return {"epoch": epoch, "loss": mean_loss, "lr": lr, **summarize_feature_stats(sums[1:]),
+            "steps": n_steps, "rank_steps": _per_rank(done),
             "images_per_s": n_steps * cfg.batch_size * dist.world_size() / max(elapsed, 1e-9),
             "corrupt_skipped": _count_corrupt(corrupt), "epoch_seconds": elapsed}
 
@@ -307,5 +337,25 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, **metrics}
         if plan.eval_counts is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             metrics.update(evaluate(cfg, model, plan, device))
+        collapsed = collapse_check(cfg, metrics)
         _log_epoch(metrics)
         _publish(report, metrics, model, center, cfg, opt)
+        if collapsed and cfg.on_collapse == "stop":
+            break
+
+
+def collapse_check(cfg: TrainConfig, metrics: dict) -> bool:
+    """True (and ``metrics["collapsed"]``, a warning on rank 0) when the epoch's normal features
+    collapsed: their mean pairwise cosine reached ``cfg.collapse_cos``."""
+    if cfg.on_collapse not in ON_COLLAPSE:
+        raise ValueError(f"on_collapse must be one of {list(ON_COLLAPSE)}, got {cfg.on_collapse!r}")
+    cos = metrics.get("feature_cos")
+    if cos is None or not cos >= cfg.collapse_cos:
+        return False
+    metrics["collapsed"] = True
+    if dist.is_main_process():
+        log.warning("epoch %d: the features are collapsing (mean pairwise cosine %.4f >= collapse_cos %.2f, "
+                    "mean ||z - c|| %.4f)%s", metrics["epoch"], cos, cfg.collapse_cos, metrics.get("zc_norm", float("nan")),
+                    "; stopping (on_collapse: stop)" if cfg.on_collapse == "stop" else
+                    "; lower --lr or set --on-collapse stop")
+    return True
