@@ -1,4 +1,5 @@
-"""Typed job configs: defaults (the dataclass), then a YAML file, then CLI flags.
+"""Typed job configs: defaults (the dataclass), then a named preset (``--preset``, where the
+class has ``PRESETS``), then a YAML file, then CLI flags.
 
 One parser for every job, every ``msc`` verb and every benchmark, built from the dataclass:
 each field becomes a flag ``--field-name`` (its help ends with its default); lists take several

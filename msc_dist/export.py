@@ -73,7 +73,7 @@ class ExportModule(nn.Module):
         return self.model(x)
 
 
-def check_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+def check_images(n: int, size: int, seed: int = 0, resize_mode: str = "squash") -> np.ndarray:
     """(n, 3, size, size) uint8: demo textures, every other one with a defect, JPEG-encoded and
     decoded as the Scorer decodes uploads."""
     from msc_dist.data.decode import decode_image
@@ -85,7 +85,7 @@ def check_images(n: int, size: int, seed: int = 0) -> np.ndarray:
         img = texture(rng, max(size, 64))
         if i % 2:
             img = add_defect(img, i % 3, rng)
-        out.append(decode_image(encode_jpeg(img), size))
+        out.append(decode_image(encode_jpeg(img), size, resize_mode=resize_mode))
     return np.stack(out).transpose(0, 3, 1, 2).copy()
 
 
@@ -163,7 +163,7 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
         raise ConfigError(f"check_images must be at least 1, got {cfg.check_images}")
     ck_url = ckpt.resolve(cfg.checkpoint if "://" in cfg.checkpoint else os.path.expanduser(cfg.checkpoint))
     model, center, config, model_id = ckpt.load_model(ck_url, "cpu")
-    size, dim = int(config["image_size"]), int(model.dim)
+    size, dim, mode = int(config["image_size"]), int(model.dim), ckpt.resize_mode(config)
 
     index_ref, manifest_bytes = None, None
     if cfg.index:
@@ -180,7 +180,7 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
 
     out = os.path.abspath(os.path.expanduser(cfg.out))
     os.makedirs(out, exist_ok=True)
-    images = check_images(cfg.check_images, size)
+    images = check_images(cfg.check_images, size, resize_mode=mode)
     x = images if cfg.input == "uint8" else (images.astype(np.float32) / 255.0)
     ref = reference_features(model, images)
 
@@ -217,7 +217,10 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
         "input": {"name": "images", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB",
                   "dtype": "uint8" if cfg.input == "uint8" else "float32",
                   "range": "0..255" if cfg.input == "uint8" else "0..1",
-                  "preprocess": f"decode, convert to RGB, resize to {size}x{size} (bilinear, no crop)"},
+                  "resize_mode": mode,
+                  "preprocess": (f"decode, convert to RGB, resize to {size}x{size} (bilinear, no crop)" if mode == "squash"
+                                 else f"decode, convert to RGB, resize the shorter side to {int(size * 256 / 224)} "
+                                      f"(bilinear), center-crop {size}x{size}")},
         "output": {"name": "features", "shape": ["batch", dim], "dtype": "float32", "note": "L2-normalised"},
         "normalization": {"mean": list(model.spec.mean), "std": list(model.spec.std), "inside_model": True},
         "score": "sum over the k nearest index vectors of the squared L2 distance (2 - 2 cos on unit vectors)",

@@ -95,8 +95,10 @@ def trained_run(local_ray, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("trained")
     make_demo(str(root / "demo"), n_train=96, n_test_normal=8, n_test_defect=8, size=64, per_shard=40)
+    # resize_mode squash, not the default center_crop: the embedding, scoring and serving tests
+    # check that every path follows the checkpoint's mode rather than the default.
     cfg = TrainConfig(data=str(root / "demo" / "train"), epochs=1, image_size=64, batch_size=8, num_workers=2,
-                      loader_workers=0, lr=1e-4, storage_path=str(root / "runs"), name="shared")
+                      loader_workers=0, lr=1e-4, storage_path=str(root / "runs"), name="shared", resize_mode="squash")
     out = main(cfg)
     assert out.error is None
     return {"root": root, "run_dir": out.run_dir, "checkpoint": out.checkpoint, "data": cfg.data}

@@ -113,3 +113,44 @@ def test_bench_quality_reference_loop_runs_the_same_protocol(tmp_path):
         assert 0.5 < per[m]["roc_auc"] <= 1 and per[m]["test_samples"] == 150
         assert 0 < per[m]["index_size"] < n_normal  # the same hashed-key hold-out as ours
     assert [e for e, _ in per["msc"]["epoch_auc"]] == [0, 1]
+
+
+def test_bench_quality_on_an_image_folder_over_seeds_with_both_loops_and_a_plot(tmp_path):
+    """An image folder (a class per subfolder, as the magnetic tiles): a seeded 70/30 split of the
+    normal class, the other classes anomalies; each method once per seed with mean and spread;
+    msc-fast trains with the fast preset (its epochs, schedule); the reference loop reads the same
+    shards; the ROC-AUC-per-epoch plot is written."""
+    import numpy as np
+    from PIL import Image
+
+    from msc_dist.bench.quality import bench_quality
+    from msc_dist.train.config import TrainConfig
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("good", 24), ("bad", 8)):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(60, 120, (40, 56), dtype=np.uint8)
+            if cls == "bad":
+                a[10:22, 20:34] = 255
+            Image.fromarray(a).save(tmp_path / "src" / cls / f"{i}.png")
+            Image.fromarray(a).save(tmp_path / "src" / cls / f"{i}.jpg")  # decoys: --exts picks png only
+    base = TrainConfig(image_size=32, batch_size=8, epochs=1, lr=1e-4, loader_workers=0)
+    res = bench_quality(str(tmp_path / "src"), ["good"], base, ["knn", "msc-fast"], "cpu", log=lambda m: None,
+                        seeds=[0, 1], exts=["png"], plot_dir=str(tmp_path / "plots"))
+    per = res["classes"]["good"]
+    assert res["seeds"] == [0, 1] and len(per["msc-fast"]["seeds"]) == 2
+    fast = TrainConfig.PRESETS["fast"]
+    for run in per["msc-fast"]["seeds"]:
+        assert [e for e, _ in run["epoch_auc"]] == list(range(fast["epochs"] + 1))
+        assert run["test_samples"] == 8 + 24 - 17 and run["epochs"][1]["lr"] == pytest.approx(fast["lr"])
+    assert per["msc-fast"]["seeds"][0]["roc_auc"] != per["msc-fast"]["seeds"][1]["roc_auc"]  # seeds differ
+    aucs = [r["roc_auc"] for r in per["msc-fast"]["seeds"]]
+    assert per["msc-fast"]["roc_auc"] == pytest.approx(np.mean(aucs)) and per["msc-fast"]["roc_auc_std"] == pytest.approx(np.std(aucs))
+    assert per["knn"]["roc_auc"] > 0.9  # a white square on grey noise
+    assert (tmp_path / "plots" / "epoch_auc_ours_good.png").stat().st_size > 5000
+    ref = bench_quality(str(tmp_path / "src"), ["good"], base, ["msc"], "cpu", log=lambda m: None, loop="reference",
+                        seeds=[0, 1], exts=["png"])
+    r = ref["classes"]["good"]["msc"]
+    assert ref["loop"] == "reference" and len(r["seeds"]) == 2 and r["test_samples"] == 15
+    assert [e for e, _ in r["epoch_auc"]] == [0, 1]

@@ -19,6 +19,22 @@ def test_defaults_then_yaml_then_flags(tmp_path):
     assert TrainConfig().lr == 1e-5 and TrainConfig().epochs == 20 and TrainConfig().batch_size == 64
 
 
+def test_presets_sit_between_the_defaults_and_the_yaml_and_flags(tmp_path):
+    fast = TrainConfig.PRESETS["fast"]
+    cfg = parse(TrainConfig, ["--preset", "fast"], "t")
+    assert cfg.preset == "fast" and {k: getattr(cfg, k) for k in fast} == fast
+    assert cfg.epochs <= TrainConfig().epochs / 3  # the point of the preset: a third of the paper's time
+    y = tmp_path / "c.yaml"
+    y.write_text("preset: fast\nepochs: 4\n")
+    cfg = parse(TrainConfig, ["--config", str(y), "--lr", "3e-4"], "t")
+    assert (cfg.preset, cfg.epochs, cfg.lr, cfg.lr_schedule) == ("fast", 4, 3e-4, fast["lr_schedule"])
+    assert parse(TrainConfig, [], "t") == TrainConfig()  # paper: the defaults themselves
+    assert {k: getattr(TrainConfig(), k) for k in TrainConfig.PRESETS["paper"]} == TrainConfig.PRESETS["paper"]
+    r = subprocess.run([sys.executable, "-m", "msc_dist.train", "--preset", "quick", "--data", "/nonexistent"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "valid presets: ['fast', 'paper']" in r.stderr
+
+
 def test_unknown_config_key_lists_valid_keys():
     with pytest.raises(ConfigError, match="valid keys: .*batch_size"):
         from_dict(TrainConfig, {"batchsize": 3})

@@ -54,6 +54,23 @@ def test_embeddings_by_id_and_index(embedded):
     by_id = dict(zip(ids, emb))
     d, rows = idx.search(by_id[str(idx.ids[5])][None], 1)
     assert rows[0, 0] == 5 and d[0, 0] < 1e-5
+    # The checkpoint was trained with resize_mode squash (not the default): the job embedded every
+    # image as the checkpoint's mode makes it, recorded the mode, and the Scorer decodes the same way.
+    from msc_dist.checkpoint import load_model
+    from msc_dist.data.decode import decode_image
+    from msc_dist.features import embed_hwc
+
+    model, _, config, _ = load_model(ck)
+    assert config["resize_mode"] == "squash" and idx.manifest.extra["resize_mode"] == "squash"
+    samples = {s.key: s.data for sh in describe(embedded["data"]).shards for s in iter_samples(sh.url)}
+    some = ids[:6]
+    views = {m: embed_hwc(model, np.stack([decode_image(samples[k], 64, resize_mode=m) for k in some]), torch.device("cpu"))
+             .numpy() for m in ("squash", "center_crop")}
+    got = np.stack([by_id[k] for k in some])
+    assert np.abs(got - views["squash"]).max() < 1e-4 < np.abs(got - views["center_crop"]).max()
+    scorer = Scorer(None, out)
+    assert scorer.resize_mode == "squash" and scorer.info()["resize_mode"] == "squash"
+    assert np.array_equal(scorer.decode(samples[some[0]]), decode_image(samples[some[0]], 64, resize_mode="squash"))
 
 
 def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path):

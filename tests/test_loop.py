@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
+import pytest
 import torch
 
 from msc_dist.data.demo import make_demo
@@ -74,3 +76,54 @@ def test_training_with_decode_on_device_matches_the_pil_path(tmp_path):
     assert float(c_on @ c_off) > 0.999
     assert abs(m0_on["roc_auc"] - m0_off["roc_auc"]) < 0.05
     assert torch.isfinite(torch.tensor(out["on"][1][0]["loss"]))
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    from msc_dist.train.schedule import lr_factor
+
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm, "cosine") for s in range(total)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert f[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[10:], f[11:]))  # then only down
+    assert f[55] == pytest.approx(0.5, abs=0.02) and 0 < f[-1] < 0.001
+    assert [lr_factor(s, total, 0, "constant") for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor(0, total, 0, "linear")
+
+
+def test_schedule_collapse_statistics_and_collapse_stop(tmp_path):
+    """Every epoch reports the learning rate it ended at, the mean pairwise cosine of the normal
+    features and the mean ||z - c||; a collapse alarm with on_collapse stop ends the run after
+    publishing that epoch (here the alarm threshold is set below any cosine, so it must fire)."""
+    train, test = make_demo(str(tmp_path / "demo"), n_train=32, n_test_normal=4, n_test_defect=4, size=40, per_shard=16)
+    plan = DataPlan(kept_counts(train, LabelFilter(frozenset({0}))), [0], None)
+    got: list[dict] = []
+    cfg = TrainConfig(image_size=32, batch_size=8, epochs=3, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
+                      loader_workers=0, steps_per_epoch=2)
+    run_worker(cfg, plan, lambda m, f: got.append(m), None, torch.device("cpu"))
+    assert [m["epoch"] for m in got] == [0, 1, 2, 3]
+    assert got[1]["lr"] == pytest.approx(1e-3)  # the warm-up's last step reaches the peak
+    assert 0 < got[3]["lr"] < got[2]["lr"] < 1e-3  # then cosine decay
+    for m in got:
+        assert -1 < m["feature_cos"] < 1 and 0 < m["zc_norm"] < 2 and not m.get("collapsed")
+    got.clear()
+    stop = dataclasses.replace(cfg, collapse_cos=-1.0, on_collapse="stop")
+    run_worker(stop, plan, lambda m, f: got.append(m), None, torch.device("cpu"))
+    assert [m["epoch"] for m in got] == [0, 1] and got[1]["collapsed"] is True
+
+
+def test_feature_stats_match_brute_force_and_see_a_collapse():
+    from msc_dist.loss import feature_stats, summarize_feature_stats
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(5, generator=g), dim=0)
+    cos = z @ z.T
+    brute = (cos.sum() - cos.diag().sum()) / (12 * 11)
+    halves = feature_stats(z[:5], c) + feature_stats(z[5:], c)  # sums over batches (pairs within each)
+    s = summarize_feature_stats(feature_stats(z, c))
+    assert s["feature_cos"] == pytest.approx(float(brute), abs=1e-6)
+    assert s["zc_norm"] == pytest.approx(float((z - c).norm(dim=1).mean()), abs=1e-6)
+    assert summarize_feature_stats(halves)["zc_norm"] == pytest.approx(s["zc_norm"])
+    same = summarize_feature_stats(feature_stats(z[:1].repeat(8, 1), c))
+    assert same["feature_cos"] == pytest.approx(1.0)

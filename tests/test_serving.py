@@ -78,6 +78,7 @@ def test_scores_equal_the_offline_scorer(serving, images):
         info = c.get(f"{url}/v1/model").json()
         assert info["model_id"] == scorer.model_id and info["index_size"] == scorer.index.count
         assert info["image_size"] == 64 and info["backbone"] == "efficientnet_lite0"
+        assert info["resize_mode"] == "squash" == scorer.resize_mode  # the checkpoint's, not the default
         assert c.get(f"{url}/healthz").json() == {"status": "ok"}
         assert "/v1/score" in c.get(f"{url}/openapi.json").json()["paths"]
 

@@ -9,7 +9,8 @@ from msc_dist.train.config import TrainConfig
 
 # The training fields that evaluation passes on to the training job unchanged (types and help
 # from TrainConfig). The protocol's own defaults differ on purpose: a shorter run on one worker.
-TRAIN_KEYS = ("backbone", "weights", "image_size", "epochs", "batch_size", "lr", "crop_min_scale", "hflip",
+TRAIN_KEYS = ("backbone", "weights", "image_size", "resize_mode", "epochs", "batch_size", "lr", "lr_schedule",
+              "warmup_epochs", "crop_min_scale", "hflip",
               "num_workers", "loader_workers", "use_gpu", "seed", "ray_address")
 _EvalTrainFields = borrow(TrainConfig, TRAIN_KEYS, "_EvalTrainFields", epochs=10, batch_size=32, num_workers=1)
 

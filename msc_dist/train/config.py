@@ -62,7 +62,7 @@ class TrainConfig:
     # in at most a third of its epochs.
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"epochs": 20, "lr": 1e-5, "lr_schedule": "constant", "warmup_epochs": 0.0, "momentum": 0.0},
-        "fast": {"epochs": 6, "lr": 1e-4, "lr_schedule": "cosine", "warmup_epochs": 1.0, "momentum": 0.0},
+        "fast": {"epochs": 6, "lr": 1e-3, "lr_schedule": "cosine", "warmup_epochs": 1.0, "momentum": 0.0},
     }
 
 
@@ -101,7 +101,7 @@ HELP = {
     "knn_k": "neighbours in the kNN score",
     "eval_every": "evaluate every N epochs",
     "collapse_cos": "collapse alarm: the mean pairwise cosine of the normal training features (logged per epoch as feature_cos, with the mean ||z - c|| as zc_norm) at or above this means the features collapsed",
-    "on_collapse": "warn | stop: what a collapse alarm does (stop: end training with an error after publishing that epoch's checkpoint)",
+    "on_collapse": "warn | stop: what a collapse alarm does (stop: training ends after publishing that epoch, marked collapsed; the earlier epochs' checkpoints stay)",
     "seed": "seed for shuffling and augmentation",
     "num_workers": "Ray Train workers (DDP ranks)",
     "use_gpu": "one GPU per worker, NCCL; otherwise CPU and gloo",
