@@ -119,7 +119,7 @@ def test_decode_matches_the_plain_pil_pipeline_for_every_mode():
             im.save(buf, format=fmt)
             for size in (32, 50, 96):
                 ref = Image.open(io.BytesIO(buf.getvalue()))
-                ref.draft("RGB", (size, size))
+                ref.draft("RGB", (2 * size, 2 * size))
                 ref = ref.convert("RGB").resize((size, size), Image.BILINEAR)
                 got = decode_image(buf.getvalue(), size)
                 assert got.dtype == np.uint8 and got.shape == (size, size, 3)

@@ -106,8 +106,12 @@ def to_array(img: Image.Image, size: int, resize_mode: str = "squash") -> np.nda
     """An image from ``open_image`` decoded to (size, size, 3) uint8 RGB by ``resize_mode``."""
     try:
         (nw, nh), crop = crop_geometry(*img.size, size, resize_mode)
-        # JPEG: let libjpeg downscale by 1/2..1/8 during decode (much cheaper than decoding full size).
-        img.draft("RGB", (min(nw, nh), min(nw, nh)))
+        # JPEG: let libjpeg downscale by 1/2..1/8 during decode (much cheaper than decoding full
+        # size), but only down to twice the size the bilinear resize then makes: a DCT-domain
+        # downscale straight to the target size blurs differently from an antialiased resize, and
+        # that cost 1 ROC-AUC point on the magnetic tiles at 64 px (frozen kNN 0.9150 against
+        # 0.9254 for a full decode; 0.9250 with this 2x margin).
+        img.draft("RGB", (2 * min(nw, nh), 2 * min(nw, nh)))
         img.load()  # decode now, inside this try: truncated data raises here
         # Grayscale is resized before it becomes RGB (a third of the work, identical pixels:
         # bilinear resizing is per channel); other modes (palette, alpha, CMYK) convert first.

@@ -4,11 +4,11 @@ same call runs libjpeg-turbo on the CPU) and resized there with antialiasing. PN
 the PIL path. The pixel limit and the format are checked from the header, before any decode.
 
 Same pixels as ``decode.decode_image`` within a stated tolerance, tested in tests/test_data.py:
-the mean |difference| per image is under 2.5 grey levels (measured: 0.18 at 224 px, 0.39 at
-128 px, 0.88 at 64 px on the magnetic tiles; 0 where no resize is needed). It is not zero
-because PIL decodes a JPEG that is much larger than the target at a reduced DCT scale (1/2 to
-1/8) before resizing, where the device decodes in full and resizes with antialiasing; single
-pixels at sharp edges can then differ by up to about 60 levels."""
+the mean |difference| per image is under 2.5 grey levels (measured on the magnetic tiles: 0.23 at
+64 px, 0.13 at 128 px, 0.18 at 224 px, either resize mode; 0 where no resize is needed). It is not
+zero because PIL may decode a JPEG that is much larger than the target at a reduced DCT scale (down
+to twice the target size) before resizing, where the device decodes in full and resizes with
+antialiasing; single pixels at sharp edges can differ by more."""
 
 from __future__ import annotations
 
