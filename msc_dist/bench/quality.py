@@ -206,8 +206,9 @@ def _over_seeds(runs: list[dict]) -> dict:
     curves = [r.get("epoch_auc") or [] for r in runs]
     if curves and curves[0]:
         n = min(len(c) for c in curves)
-        out["epoch_auc"] = [(curves[0][i][0], float(np.mean([c[i][1] for c in curves]))) for i in range(n)
-                            if all(c[i][1] is not None for c in curves)]
+        # None where an epoch was not evaluated (--eval-every 0)
+        out["epoch_auc"] = [(curves[0][i][0], float(np.mean([c[i][1] for c in curves]))
+                             if all(c[i][1] is not None for c in curves) else None) for i in range(n)]
     out["seeds"] = runs
     return out
 

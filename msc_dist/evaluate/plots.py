@@ -126,6 +126,8 @@ def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title:
     """curves: method -> (one [(epoch, roc_auc)] per seed, drawn faint; their mean, drawn bold).
     ``baseline``: the frozen kNN's ROC-AUC, a dotted line."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
+    curves = {m: ([[p for p in c if p[1] is not None] for c in per_seed], [p for p in mean if p[1] is not None])
+              for m, (per_seed, mean) in curves.items()}  # epochs that were not evaluated are left out
     for m, (per_seed, mean) in curves.items():
         (line,) = ax.plot([e for e, _ in mean], [a for _, a in mean], "o-", label=m, lw=2)
         for c in per_seed if len(per_seed) > 1 else []:
