@@ -57,7 +57,8 @@ def test_uneven_shards_exact_center_equal_steps_and_corrupt_skipped(local_ray, t
     # The same center computed in one process over all shards.
     model = build_model("efficientnet_lite0").eval()
     counts = kept_counts(describe(str(data)), LabelFilter(frozenset({0})))
-    emb = embed_batches(model, make_loader(ShardStream(counts, LabelFilter(frozenset({0})), 32, 16), 0), torch.device("cpu"))
+    stream = ShardStream(counts, LabelFilter(frozenset({0})), 32, 16, resize_mode=cfg.resize_mode)  # the center's view
+    emb = embed_batches(model, make_loader(stream, 0), torch.device("cpu"))
     ref, n = global_center(emb.z)
     assert n == 59
     assert torch.allclose(center, ref, atol=1e-6), (center - ref).abs().max()
