@@ -1,8 +1,9 @@
 """Batched augmentation on the training device (kornia). Training only: the input scaling and
 normalisation that serving needs live in ``features.to_unit`` and ``backbones.Normalize``.
 
-Loader output is (B, 3, S, S) uint8; everything here runs on whole batches, per-sample random,
-so the GPU does the work the paper's code did image by image on the CPU."""
+Loader output is (B, 3, S', S') uint8 (training images are decoded at ``view_source_scale`` x S, so
+that the crops are sharp); the views come out S x S. Everything here runs on whole batches,
+per-sample random, so the GPU does the work the paper's code did image by image on the CPU."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class TwoViewAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) uint8 -> (2B, 3, S, S) float in [0, 1]: rows [0, B) view 1, [B, 2B) view 2."""
+        """(B, 3, S', S') uint8 -> (2B, 3, S, S) float in [0, 1] (S = image_size, any S'): rows [0, B)
+        view 1, [B, 2B) view 2."""
         x = x_uint8.float().div_(255.0)
         return self.pipe(torch.cat([x, x], dim=0)).clamp_(0.0, 1.0)

@@ -104,6 +104,8 @@ def test_augmentation_knobs_reach_the_pipeline_and_bad_values_name_the_range():
     assert (cfg.hflip, cfg.crop_min_scale) == (False, 0.6)
     with pytest.raises(ConfigError, match=r"crop_min_scale must be in \(0, 1\]"):
         validate(TrainConfig(crop_min_scale=1.5, data="/nonexistent"))
+    with pytest.raises(ConfigError, match=r"view_source_scale must be in \[1, 4\]"):
+        validate(TrainConfig(view_source_scale=0.5, data="/nonexistent"))
     with pytest.raises(ValueError, match="crop_min_scale"):
         TwoViewAugment(32, crop_min_scale=0.0)
 

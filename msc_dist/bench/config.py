@@ -15,7 +15,8 @@ from msc_dist.train.config import TrainConfig
 DEVICE_HELP = "auto (cuda when available) | cpu | cuda | cuda:N"
 
 STEP_KEYS = ("data", "backbone", "weights", "image_size", "batch_size", "loader_workers", "compile", "lr",
-             "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "hflip", "decode_on_device")
+             "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "view_source_scale", "hflip",
+             "decode_on_device")
 
 
 @dataclass
@@ -99,8 +100,8 @@ SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the e
                          "deployments (max_score_diff against one unsharded index is reported)"}
 
 QUALITY_KEYS = ("backbone", "weights", "image_size", "resize_mode", "epochs", "batch_size", "lr", "lr_schedule",
-                "warmup_epochs", "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale", "hflip",
-                "eval_every", "knn_k", "collapse_cos", "on_collapse", "loader_workers", "seed")
+                "warmup_epochs", "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale",
+                "view_source_scale", "hflip", "eval_every", "knn_k", "collapse_cos", "on_collapse", "loader_workers", "seed")
 
 
 @dataclass

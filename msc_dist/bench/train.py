@@ -17,7 +17,7 @@ from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.shards import describe
 from msc_dist.features import place
 from msc_dist.train.config import TrainConfig
-from msc_dist.train.loop import Stepper, decode_on_device, full_batches, loader_for
+from msc_dist.train.loop import Stepper, decode_on_device, full_batches, loader_for, view_size
 
 
 def shard_counts(tmp: str, data: str | None, n_images: int, image_size: int, per_shard: int = 256) -> list[tuple[str, int]]:
@@ -50,14 +50,15 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         center = torch.nn.functional.normalize(torch.randn(model.dim, device=dev), dim=0)
         stepper = Stepper(cfg, model, opt, center, dev)
+        src = view_size(cfg, train=True)  # the side of the decoded training images the views are cut from
         if synthetic:
             g = torch.Generator(device=dev).manual_seed(0)
-            fixed = [torch.randint(0, 256, (batch_size, 3, image_size, image_size), generator=g, device=dev,
+            fixed = [torch.randint(0, 256, (batch_size, 3, src, src), generator=g, device=dev,
                                    dtype=torch.uint8) for _ in range(4)]
             batches = (fixed[i % 4] for i in range(warmup + steps))
         else:
             # Enough distinct JPEGs that the loader decodes real files throughout (it wraps around).
-            counts = shard_counts(tmp, data, max(256, batch_size * 4), image_size, per_shard=128)
+            counts = shard_counts(tmp, data, max(256, batch_size * 4), src, per_shard=128)
             loader = loader_for(dataclasses.replace(cfg, loader_workers=loader_workers, shuffle_buffer=64), counts,
                                 LabelFilter(None), dev, train=True)
             batches = full_batches(loader, batch_size, warmup + steps, set())
@@ -72,7 +73,7 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         float(last)  # wait for the device
         dt = time.perf_counter() - t0
     return {
-        "bench": "train", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
+        "bench": "train", "backbone": backbone, "image_size": image_size, "view_source_size": src, "batch_size": batch_size,
         "device": device_name(dev), "loader_workers": loader_workers, "compile": compile, "steps": steps,
         "pretrained": pretrained, "synthetic": synthetic, "decode_on_device": not synthetic and decode_on_device(cfg, dev),
         "images_per_s": steps * batch_size / dt, "views_per_s": 2 * steps * batch_size / dt,

@@ -121,10 +121,10 @@ def gallery(path: str, highest: list[tuple[str, float, bool, bytes, bytes | None
     plt.close(fig)
 
 
-def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title: str,
-                   baseline: float | None = None) -> None:
+def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title: str) -> None:
     """curves: method -> (one [(epoch, roc_auc)] per seed, drawn faint; their mean, drawn bold).
-    ``baseline``: the frozen kNN's ROC-AUC, a dotted line."""
+    Epoch 0 is the frozen model, the same for every method: a dotted line marks it, so that each
+    curve reads as a gain or loss over the frozen features under the same evaluation."""
     fig, ax = plt.subplots(figsize=FIGSIZE)
     curves = {m: ([[p for p in c if p[1] is not None] for c in per_seed], [p for p in mean if p[1] is not None])
               for m, (per_seed, mean) in curves.items()}  # epochs that were not evaluated are left out
@@ -132,8 +132,9 @@ def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title:
         (line,) = ax.plot([e for e, _ in mean], [a for _, a in mean], "o-", label=m, lw=2)
         for c in per_seed if len(per_seed) > 1 else []:
             ax.plot([e for e, _ in c], [a for _, a in c], "-", color=line.get_color(), alpha=0.3, lw=1)
-    if baseline is not None:
-        ax.axhline(baseline, color="k", ls=":", lw=0.8, label=f"frozen kNN {baseline:.4f}")
+    frozen = [a for _, mean in curves.values() for e, a in mean if e == 0]
+    if frozen:
+        ax.axhline(frozen[0], color="k", ls=":", lw=0.8, label=f"frozen features (epoch 0) {frozen[0]:.4f}")
     ax.set(xlabel="epoch", ylabel="ROC-AUC", title=title)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(loc="lower right")

@@ -35,6 +35,7 @@ class TrainConfig:
     temperature: float = 0.25
     angular_weight: float = 1.0
     crop_min_scale: float = 0.2
+    view_source_scale: float = 2.0
     hflip: bool = True
     global_negatives: bool = False
     compile: bool = False
@@ -58,7 +59,7 @@ class TrainConfig:
 
     # Named optimisation settings, applied between the defaults and the YAML file / flags
     # (``--preset fast``). ``paper``: the paper's schedule (the defaults). ``fast``: chosen by
-    # measurement on MNIST and the magnetic tiles (README, "Quality"): the paper's final quality
+    # measurement on MNIST and the magnetic tiles (README, "Detection quality"): the paper's final quality
     # in at most a third of its epochs.
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"epochs": 20, "lr": 1e-5, "lr_schedule": "constant", "warmup_epochs": 0.0, "momentum": 0.0},
@@ -85,7 +86,7 @@ HELP = {
     "weights": "backbone weights file (state_dict); default: the packaged / torch hub cache weights",
     "epochs": "training epochs (epoch 0 = frozen features, evaluated before training)",
     "batch_size": "images per worker per step (each gives two views)",
-    "preset": "paper | fast: named optimisation settings applied before the YAML file and the flags (paper: 20 epochs, lr 1e-5, constant; fast: fewer epochs, a larger peak lr, warm-up and cosine decay; the README's Quality section has both measured)",
+    "preset": "paper | fast: named optimisation settings applied before the YAML file and the flags (paper: 20 epochs, lr 1e-5, constant; fast: fewer epochs, a larger peak lr, warm-up and cosine decay; the README's Detection quality section has both measured)",
     "lr": "SGD learning rate (the peak, with a schedule)",
     "lr_schedule": "constant | cosine: cosine decays the learning rate to 0 at the last step (after the warm-up)",
     "warmup_epochs": "epochs (fractions allowed) of linear warm-up from 0 to --lr",
@@ -94,6 +95,7 @@ HELP = {
     "temperature": "contrastive temperature",
     "angular_weight": "weight of the angular center loss (0 turns it off)",
     "crop_min_scale": "smallest RandomResizedCrop area fraction of a view (paper: 0.2)",
+    "view_source_scale": "training images are decoded (squashed) at this multiple of image_size and the random crops of the views are taken from that, so a small crop is not an upscaled blur (the paper crops the full-size image); 1: crops of the image_size square. The README's Detection quality section measures 1 against 2",
     "hflip": "random horizontal flips in the views (turn off where orientation matters: digits, text)",
     "global_negatives": "contrast against the other ranks' features too (gathered with gradients)",
     "compile": "torch.compile the backbone (worth it on GPUs for long runs)",

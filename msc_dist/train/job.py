@@ -63,6 +63,8 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
             raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; valid: {list(valid)}")
     if not 0 <= cfg.warmup_epochs <= max(cfg.epochs, 0):
         raise ConfigError(f"warmup_epochs must be in [0, epochs = {cfg.epochs}], got {cfg.warmup_epochs}")
+    if not 1.0 <= cfg.view_source_scale <= 4.0:
+        raise ConfigError(f"view_source_scale must be in [1, 4], got {cfg.view_source_scale}")
     if not 0.0 < cfg.crop_min_scale <= 1.0:
         raise ConfigError(f"crop_min_scale must be in (0, 1], got {cfg.crop_min_scale}")
     strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
