@@ -11,7 +11,7 @@ import pytest
     (["train", "--image-size", "32", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--loader-workers", "0"],
      "images_per_s", {}),
     (["train", "--backbone", "resnet18", "--random-init", "--synthetic", "--image-size", "32", "--batch-size", "4",
-      "--steps", "1", "--warmup", "1", "--loader-workers", "0"], "images_per_s", {"synthetic": True, "pretrained": False}),
+      "--steps", "1", "--warmup", "1", "--loader-workers", "0"], "images_per_s", {"synthetic": True, "pretrained": False, "view_source_size": 64}),  # views cut from 2 x 32
     (["embed", "--image-size", "32", "--images", "64", "--batch-size", "32", "--loader-workers", "0"], "images_per_s", {}),
     (["load", "--image-size", "32", "--images", "64", "--batch-size", "16", "--loader-workers", "1"], "images_per_s",
      {"images": 64}),  # every image, once
