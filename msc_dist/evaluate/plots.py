@@ -137,5 +137,5 @@ def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title:
         ax.axhline(frozen[0], color="k", ls=":", lw=0.8, label=f"frozen features (epoch 0) {frozen[0]:.4f}")
     ax.set(xlabel="epoch", ylabel="ROC-AUC", title=title)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     _save(fig, path)
