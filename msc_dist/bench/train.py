@@ -17,7 +17,7 @@ from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.shards import describe
 from msc_dist.features import place
 from msc_dist.train.config import TrainConfig
-from msc_dist.train.loop import Stepper, decode_on_device, full_batches, loader_for, view_size
+from msc_dist.train.loop import Stepper, decode_on_device, full_batches, loader_for, loader_view
 
 
 def shard_counts(tmp: str, data: str | None, n_images: int, image_size: int, per_shard: int = 256) -> list[tuple[str, int]]:
@@ -50,7 +50,7 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         center = torch.nn.functional.normalize(torch.randn(model.dim, device=dev), dim=0)
         stepper = Stepper(cfg, model, opt, center, dev)
-        src = view_size(cfg, train=True)  # the side of the decoded training images the views are cut from
+        src = loader_view(cfg, train=True)[0]  # the side of the decoded training images the views are cut from
         if synthetic:
             g = torch.Generator(device=dev).manual_seed(0)
             fixed = [torch.randint(0, 256, (batch_size, 3, src, src), generator=g, device=dev,

@@ -61,25 +61,24 @@ def decode_on_device(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.decode_on_device == "on" or (cfg.decode_on_device == "auto" and device.type == "cuda")
 
 
-def view_mode(cfg: TrainConfig, train: bool) -> str:
-    """How loader images become square: training views are random crops of the whole (squashed)
-    image; every image that is embedded (center, bank, evaluation) takes ``cfg.resize_mode``."""
-    return "squash" if train else check_resize_mode(cfg.resize_mode)
-
-
-def view_size(cfg: TrainConfig, train: bool) -> int:
-    """The loader's image side: ``image_size`` for embedded images; for training images
-    ``view_source_scale`` times it, the views' random crops being resized down to ``image_size``
-    on the device (TwoViewAugment), as sharp as the paper's crops of the full-size image."""
-    return max(cfg.image_size, int(round(cfg.image_size * cfg.view_source_scale))) if train else cfg.image_size
+def loader_view(cfg: TrainConfig, train: bool) -> tuple[int, str]:
+    """(side, resize mode) of the loader's square images. Training images: ``view_source_scale``
+    x ``image_size``, squashed (the views are random crops of the whole image, resized down to
+    ``image_size`` on the device by TwoViewAugment: as sharp as the paper's crops of the full-size
+    image). Every image that is embedded (center, bank, evaluation): ``image_size`` by
+    ``cfg.resize_mode``."""
+    if train:
+        return max(cfg.image_size, int(round(cfg.image_size * cfg.view_source_scale))), "squash"
+    return cfg.image_size, check_resize_mode(cfg.resize_mode)
 
 
 def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: int = 0,
             encoded: bool = False) -> ShardStream:
+    size, mode = loader_view(cfg, train)
     return ShardStream(
-        counts, keep, view_size(cfg, train), cfg.batch_size, dist.world_size(), dist.rank(),
+        counts, keep, size, cfg.batch_size, dist.world_size(), dist.rank(),
         train=train, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer, max_pixels=cfg.max_pixels,
-        encoded=encoded, resize_mode=view_mode(cfg, train),
+        encoded=encoded, resize_mode=mode,
     )
 
 
@@ -97,7 +96,7 @@ def loader_for(cfg: TrainConfig, counts, keep: LabelFilter, device: torch.device
     on = decode_on_device(cfg, device)
     loader = make_loader(_stream(cfg, counts, keep, train=train, epoch=epoch, encoded=on), cfg.loader_workers,
                          device.type == "cuda" and not on)
-    return device_batches(cfg, loader, device, view_size(cfg, train), view_mode(cfg, train))
+    return device_batches(cfg, loader, device, *loader_view(cfg, train))
 
 
 def embed_counts(cfg, model, counts, keep, device, on_samples: Callable[[int], None] | None = None) -> Embedded:
@@ -230,7 +229,7 @@ class Stepper:
             g["lr"] = lr
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 3, S', S') uint8 on the device (S' = ``view_size``) -> detached float64 loss."""
+        """x: (B, 3, S', S') uint8 on the device (S' from ``loader_view``) -> detached float64 loss."""
         cfg, c, b = self.cfg, self.center, x.shape[0]
         views = self.augment(x).contiguous(memory_format=torch.channels_last)  # (2B, 3, S, S) in [0, 1]
         with autocast(self.device):
