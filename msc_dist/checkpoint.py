@@ -99,23 +99,6 @@ def load(folder_url: str, with_optimizer: bool = False) -> LoadedCheckpoint:
                             json.loads(_bytes("meta.json")), opt, sha256(model_bytes))
 
 
-def resize_mode(config: dict) -> str:
-    """How images are made S x S for this checkpoint's model (decode.RESIZE_MODES): its config's
-    ``resize_mode``; checkpoints from before the setting existed were trained on squashed images."""
-    return str(config.get("resize_mode", "squash"))
-
-
-def load_model(folder_url: str, device: str | torch.device = "cpu"):
-    """(FeatureModel in eval mode on device, center, config dict, model_id) from a checkpoint."""
-    from msc_dist.backbones import build_model
-    from msc_dist.features import place
-
-    ck = load(folder_url)
-    model = build_model(ck.config["backbone"], pretrained=False)  # every tensor comes from model.pt
-    model.load_state_dict(ck.model_state)
-    return place(model, device).eval(), ck.center.to(device), ck.config, ck.model_id
-
-
 def registered_checkpoint(snapshot: dict) -> str | None:
     """The folder name of the latest checkpoint in a Ray Train checkpoint-manager snapshot."""
     latest = snapshot.get("latest_checkpoint_result") or {}

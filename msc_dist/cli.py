@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -157,52 +158,60 @@ def _export(cfg, explicit) -> int:
     return 0
 
 
-@dataclass
-class ServeConfig:
-    checkpoint: str = os.path.join("~", "msc_runs", "msc")
-    index: str = os.path.join("~", "msc_runs", "msc", "serving")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "auto"
-    max_batch_size: int = 32
-    api_key_file: str | None = None
-    ray_address: str | None = None
-
-
-SERVE_HELP = {
-    "checkpoint": "checkpoint, or a run folder (its newest checkpoint); local or s3://",
-    "index": "index folder (the embedding job's --out) or s3://...",
-    "host": "address to listen on (0.0.0.0: every interface)",
-    "port": "HTTP port",
-    "device": "auto (cuda when the replica has a GPU) | cpu | cuda",
-    "max_batch_size": "images the Model batches into one forward pass",
-    "api_key_file": "file holding the API key (else MSC_API_KEY; neither: no auth)",
-    "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
-}
-
-
 def _serve_cfg():
+    from serving.settings import SERVE_HELP, ServeConfig
+
     return ServeConfig, SERVE_HELP
 
 
 def _serve(cfg, explicit) -> int:
-    """``serve run serving/config.yaml`` with these settings, from Python: the app's own builder."""
+    """``serve run serving/config.yaml`` with these settings, from Python: the app's own builder,
+    after every start-up condition it can check here (one line each, exit 2, before Serve starts)."""
+    from serving.settings import check_startup
+
+    cfg.validate()
+    found = check_startup(cfg, (cfg.host, int(cfg.port)))  # before Ray and Serve are even imported
+
     from ray import serve
 
     from msc_dist.console import init_ray
-    from serving.app import build_app
+    from serving import app as serving_app
 
     init_ray(cfg.ray_address)
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
-    args = {"checkpoint": cfg.checkpoint, "index": cfg.index, "device": cfg.device,
-            "max_batch_size": cfg.max_batch_size, "api_key_file": cfg.api_key_file}
-    print(f"serving {cfg.checkpoint} with {cfg.index} on http://{cfg.host}:{cfg.port} (POST /v1/score; Ctrl-C stops)",
-          flush=True)
     try:
-        serve.run(build_app(args), name="msc", route_prefix="/", blocking=True)
+        serve.run(serving_app.build_app(cfg.app_args()), name="msc", route_prefix="/", blocking=False)
+    except RuntimeError as e:  # a deployment failed to start: Serve's status says why
+        print(f"error: the app did not start: {_deploy_failure(e)}", file=sys.stderr)
+        serve.shutdown()
+        return 1
+    print(f"serving index version {found['version']} of {cfg.index} ({found['vectors']} vectors, model "
+          f"{found['model_id'][:12]}, {found['preprocess']}) on http://{cfg.host}:{cfg.port} (POST /v1/score; "
+          f"{found['auth']}; Ctrl-C stops)", flush=True)
+    try:
+        wait_forever()
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+def wait_forever() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _deploy_failure(e: Exception) -> str:
+    """One line: the reason Serve gives for the first deployment that failed, else the error's last line."""
+    try:
+        from ray import serve
+
+        app = serve.status().applications.get("msc")
+        msgs = [d.message for d in (app.deployments.values() if app else []) if d.message]
+        text = (msgs or [app.message if app else ""])[0] or str(e)
+    except Exception:
+        text = str(e)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:500]
 
 
 def _bench_cfg(name: str):
@@ -323,23 +332,26 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         set_verbose(True)
     setup_logging()
     cfg, explicit = config_from_args(ns._config_cls, ns, parser)
-    from msc_dist.data.shards import DataError
-    from msc_dist.index import IndexMismatch
-
-    from msc_dist.checkpoint import CheckpointError
-
-    errors: tuple = (ConfigError, DataError, IndexMismatch, FileNotFoundError, CheckpointError)
-    try:
-        from msc_dist.export import ExportError
-
-        errors += (ExportError,)
-    except ImportError:  # pragma: no cover
-        pass
     try:
         return ns._verb.run(cfg, explicit)
-    except errors as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# Errors that are the user's to fix (one line, exit 2), by module: a module that was never
+# imported raised none of them, so the check imports nothing (msc serve fails in a second).
+USER_ERRORS = (("msc_dist.config", "ConfigError"), ("msc_dist.data.shards", "DataError"),
+               ("msc_dist.index", "IndexMismatch"), ("msc_dist.checkpoint", "CheckpointError"),
+               ("msc_dist.export", "ExportError"))
+
+
+def _user_error(e: Exception) -> bool:
+    if isinstance(e, FileNotFoundError):
+        return True
+    return any(isinstance(e, getattr(sys.modules[m], name)) for m, name in USER_ERRORS if m in sys.modules)
 
 
 def main(argv: list[str] | None = None, prog: str = "msc") -> int:

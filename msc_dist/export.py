@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 from msc_dist.config import ConfigError
 
@@ -58,48 +56,45 @@ class ExportError(RuntimeError):
     """The exported model does not reproduce the PyTorch model."""
 
 
-class ExportModule(nn.Module):
+def export_module(model, uint8: bool = True):
     """images -> unit features: the Scorer's input scaling, then the FeatureModel (which holds the
-    backbone's mean/std normalisation and the final L2 normalisation)."""
+    backbone's mean/std normalisation and the final L2 normalisation). (torch is imported here,
+    not at the top: ``msc --help`` and the other verbs load this module's config only.)"""
+    import torch
 
-    def __init__(self, model: nn.Module, uint8: bool = True):
-        super().__init__()
-        self.model, self.uint8 = model, uint8
+    class ExportModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.uint8 = model, uint8
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if self.uint8:
-            x = x / 255.0
-        return self.model(x)
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = images.float()
+            if self.uint8:
+                x = x / 255.0
+            return self.model(x)
+
+    return ExportModule()
 
 
-def check_images(n: int, size: int, seed: int = 0, resize_mode: str = "squash") -> np.ndarray:
-    """(n, 3, size, size) uint8: demo textures, every other one with a defect, JPEG-encoded and
-    decoded as the Scorer decodes uploads."""
-    from msc_dist.data.decode import decode_image
+def check_images(n: int, preprocess, seed: int = 0) -> np.ndarray:
+    """(n, 3, S, S) uint8: demo textures, every other one with a defect, JPEG-encoded and decoded
+    by the model card's ``preprocess``, as the Scorer decodes uploads."""
     from msc_dist.data.demo import add_defect, encode_jpeg, texture
 
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        img = texture(rng, max(size, 64))
+        img = texture(rng, max(preprocess.image_size, 64))
         if i % 2:
             img = add_defect(img, i % 3, rng)
-        out.append(decode_image(encode_jpeg(img), size, resize_mode=resize_mode))
+        out.append(preprocess(encode_jpeg(img)))
     return np.stack(out).transpose(0, 3, 1, 2).copy()
 
 
-def reference_features(model: nn.Module, images: np.ndarray) -> np.ndarray:
-    """What the Scorer computes on CPU for these images (``Scorer.embed``)."""
-    from msc_dist.features import autocast, unit_input
-
-    dev = torch.device("cpu")
-    with torch.no_grad(), autocast(dev):
-        return model(unit_input(torch.from_numpy(images), dev)).float().numpy()
-
-
-def _export_onnx(module: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+def _export_onnx(module, example, path: str, opset: int) -> None:
     import warnings
+
+    import torch
 
     batch = torch.export.Dim("batch", min=1)
     with warnings.catch_warnings():
@@ -117,8 +112,10 @@ def _run_onnx(path: str, x: np.ndarray) -> np.ndarray:
     return sess.run(["features"], {"images": x})[0]
 
 
-def _export_torchscript(module: nn.Module, example: torch.Tensor, path: str) -> None:
+def _export_torchscript(module, example, path: str) -> None:
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -128,6 +125,8 @@ def _export_torchscript(module: nn.Module, example: torch.Tensor, path: str) -> 
 
 def _run_torchscript(path: str, x: np.ndarray) -> np.ndarray:
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but this is its file format
@@ -150,8 +149,10 @@ class ExportOutcome:
 
 
 def main(cfg: ExportConfig, log=print) -> ExportOutcome:
-    from msc_dist import checkpoint as ckpt
+    import torch
+
     from msc_dist import storage
+    from msc_dist.card import load_card
 
     if not cfg.checkpoint or not cfg.out:
         raise ConfigError("--checkpoint and --out are required")
@@ -161,31 +162,31 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
         raise ConfigError(f"unknown input {cfg.input!r}; valid: {list(INPUTS)}")
     if cfg.check_images < 1:
         raise ConfigError(f"check_images must be at least 1, got {cfg.check_images}")
-    ck_url = ckpt.resolve(cfg.checkpoint if "://" in cfg.checkpoint else os.path.expanduser(cfg.checkpoint))
-    model, center, config, model_id = ckpt.load_model(ck_url, "cpu")
-    size, dim, mode = int(config["image_size"]), int(model.dim), ckpt.resize_mode(config)
+    card = load_card(storage.expand(cfg.checkpoint), "cpu")
+    ck_url, model, center, config, model_id = card.checkpoint, card.model, card.center, card.config, card.model_id
+    pre = card.preprocess
+    size, dim = pre.image_size, card.dim
 
     index_ref, manifest_bytes = None, None
     if cfg.index:
-        from msc_dist.index import MANIFEST, IndexMismatch, read_manifest
+        from msc_dist.index import MANIFEST, read_manifest
+        from msc_dist.scorer import check_pair
 
-        idx = cfg.index if "://" in cfg.index else os.path.expanduser(cfg.index)
-        man, folder = read_manifest(idx)  # the live version (or a pinned version folder), checked
+        man, folder = read_manifest(storage.expand(cfg.index))  # the live version (or a pinned version folder), checked
         manifest_bytes = storage.read_bytes(storage.join(folder, MANIFEST))
-        if man.model_id != model_id:
-            raise IndexMismatch(f"index {idx} was built with model {man.model_id[:12]}…, the checkpoint is {model_id[:12]}…")
+        check_pair(man, model_id, pre)
         index_ref = {"path": folder, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "count": man.count,
                      "dimension": man.dimension, "k": man.k, "metric": man.metric, "threshold": man.threshold,
                      "target_fpr": man.target_fpr, "model_id": man.model_id}
 
     out = os.path.abspath(os.path.expanduser(cfg.out))
     os.makedirs(out, exist_ok=True)
-    images = check_images(cfg.check_images, size, resize_mode=mode)
+    images = check_images(cfg.check_images, pre)
     x = images if cfg.input == "uint8" else (images.astype(np.float32) / 255.0)
-    ref = reference_features(model, images)
+    ref = card.embed(torch.from_numpy(images))  # what the Scorer computes on CPU for these images
 
     # Export a plain (contiguous, CPU, float32) copy: channels_last is a speed layout, not part of the model.
-    module = ExportModule(model.to(memory_format=torch.contiguous_format), cfg.input == "uint8").eval()
+    module = export_module(model.to(memory_format=torch.contiguous_format), cfg.input == "uint8").eval()
     example = torch.from_numpy(x[: min(2, len(x))])
     path = os.path.join(out, FORMATS[cfg.format])
     t0 = time.perf_counter()
@@ -217,14 +218,11 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
         "input": {"name": "images", "shape": ["batch", 3, size, size], "layout": "NCHW, RGB",
                   "dtype": "uint8" if cfg.input == "uint8" else "float32",
                   "range": "0..255" if cfg.input == "uint8" else "0..1",
-                  "resize_mode": mode,
-                  "preprocess": (f"decode, convert to RGB, resize to {size}x{size} (bilinear, no crop)" if mode == "squash"
-                                 else f"decode, convert to RGB, resize the shorter side to {int(size * 256 / 224)} "
-                                      f"(bilinear), center-crop {size}x{size}")},
+                  "resize_mode": pre.resize_mode, "preprocess": pre.describe()},
         "output": {"name": "features", "shape": ["batch", dim], "dtype": "float32", "note": "L2-normalised"},
-        "normalization": {"mean": list(model.spec.mean), "std": list(model.spec.std), "inside_model": True},
+        "normalization": {"mean": list(pre.mean), "std": list(pre.std), "inside_model": True},
         "score": "sum over the k nearest index vectors of the squared L2 distance (2 - 2 cos on unit vectors)",
-        "center": "center.pt", "index": index_ref,
+        "preprocessing": pre.to_dict(), "center": "center.pt", "index": index_ref,
         "check": {"images": len(images), "runtime": runtime, "max_abs_diff": diff, "atol": cfg.atol},
         "export_seconds": seconds, "torch": torch.__version__,
     }

@@ -48,15 +48,11 @@ def autocast(device: torch.device, enabled: bool = True):
 def embed_images(model, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The one embedding forward: (B, 3, S, S) uint8 (any layout; the loader's channels_last view
     is used without a copy) -> (B, D) float32 unit vectors on the CPU. The center pass, the
-    embedding and scoring jobs, the Scorer and the server all embed through here."""
+    embedding and scoring jobs, the Scorer and the server all embed through here (the model
+    card's ``embed``)."""
     with autocast(device):
         z = model(unit_input(images, device))
     return z.float().cpu()
-
-
-def embed_hwc(model, images, device: torch.device) -> torch.Tensor:
-    """(B, S, S, 3) uint8 rows, as the decoder and the Ray Data jobs hold them -> (B, D)."""
-    return embed_images(model, torch.from_numpy(images).permute(0, 3, 1, 2), device)
 
 
 @torch.no_grad()

@@ -39,33 +39,6 @@ HELP = {
 }
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
-    return device
-
-
-def open_scorer(index: str | None, checkpoint: str | None = None, device: str = "auto", max_pixels: int = 64_000_000):
-    """The Scorer for an index; the checkpoint defaults to the one its manifest records."""
-    from msc_dist import checkpoint as ckpt
-    from msc_dist.index import load_index
-    from msc_dist.scorer import Scorer
-
-    if not index:
-        raise ConfigError("--index is required (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
-    dev = resolve_device(device)
-    idx = load_index(os.path.expanduser(index) if "://" not in index else index, use_gpu=dev.startswith("cuda"))
-    ck = checkpoint or idx.manifest.extra.get("checkpoint")
-    if not ck:
-        raise ConfigError(f"the manifest of {index} names no checkpoint: pass --checkpoint")
-    ck = os.path.expanduser(ck) if "://" not in ck else ck
-    return Scorer(ckpt.resolve(ck), idx, device=dev, max_pixels=max_pixels)
-
-
 def list_files(paths: list[str]) -> list[str]:
     """Files as given, and every non-hidden file under each folder (sorted); a missing path is
     kept, so that it gets its error row."""
@@ -101,7 +74,12 @@ def predict(cfg: PredictConfig, scorer=None, progress: bool = False) -> list[dic
         raise ConfigError("give at least one image file or folder")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
-    scorer = scorer or open_scorer(cfg.index, cfg.checkpoint, cfg.device, cfg.max_pixels)
+    if scorer is None:
+        from msc_dist.scorer import open_scorer
+
+        if not cfg.index:
+            raise ConfigError("--index is required (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
+        scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels)
     files = list_files(cfg.paths)
     rows: list[dict] = []
     bar = None

@@ -1,16 +1,26 @@
-"""Model + index -> anomaly scores. Shared by offline scoring and serving."""
+"""Model card + index -> anomaly scores: the one Scorer of offline scoring, ``msc predict/test``
+and both serving layouts.
+
+A Scorer is an embedder (the ``ModelCard``: preprocessing and the batch forward) and a searcher
+(``search(z) -> (scores, distances, ids)`` over one index version). ``LocalSearcher`` searches a
+loaded index in this process; the sharded serving layout composes the same Scorer with a
+searcher that fans out to its index-shard deployments (``serving.sharded.FanOutSearcher``).
+A Scorer refuses a pair whose index was not built by its model, or whose manifest records
+another image size or resize mode than the checkpoint's (``check_pair``)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from msc_dist.checkpoint import load_model, resize_mode, resolve
-from msc_dist.data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, BadImage, decode_image
-from msc_dist.features import embed_images
-from msc_dist.index import IndexMismatch, ShardedIndex, load_index
+from msc_dist.card import ModelCard, load_card
+from msc_dist.config import ConfigError
+from msc_dist.data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, BadImage, Preprocess
+from msc_dist.index import IndexManifest, IndexMismatch, ShardedIndex, load_index
+from msc_dist.storage import expand
 
 
 @dataclass
@@ -20,62 +30,111 @@ class ScoreResult:
     threshold: float | None
     neighbors: list[dict]  # [{"id": str, "distance": float}] nearest first (squared L2)
     error: str | None = None
+    version: str | None = None  # the index version that scored it
 
     def to_dict(self) -> dict:
         return {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold,
-                "neighbors": self.neighbors, **({"error": self.error} if self.error else {})}
+                "neighbors": self.neighbors, "index_version": self.version, **({"error": self.error} if self.error else {})}
+
+
+class Searcher(Protocol):
+    manifest: IndexManifest
+
+    def search(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(B, D) -> (scores (B,), squared distances (B, k), sample ids (B, k) object, None = none)."""
+
+
+class LocalSearcher:
+    """One loaded index version, searched in this process."""
+
+    def __init__(self, index: ShardedIndex):
+        self.index, self.manifest = index, index.manifest
+
+    def search(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, d, rows = self.index.score(z)
+        ids = self.index.ids[np.maximum(rows, 0)].astype(object)
+        ids[rows < 0] = None
+        return scores, d, ids
+
+
+def check_pair(manifest: IndexManifest, model_id: str, preprocess: Preprocess) -> None:
+    """The one check that an index version and a model belong together: the index was built by
+    this model (model id), at this model's image size and resize mode."""
+    if manifest.model_id != model_id:
+        raise IndexMismatch(f"index version {manifest.version or '?'} was built with model {manifest.model_id[:12]}…, "
+                            f"not this checkpoint's {model_id[:12]}…: rebuild it with python -m msc_dist.embed, or "
+                            "leave the checkpoint out to use the one the index records")
+    extra = manifest.extra
+    recorded = {"image_size": extra.get("image_size"), "resize_mode": extra.get("resize_mode")}
+    ours = {"image_size": preprocess.image_size, "resize_mode": preprocess.resize_mode}
+    wrong = [k for k, v in recorded.items() if v is not None and (int(v) if k == "image_size" else str(v)) != ours[k]]
+    if wrong:
+        raise IndexMismatch(f"index version {manifest.version or '?'} records {', '.join(f'{k} {recorded[k]}' for k in wrong)} "
+                            f"but its checkpoint preprocesses with {', '.join(f'{k} {ours[k]}' for k in wrong)}: the "
+                            "manifest and the checkpoint disagree; rebuild the index with python -m msc_dist.embed")
+
+
+def checkpoint_of(manifest: IndexManifest, checkpoint: str | None = None) -> str:
+    """The checkpoint given, else the one the index manifest records (the one that built it)."""
+    ck = checkpoint or manifest.extra.get("checkpoint")
+    if not ck:
+        raise IndexMismatch(f"the manifest of index version {manifest.version or '?'} names no checkpoint: pass one")
+    return expand(ck)
 
 
 class Scorer:
-    """``checkpoint`` None (the default): the checkpoint recorded in the index manifest, i.e. the
-    one the index was built with; one given must have built the index (same model id)."""
+    """Embedder (model card) + searcher (one index version)."""
 
-    def __init__(self, checkpoint: str | None = None, index: str | ShardedIndex | None = None, device: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, use_gpu_index: bool = False,
+    def __init__(self, card: ModelCard, searcher: Searcher, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                  formats: tuple[str, ...] = DEFAULT_FORMATS):
-        if index is None:
-            raise ValueError("Scorer needs an index (the embedding job's --out)")
-        self.device = torch.device(device)
-        self.index = index if isinstance(index, ShardedIndex) else load_index(index, None, use_gpu_index)
-        checkpoint = checkpoint or self.index.manifest.extra.get("checkpoint")
-        if not checkpoint:
-            raise IndexMismatch("the index manifest names no checkpoint; pass one")
-        self.checkpoint = resolve(checkpoint)
-        self.model, self.center, self.config, self.model_id = load_model(self.checkpoint, self.device)
-        if self.index.manifest.model_id != self.model_id:
-            raise IndexMismatch(f"index model_id {self.index.manifest.model_id[:12]}… does not match checkpoint "
-                                f"{self.model_id[:12]}…: the index was built with another model; rebuild it with "
-                                "python -m msc_dist.embed, or leave the checkpoint out to use the index's own")
-        self.image_size = int(self.config["image_size"])
-        self.resize_mode = resize_mode(self.config)
-        self.max_pixels = max_pixels
-        self.formats = tuple(formats)
+        check_pair(searcher.manifest, card.model_id, card.preprocess)
+        self.card, self.searcher = card, searcher
+        self.max_pixels, self.formats = max_pixels, tuple(formats)
 
-    @property
-    def threshold(self) -> float | None:
-        return self.index.manifest.threshold
+    # What callers read of the pair.
+    manifest = property(lambda self: self.searcher.manifest)
+    index = property(lambda self: self.searcher.index)  # LocalSearcher only
+    preprocess = property(lambda self: self.card.preprocess)
+    model_id = property(lambda self: self.card.model_id)
+    config = property(lambda self: self.card.config)
+    checkpoint = property(lambda self: self.card.checkpoint)
+    image_size = property(lambda self: self.card.preprocess.image_size)
+    resize_mode = property(lambda self: self.card.preprocess.resize_mode)
+    threshold = property(lambda self: self.searcher.manifest.threshold)
+    version = property(lambda self: self.searcher.manifest.version)
 
-    def info(self) -> dict:
-        m = self.index.manifest
-        return {"model_id": self.model_id, "backbone": self.config["backbone"], "image_size": self.image_size,
-                "resize_mode": self.resize_mode, "index_size": m.count, "dimension": m.dimension, "k": m.k, "threshold": m.threshold,
-                "target_fpr": m.target_fpr}  # no storage URIs: this goes to API clients
+    def info(self) -> dict[str, Any]:
+        """For API clients: the card and the index version (no storage URIs)."""
+        m = self.manifest
+        return {**self.card.info(), "version": m.version, "index_version": m.version, "index_size": m.count,
+                "dimension": m.dimension, "k": m.k, "threshold": m.threshold, "target_fpr": m.target_fpr,
+                "index_shards": len(m.shards)}
 
-    def embed(self, images: torch.Tensor) -> np.ndarray:
-        """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors (the one embedding forward)."""
-        return embed_images(self.model, images, self.device).numpy()
+    def embed(self, images) -> np.ndarray:
+        """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors (the card's batch forward)."""
+        return self.card.embed(images)
+
+    def results(self, scores: np.ndarray, dists: np.ndarray, ids: np.ndarray) -> list[ScoreResult]:
+        thr, version = self.threshold, self.version
+        return [ScoreResult(float(s), None if thr is None else bool(s > thr), thr,
+                            [{"id": str(i), "distance": float(dd)} for dd, i in zip(d, row) if i is not None], None, version)
+                for s, d, row in zip(scores, dists, ids)]
 
     def score_embeddings(self, z: np.ndarray) -> list[ScoreResult]:
-        scores, dists, rows = self.index.score(z)
-        thr = self.threshold
-        out = []
-        for s, d, r in zip(scores, dists, rows):
-            nb = [{"id": str(self.index.ids[j]), "distance": float(dd)} for dd, j in zip(d, r) if j >= 0]
-            out.append(ScoreResult(float(s), None if thr is None else bool(s > thr), thr, nb))
-        return out
+        return self.results(*self.searcher.search(z))
+
+    async def ascore_embeddings(self, z: np.ndarray) -> list[ScoreResult]:
+        """The same, off the event loop: a searcher's own ``asearch`` (a fan-out), else ``search`` in a thread."""
+        asearch = getattr(self.searcher, "asearch", None)
+        found = await asearch(z) if asearch is not None else await asyncio.to_thread(self.searcher.search, z)
+        return self.results(*found)
+
+    def score_arrays(self, arrays: np.ndarray | list[np.ndarray]) -> list[ScoreResult]:
+        """(B, S, S, 3) uint8 made by this card's ``preprocess`` -> one result each."""
+        return self.score_embeddings(self.card.embed_arrays(arrays))
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_image(data, self.image_size, self.max_pixels, formats=self.formats, resize_mode=self.resize_mode)
+        return self.card.preprocess(data, self.max_pixels, self.formats)
 
     def score_bytes(self, items: list[bytes]) -> list[ScoreResult]:
         """Encoded images -> one result each; undecodable ones get an error, never an exception."""
@@ -85,9 +144,36 @@ class Scorer:
                 arrays.append(self.decode(data))
                 ok.append(i)
             except BadImage as e:
-                results[i] = ScoreResult(None, None, self.threshold, [], str(e))
+                results[i] = ScoreResult(None, None, self.threshold, [], str(e), self.version)
         if arrays:
-            x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-            for i, r in zip(ok, self.score_embeddings(self.embed(x))):
+            for i, r in zip(ok, self.score_arrays(arrays)):
                 results[i] = r
         return results
+
+
+def resolve_device(device: str) -> str:
+    """auto: cuda when this process sees a GPU, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def open_scorer(index: str | ShardedIndex | None, checkpoint: str | None = None, device: str = "cpu", *,
+                use_gpu_index: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                formats: tuple[str, ...] = DEFAULT_FORMATS, card: ModelCard | None = None) -> Scorer:
+    """The Scorer of an index (its root: the live version; or a version folder: pinned) with the
+    checkpoint its manifest records (or ``checkpoint``; or an already loaded ``card``).
+    ``device`` auto: cuda when there is one; the index goes to the GPU with the model unless
+    ``use_gpu_index`` says otherwise."""
+    if not index:
+        raise ConfigError("an index is needed (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
+    device = resolve_device(device)
+    gpu = device.startswith("cuda") if use_gpu_index is None else use_gpu_index
+    idx = index if isinstance(index, ShardedIndex) else load_index(expand(index), None, gpu)
+    if card is None:
+        card = load_card(checkpoint_of(idx.manifest, checkpoint), device)
+    return Scorer(card, LocalSearcher(idx), max_pixels=max_pixels, formats=formats)

@@ -184,3 +184,8 @@ def retrying(fn, *args, attempts: int = 4, what: str = "read", **kwargs):
 
 def size(url: str) -> int:
     return int(cached_filesystem(url).size(path_of(url)))
+
+
+def expand(path: str) -> str:
+    """A local path with ``~`` expanded; URLs as given."""
+    return path if "://" in path else os.path.expanduser(path)

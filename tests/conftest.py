@@ -115,3 +115,54 @@ def embedded(trained_run, tmp_path_factory):
                                  rows_per_task=8, rows_per_file=32,
                                  calibration_fraction=0.2, target_fpr=0.05))
     return {**trained_run, "out": str(out), "result": res}
+
+
+def tiny_checkpoint(folder, *, image_size: int, resize_mode: str, seed: int = 0, data: str | None = None) -> str:
+    """A 0-epoch checkpoint written in-process (tiny_cnn, weights perturbed by ``seed`` so that
+    each seed is another model id), with the given model card: no Ray Train run."""
+    import torch
+
+    from msc_dist import checkpoint as ckpt
+    from msc_dist.backbones import build_model
+
+    folder = str(folder)
+    model = build_model("tiny_cnn")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    center = torch.nn.functional.normalize(torch.ones(model.dim), dim=0)
+    ckpt.save(folder, model.state_dict(), center, {"backbone": "tiny_cnn", "image_size": image_size,
+                                                   "resize_mode": resize_mode, "data": data, "normal_classes": ["0"]},
+              {"epoch": 0})
+    return folder
+
+
+def tiny_index(out, checkpoint: str, images: dict[str, bytes], **kw):
+    """An index version of ``images`` embedded in-process by the checkpoint's card, published
+    into ``out`` as the embedding job publishes (the first few also calibrate a threshold)."""
+    from msc_dist.card import index_record, load_card
+    from msc_dist.index import write_index
+
+    card = load_card(checkpoint)
+    z = card.embed_arrays([card.preprocess(b) for b in images.values()])
+    return write_index(str(out), z, list(images), card.model_id, calibration=z[:4], target_fpr=0.25,
+                       extra=index_record(card.checkpoint, card.config), **kw)
+
+
+def noise_images(n: int, w: int = 48, h: int = 32, seed: int = 0, fmt: str = "PNG") -> list[bytes]:
+    """Non-square images with a bright left edge: squash keeps it, center_crop cuts it off."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a[:, : w // 6] = 250
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out

@@ -11,6 +11,7 @@ from contextlib import redirect_stdout
 
 import pytest
 
+from conftest import free_port
 from msc_dist.cli import VERBS, build_parser, main, verb_parser
 
 EXPECTED_VERBS = ["train", "embed", "score", "evaluate", "test", "predict", "export", "serve", "bench", "data"]
@@ -122,23 +123,72 @@ def test_data_verbs_run(tmp_path, capsys):
     assert d["samples"] == 4 and d["classes"][0] == "normal"
 
 
-def test_serve_deploys_the_serving_app_with_its_builder(monkeypatch, capsys):
-    """msc serve = serve run serving/config.yaml from Python: the app's own build_app, no shell."""
+def _tiny_served_index(tmp_path):
+    from conftest import noise_images, tiny_checkpoint, tiny_index
+
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="center_crop")
+    tiny_index(tmp_path / "idx", ck, {f"n{i}": b for i, b in enumerate(noise_images(6))})
+    return ck, str(tmp_path / "idx")
+
+
+def test_serve_deploys_the_serving_app_with_its_builder(monkeypatch, capsys, tmp_path):
+    """msc serve = serve run serving/config.yaml from Python: the app's own build_app, no shell,
+    after its start-up checks; --config takes every AppConfig key (allow_anonymous included)."""
     from ray import serve
 
+    import msc_dist.cli
     import msc_dist.console
     import serving.app
 
+    ck, idx = _tiny_served_index(tmp_path)
     calls = {}
     monkeypatch.setattr(msc_dist.console, "init_ray", lambda address=None: calls.setdefault("ray", address))
     monkeypatch.setattr(serve, "start", lambda **kw: calls.setdefault("start", kw))
     monkeypatch.setattr(serve, "run", lambda app, **kw: calls.setdefault("run", (app, kw)))
+    monkeypatch.setattr(msc_dist.cli, "wait_forever", lambda: calls.setdefault("waited", True))
     built = {}
     real = serving.app.build_app
     monkeypatch.setattr(serving.app, "build_app", lambda args: built.setdefault("args", args) and real(args))
-    assert main(["serve", "--checkpoint", "/ck", "--index", "/idx", "--port", "8123", "--device", "cpu"]) == 0
-    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": 8123}}
-    assert built["args"]["checkpoint"] == "/ck" and built["args"]["index"] == "/idx" and built["args"]["device"] == "cpu"
+    yaml_file = tmp_path / "serve.yaml"
+    yaml_file.write_text("allow_anonymous: true\nindex_poll_s: 2\napi_key_env: MSC_TEST_NO_SUCH_KEY\n")
+    port = str(free_port())
+    assert main(["serve", "--config", str(yaml_file), "--checkpoint", ck, "--index", idx, "--port", port,
+                 "--device", "cpu"]) == 0
+    assert calls["start"] == {"http_options": {"host": "127.0.0.1", "port": int(port)}}
+    args = built["args"]
+    assert args["checkpoint"] == ck and args["index"] == idx and args["device"] == "cpu"
+    assert args["allow_anonymous"] is True and args["index_poll_s"] == 2.0 and "port" not in args
     app, kw = calls["run"]
-    assert kw == {"name": "msc", "route_prefix": "/", "blocking": True} and type(app).__name__ == "Application"
-    assert "http://127.0.0.1:8123" in capsys.readouterr().out
+    assert kw == {"name": "msc", "route_prefix": "/", "blocking": False} and type(app).__name__ == "Application"
+    out = capsys.readouterr().out
+    assert f"http://127.0.0.1:{port}" in out and "ANONYMOUS" in out and calls["waited"]
+    # A key the config does not have is named, with the valid ones; nothing is started.
+    yaml_file.write_text("allow_anonymus: true\n")
+    calls.clear()
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--config", str(yaml_file), "--index", idx])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "allow_anonymus" in err and "allow_anonymous" in err and "start" not in calls
+
+
+def test_serve_without_a_key_exits_at_once_with_the_reason_on_one_line(tmp_path):
+    """No key and no allow_anonymous: a real `msc serve` process exits 2 within 10 s, before Ray
+    or Serve start, and says why in one line (as does an index that is not there)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    ck, idx = _tiny_served_index(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MSC_API_KEY"}
+    for argv, words in ((["--index", idx], "no API key"),
+                        (["--index", str(tmp_path / "missing"), "--allow-anonymous"], "current.json")):
+        t0 = time.time()
+        p = subprocess.run([sys.executable, "-m", "msc_dist", "serve", *argv, "--port", str(free_port())],
+                           capture_output=True, text=True, timeout=60, env=env)
+        took = time.time() - t0
+        lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+        assert p.returncode == 2 and len(lines) == 1 and words in lines[0], (p.returncode, p.stderr[-2000:])
+        assert took < 10 or words != "no API key", took  # the key is checked before anything heavy loads
+        assert "serving" not in p.stdout

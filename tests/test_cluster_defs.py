@@ -48,9 +48,11 @@ def test_serve_configs_match_serves_schema(name, cfg):
     # resolve to a newer checkpoint than the index's after a resumed run).
     assert "checkpoint" not in model.user_config
     # The builder accepts every arg the config passes.
-    from serving.app import DEFAULTS
+    from serving.settings import AppConfig
 
-    assert set(app.args) <= set(DEFAULTS)
+    assert set(app.args) <= set(AppConfig.__dataclass_fields__)
+    AppConfig.from_args(app.args)  # names and ranges
+    AppConfig.from_args({**app.args, **model.user_config})
     # Fail closed, said explicitly: auth on, only the three image formats decoded.
     assert app.args["allow_anonymous"] is False and app.args["api_key_env"]
     assert sorted(app.args["formats"]) == ["JPEG", "PNG", "WEBP"]

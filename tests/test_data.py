@@ -66,7 +66,7 @@ def test_stream_partitions_exactly_across_ranks_and_loader_workers(tmp_path):
     counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
     seen = []
     for rank in range(2):
-        stream = ShardStream(counts, LabelFilter(None), 16, 4, world_size=2, rank=rank)
+        stream = ShardStream(counts, LabelFilter(None), 16, 4, world_size=2, rank=rank, resize_mode="squash")
         rank_keys = [k for b in make_loader(stream, num_workers=3) for k in b["keys"]]
         assert len(rank_keys) == 30
         seen += rank_keys
@@ -84,7 +84,7 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
     w.write("fine", _jpeg(99), "jpg", 0)
     w.close()
     counts = kept_counts(describe(str(tmp_path)), LabelFilter(None)) + kept_counts(describe(str(tmp_path / "more")), LabelFilter(None))
-    stream = ShardStream(counts, LabelFilter(None), 16, 4, max_pixels=10_000_000)
+    stream = ShardStream(counts, LabelFilter(None), 16, 4, max_pixels=10_000_000, resize_mode="squash")
     with caplog.at_level(logging.WARNING):
         batches = list(make_loader(stream, 0))
     got = [k for b in batches for k in b["keys"]]
@@ -95,15 +95,15 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
 
 
 def test_decode_limits_and_errors():
-    assert decode_image(_jpeg(1, 64), 32).shape == (32, 32, 3)
+    assert decode_image(_jpeg(1, 64), 32, resize_mode="squash").shape == (32, 32, 3)
     with pytest.raises(BadImage, match="empty"):
-        decode_image(b"", 32)
+        decode_image(b"", 32, resize_mode="squash")
     with pytest.raises(BadImage, match="not a decodable image"):
-        decode_image(_jpeg(1)[:50], 32)
+        decode_image(_jpeg(1)[:50], 32, resize_mode="squash")
     big = io.BytesIO()
     Image.new("L", (3000, 3000)).save(big, format="PNG")
     with pytest.raises(BadImage, match="above the limit"):
-        decode_image(big.getvalue(), 32, max_pixels=1_000_000)
+        decode_image(big.getvalue(), 32, max_pixels=1_000_000, resize_mode="squash")
 
 
 def test_decode_matches_the_plain_pil_pipeline_for_every_mode():
@@ -121,7 +121,7 @@ def test_decode_matches_the_plain_pil_pipeline_for_every_mode():
                 ref = Image.open(io.BytesIO(buf.getvalue()))
                 ref.draft("RGB", (2 * size, 2 * size))
                 ref = ref.convert("RGB").resize((size, size), Image.BILINEAR)
-                got = decode_image(buf.getvalue(), size)
+                got = decode_image(buf.getvalue(), size, resize_mode="squash")
                 assert got.dtype == np.uint8 and got.shape == (size, size, 3)
                 assert np.array_equal(got, np.asarray(ref)), (mode, fmt, size)
 
@@ -129,11 +129,11 @@ def test_decode_matches_the_plain_pil_pipeline_for_every_mode():
 def test_loader_batches_are_channels_last_views_of_the_decoded_pixels(tmp_path):
     write_shards(tmp_path, [6])
     keep = LabelFilter(None)
-    batch = next(iter(make_loader(ShardStream(kept_counts(describe(str(tmp_path)), keep), keep, 24, 6), 0)))
+    batch = next(iter(make_loader(ShardStream(kept_counts(describe(str(tmp_path)), keep), keep, 24, 6, resize_mode="squash"), 0)))
     x = batch["images"]
     assert x.shape == (6, 3, 24, 24) and x.dtype == torch.uint8
     assert x.is_contiguous(memory_format=torch.channels_last)  # no transposing copy on the CPU
-    want = np.stack([decode_image(s.data, 24) for s in iter_samples(describe(str(tmp_path)).shards[0].url)])
+    want = np.stack([decode_image(s.data, 24, resize_mode="squash") for s in iter_samples(describe(str(tmp_path)).shards[0].url)])
     assert np.array_equal(x.permute(0, 2, 3, 1).numpy(), want)
 
 
@@ -142,14 +142,14 @@ def test_label_filter_keeps_normals_only(tmp_path):
     keep = LabelFilter(frozenset({0}))
     counts = kept_counts(describe(str(tmp_path)), keep)
     assert counts[0][1] == 3
-    b = list(make_loader(ShardStream(counts, keep, 16, 8), 0))
+    b = list(make_loader(ShardStream(counts, keep, 16, 8, resize_mode="squash"), 0))
     assert [int(x) for bb in b for x in bb["labels"]] == [0, 0, 0]
 
 
 def test_training_stream_wraps_around_and_yields_full_batches(tmp_path):
     write_shards(tmp_path, [5])
     counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
-    it = iter(make_loader(ShardStream(counts, LabelFilter(None), 16, 4, train=True), 0))
+    it = iter(make_loader(ShardStream(counts, LabelFilter(None), 16, 4, train=True, resize_mode="squash"), 0))
     sizes = [next(it)["images"].shape[0] for _ in range(6)]  # 24 samples out of 5: wraps around
     assert sizes == [4] * 6
 
@@ -183,7 +183,7 @@ def test_make_shards_from_real_magnetic_tiles_skips_masks_and_splits(tmp_path):
     # real greyscale JPEGs of varying size decode to fixed-size RGB
     s = next(iter_samples(res["train"].shards[0].url))
     assert Image.open(io.BytesIO(s.data)).mode == "L"
-    assert decode_image(s.data, 64).shape == (64, 64, 3)
+    assert decode_image(s.data, 64, resize_mode="squash").shape == (64, 64, 3)
 
 
 def test_demo_set_is_labelled_and_deterministic(tmp_path):
@@ -276,10 +276,10 @@ def test_bytes_to_device_path_matches_the_pil_path(tmp_path):
     write_shards(tmp_path / "s", [9, 7], corrupt={"k000004"})
     info = describe(str(tmp_path / "s"))
     counts = kept_counts(info, LabelFilter(None))
-    plain = list(ShardStream(counts, LabelFilter(None), 24, 4))
-    enc = list(ShardStream(counts, LabelFilter(None), 24, 4, encoded=True))
+    plain = list(ShardStream(counts, LabelFilter(None), 24, 4, resize_mode="squash"))
+    enc = list(ShardStream(counts, LabelFilter(None), 24, 4, encoded=True, resize_mode="squash"))
     assert all("encoded" in b and "images" not in b for b in enc)
-    dev = [materialize(b, 24, "cpu") for b in enc]
+    dev = [materialize(b, 24, "cpu", resize_mode="squash") for b in enc]
     assert [b["keys"] for b in dev] == [b["keys"] for b in plain]
     assert sum(len(b["corrupt"]) for b in dev) == 1 and "k000004" in sum((b["corrupt"] for b in dev), [])
     for a, b in zip(dev, plain):
@@ -329,7 +329,7 @@ def test_pixel_limit_is_checked_from_the_header_before_decoding():
     Image.new("RGB", (3000, 2000)).save(big, format="JPEG")
     with pytest.raises(BadImage, match="above the limit"):
         probe(big.getvalue(), max_pixels=5_000_000)
-    x, ok, errors = decode_batch([big.getvalue()], 32, "cpu", max_pixels=5_000_000)
+    x, ok, errors = decode_batch([big.getvalue()], 32, "cpu", max_pixels=5_000_000, resize_mode="squash")
     assert x.shape[0] == 0 and "above the limit" in errors[0]
     with pytest.raises(BadImage, match="not accepted"):  # the decoder's allow-list, from the header
         probe(b"GIF89a nonsense")

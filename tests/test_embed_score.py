@@ -22,7 +22,7 @@ from msc_dist.embed.job import main as embed_main
 from msc_dist.index import load_index
 from msc_dist.score.config import ScoreConfig
 from msc_dist.score.job import main as score_main, read_scores
-from msc_dist.scorer import Scorer
+from msc_dist.scorer import open_scorer
 from msc_dist.scoring import roc_auc
 
 
@@ -56,19 +56,19 @@ def test_embeddings_by_id_and_index(embedded):
     assert rows[0, 0] == 5 and d[0, 0] < 1e-5
     # The checkpoint was trained with resize_mode squash (not the default): the job embedded every
     # image as the checkpoint's mode makes it, recorded the mode, and the Scorer decodes the same way.
-    from msc_dist.checkpoint import load_model
+    from msc_dist.card import load_card
     from msc_dist.data.decode import decode_image
-    from msc_dist.features import embed_hwc
 
-    model, _, config, _ = load_model(ck)
-    assert config["resize_mode"] == "squash" and idx.manifest.extra["resize_mode"] == "squash"
+    card = load_card(ck)
+    assert card.config["resize_mode"] == "squash" and idx.manifest.extra["resize_mode"] == "squash"
+    assert card.preprocess.resize_mode == "squash" and idx.manifest.extra["preprocess"] == card.preprocess.to_dict()
     samples = {s.key: s.data for sh in describe(embedded["data"]).shards for s in iter_samples(sh.url)}
     some = ids[:6]
-    views = {m: embed_hwc(model, np.stack([decode_image(samples[k], 64, resize_mode=m) for k in some]), torch.device("cpu"))
-             .numpy() for m in ("squash", "center_crop")}
+    views = {m: card.embed_arrays(np.stack([decode_image(samples[k], 64, resize_mode=m) for k in some]))
+             for m in ("squash", "center_crop")}
     got = np.stack([by_id[k] for k in some])
     assert np.abs(got - views["squash"]).max() < 1e-4 < np.abs(got - views["center_crop"]).max()
-    scorer = Scorer(None, out)
+    scorer = open_scorer(out)
     assert scorer.resize_mode == "squash" and scorer.info()["resize_mode"] == "squash"
     assert np.array_equal(scorer.decode(samples[some[0]]), decode_image(samples[some[0]], 64, resize_mode="squash"))
 
@@ -94,7 +94,7 @@ def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(30)
     assert new_parts and open(man).read() == before  # the half-built version was never published
-    scorer = Scorer(embedded["checkpoint"], out)  # ... and the previous one still loads and scores
+    scorer = open_scorer(out, embedded["checkpoint"])  # ... and the previous one still loads and scores
     assert scorer.index.manifest.version == first.manifest.version and scorer.index.count == first.manifest.count
     second = embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=out))
     assert load_index(out).manifest.version == second.manifest.version != first.manifest.version
@@ -148,8 +148,8 @@ def test_offline_scoring_of_an_s3_bucket(embedded, bucket, s3_server):
     assert len(r0["neighbors"]) == 2 and r0["neighbors"][0]["distance"] <= r0["neighbors"][1]["distance"]
 
     # The offline score of an image equals the Scorer's score of the same image.
-    scorer = Scorer(embedded["checkpoint"], embedded["out"])
-    assert scorer.model.trunk.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # placed on CPU too
+    scorer = open_scorer(embedded["out"], embedded["checkpoint"])
+    assert scorer.card.model.trunk.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # placed on CPU too
     uris = list(scored)[:6]
     direct = scorer.score_bytes([bucket[u][1] for u in uris])
     for u, d in zip(uris, direct):

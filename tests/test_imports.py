@@ -86,7 +86,7 @@ def test_the_checker_sees_real_imports():
     """Guards the guard: known edges are found, through function-level imports too."""
     assert "msc_dist.dist" in closure("msc_dist.train.loop")
     assert "torch.distributed" in closure("msc_dist.dist")
-    assert "msc_dist.scorer" in closure("serving.app")  # imported inside Model._apply
+    assert "msc_dist.scorer" in closure("serving.app")  # imported inside Model._load
     assert offenders("msc_dist.train.job", ("ray",))  # the Ray Train driver imports ray
 
 

@@ -19,9 +19,9 @@ from msc_dist.data.shards import describe, iter_samples
 @pytest.fixture(scope="module")
 def scorer(embedded):
     from msc_dist.checkpoint import resolve
-    from msc_dist.scorer import Scorer
+    from msc_dist.scorer import open_scorer
 
-    return Scorer(resolve(embedded["run_dir"]), embedded["out"])
+    return open_scorer(embedded["out"], resolve(embedded["run_dir"]))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_predict_a_folder_scores_as_the_scorer_with_an_error_row_per_bad_file(em
 def _images(samples, size: int) -> np.ndarray:
     from msc_dist.data.decode import decode_image
 
-    return np.stack([decode_image(s.data, size) for s in samples]).transpose(0, 3, 1, 2).copy()
+    return np.stack([decode_image(s.data, size, resize_mode="squash") for s in samples]).transpose(0, 3, 1, 2).copy()
 
 
 def test_export_onnx_runs_in_onnx_runtime_as_pytorch(embedded, scorer, test_samples, tmp_path, capsys):

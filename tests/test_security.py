@@ -43,23 +43,23 @@ def test_decoder_accepts_only_jpeg_png_webp_by_default():
     from msc_dist.data.decode import BadImage, decode_image
 
     for fmt in ("JPEG", "PNG", "WEBP"):
-        assert decode_image(_encoded(fmt), 16).shape == (16, 16, 3), fmt
+        assert decode_image(_encoded(fmt), 16, resize_mode="squash").shape == (16, 16, 3), fmt
     for fmt in OTHER_FORMATS + ["EPS"]:
         data = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n" if fmt == "EPS" else _encoded(fmt)
         with pytest.raises(BadImage) as e:
-            decode_image(data, 16)
+            decode_image(data, 16, resize_mode="squash")
         assert "JPEG, PNG, WEBP" in str(e.value), (fmt, str(e.value))  # names the accepted formats
     with pytest.raises(BadImage, match="TIFF images are not accepted"):
-        decode_image(_encoded("TIFF"), 16)
+        decode_image(_encoded("TIFF"), 16, resize_mode="squash")
     # Configurable: an explicit allow-list lets BMP through.
-    assert decode_image(_encoded("BMP"), 16, formats=("JPEG", "BMP")).shape == (16, 16, 3)
+    assert decode_image(_encoded("BMP"), 16, formats=("JPEG", "BMP"), resize_mode="squash").shape == (16, 16, 3)
 
 
 def test_offline_scorer_gives_an_error_row_for_other_formats(embedded):
     """Item 2, offline: the Scorer (used by the score job) returns an error, not a score."""
-    from msc_dist.scorer import Scorer
+    from msc_dist.scorer import open_scorer
 
-    scorer = Scorer(embedded["checkpoint"], embedded["out"])
+    scorer = open_scorer(embedded["out"], embedded["checkpoint"])
     ok, bmp = scorer.score_bytes([_encoded("PNG", (64, 64)), _encoded("BMP", (64, 64))])
     assert ok.error is None and ok.score is not None
     assert bmp.score is None and "BMP images are not accepted" in bmp.error
@@ -146,10 +146,10 @@ def test_only_registered_checkpoints_with_matching_sums_load(trained_run, tmp_pa
 
 def test_scorer_takes_the_checkpoint_recorded_in_the_index(embedded):
     """Item 6: with no checkpoint, the Scorer (and serving) use the one that built the index."""
-    from msc_dist.scorer import Scorer
+    from msc_dist.scorer import open_scorer
 
-    s = Scorer(index=embedded["out"])
-    assert s.model_id == Scorer(embedded["checkpoint"], embedded["out"]).model_id
+    s = open_scorer(embedded["out"])
+    assert s.model_id == open_scorer(embedded["out"], embedded["checkpoint"]).model_id
     assert "checkpoint" not in s.info()  # /v1/model shows no storage URI
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the serving/ fol
 
 from msc_dist.data.demo import make_demo  # noqa: E402
 from msc_dist.data.shards import iter_samples  # noqa: E402
-from msc_dist.scorer import Scorer  # noqa: E402
+from msc_dist.scorer import open_scorer  # noqa: E402
 
 
 from conftest import free_port as _free_port  # noqa: E402
@@ -56,7 +56,7 @@ def serving(embedded, tmp_path_factory):
                          "model_options": {"ray_actor_options": {"num_cpus": 0.25}},
                          "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}), name="secure", route_prefix="/secure")
     url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "scorer": Scorer(embedded["checkpoint"], embedded["out"])}
+    yield {"url": url, "scorer": open_scorer(embedded["out"], embedded["checkpoint"])}
     serve.shutdown()
 
 
@@ -227,17 +227,104 @@ def test_decoding_does_not_block_the_event_loop(serving):
     assert busy < max(0.5, 3 * idle), f"/healthz took {busy:.2f}s while decoding ({took:.1f}s for the uploads; idle {idle:.2f}s)"
 
 
-def test_a_batch_with_images_of_two_sizes_is_scored(serving, images):
-    """During a roll that changes image_size, one @serve.batch call can hold images decoded for
-    the old size and the new one: each is resized, none fails the batch."""
+def test_images_are_scored_only_by_the_version_they_were_decoded_for(serving, images):
+    """The Model scores pixels with the index version (and model card) named with them; pixels of
+    another size are refused, never resized to fit; a version it does not hold gets the live card
+    back, for the Gateway to decode the request again."""
     from ray import serve
 
-    from msc_dist.data.decode import decode_image
+    from msc_dist.data.decode import Preprocess
 
     model = serve.get_deployment_handle("Model", app_name="secure")
-    new, old = decode_image(images[0], 64), decode_image(images[0], 48)
-    a, b = model.score.remote([new, old]).result(timeout_s=60)  # both images in one batch
-    assert a["score"] is not None and b["score"] is not None and len(b["neighbors"]) == len(a["neighbors"]) == 2
+    card = model.card.remote().result(timeout_s=60)
+    pre = Preprocess.from_dict(card["preprocess"])
+    assert (pre.image_size, pre.resize_mode) == (64, "squash")  # the shared checkpoint's card
+    a, b = model.score.remote([pre(images[0]), pre(images[1])], card["version"]).result(timeout_s=60)
+    assert a["index_version"] == b["index_version"] == card["version"] and len(a["neighbors"]) == 2
+    assert model.score.remote([pre(images[0])], "v-gone").result(timeout_s=60) == card
+    small = Preprocess(48, "squash", pre.mean, pre.std)(images[0])
+    with pytest.raises(Exception, match="decoded for another model"):
+        model.score.remote([small], card["version"]).result(timeout_s=60)
+
+
+def _follow_app(index: str, name: str):
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app({"index": index, "index_poll_s": 1, "allow_anonymous": True,
+                         "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
+                         "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}),
+              name=name, route_prefix=f"/{name}")
+
+
+def test_the_single_layout_follows_the_published_version_under_load(serving, tmp_path):
+    """A new version published into the served index root (another checkpoint, another image size
+    and resize mode) rolls in within the poll interval under load: only 200s, each answer the
+    score of the version it names (so none mixed two versions, and none was resized to fit the
+    new card); a pinned version folder does not move."""
+    from ray import serve
+
+    from conftest import noise_images, tiny_checkpoint, tiny_index
+    from msc_dist.index import version_root
+    from msc_dist.scorer import open_scorer
+
+    root = tmp_path / "idx"
+    normals = {f"n{i}": b for i, b in enumerate(noise_images(12, seed=3))}
+    queries = noise_images(4, w=40, h=56, seed=4, fmt="JPEG")
+    ck_a = tiny_checkpoint(tmp_path / "a", image_size=32, resize_mode="center_crop", seed=1)
+    ck_b = tiny_checkpoint(tmp_path / "b", image_size=40, resize_mode="squash", seed=2)
+    man_a = tiny_index(root, ck_a, normals)
+    pinned = version_root(str(root), man_a.version)
+    expected = {man_a.version: [r.score for r in open_scorer(pinned).score_bytes(queries)]}
+    _follow_app(str(root), "follow")
+    _follow_app(pinned, "pinned")
+    url = serving["url"]
+    assert httpx.get(f"{url}/follow/v1/model", timeout=30).json()["version"] == man_a.version
+    answers, stop = [], threading.Event()
+
+    def client(i):
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{url}/follow/v1/score", content=queries[i], headers={"content-type": "image/jpeg"})
+                answers.append((i, r.status_code, r.json()[0] if r.status_code == 200 else r.text))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        man_b = tiny_index(root, ck_b, normals)
+        expected[man_b.version] = [r.score for r in open_scorer(version_root(str(root), man_b.version)).score_bytes(queries)]
+        deadline = time.time() + 30
+        while time.time() < deadline and httpx.get(f"{url}/follow/v1/model", timeout=30).json()["version"] != man_b.version:
+            time.sleep(0.2)
+        rolled = time.time()
+        while time.time() < rolled + 2 or sum(1 for _, _, a in answers if isinstance(a, dict)
+                                              and a["index_version"] == man_b.version) < 8:
+            time.sleep(0.2)
+            if time.time() > deadline + 30:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    codes = [c for _, c, _ in answers]
+    assert codes and set(codes) == {200}, [a for a in answers if a[1] != 200][:3]
+    seen = {a["index_version"] for _, _, a in answers}
+    assert seen == {man_a.version, man_b.version}, seen
+    wrong = [(i, a["index_version"], a["score"]) for i, _, a in answers
+             if abs(a["score"] - expected[a["index_version"]][i]) > 1e-5]
+    assert not wrong, wrong[:5]
+    info = httpx.get(f"{url}/follow/v1/model", timeout=30).json()
+    assert (info["version"], info["image_size"], info["resize_mode"]) == (man_b.version, 40, "squash")
+    # The pinned app stayed on its version folder, well past the poll interval.
+    info = httpx.get(f"{url}/pinned/v1/model", timeout=30).json()
+    assert (info["version"], info["image_size"], info["resize_mode"]) == (man_a.version, 32, "center_crop")
+    r = httpx.post(f"{url}/pinned/v1/score", content=queries[0], headers={"content-type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 200 and r.json()[0]["score"] == pytest.approx(expected[man_a.version][0], abs=1e-5)
+    serve.delete("follow")
+    serve.delete("pinned")
 
 
 def _model_replicas(app: str = "msc") -> int:
@@ -401,7 +488,7 @@ def test_rolling_a_new_checkpoint_and_index_drops_no_request(embedded, serving, 
                if json.load(open(m))["epoch"] == 0)
     idx0 = str(tmp_path / "idx0")
     embed_main(EmbedConfig(checkpoint=ck0, out=idx0))
-    new_id = Scorer(ck0, idx0).model_id
+    new_id = open_scorer(idx0, ck0).model_id
 
     def app(user_config):
         # The args' index does not exist: the replica loads only what its user_config names

@@ -151,7 +151,7 @@ def sharded(embedded, tmp_path_factory):
     the embedded index (the roll test publishes a new version there)."""
     from ray import serve
 
-    from msc_dist.scorer import Scorer
+    from msc_dist.scorer import open_scorer
     from serving.app import build_app
 
     root = str(tmp_path_factory.mktemp("shardidx") / "index")
@@ -163,7 +163,7 @@ def sharded(embedded, tmp_path_factory):
                          "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
                          "shard_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
                          "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}), name="sharded", route_prefix="/")
-    ref = Scorer(embedded["checkpoint"], root)
+    ref = open_scorer(root, embedded["checkpoint"])
     yield {"url": f"http://127.0.0.1:{port}", "root": root, "scorer": ref, "checkpoint": embedded["checkpoint"]}
     serve.shutdown()
 
@@ -244,7 +244,7 @@ def test_killed_shard_replica_gives_only_exact_200s_and_503s(sharded, images):
 
 
 def test_version_roll_never_mixes_versions(sharded, images):
-    from msc_dist.scorer import Scorer
+    from msc_dist.scorer import open_scorer
 
     url, root, imgs = sharded["url"], sharded["root"], images[:12]
     old = load_index(root)
@@ -263,7 +263,7 @@ def test_version_roll_never_mixes_versions(sharded, images):
     stop.set()
     for t in threads:
         t.join()
-    refs = {va: sharded["scorer"].score_bytes(imgs), vb: Scorer(sharded["checkpoint"], version_root(root, vb)).score_bytes(imgs)}
+    refs = {va: sharded["scorer"].score_bytes(imgs), vb: open_scorer(version_root(root, vb), sharded["checkpoint"]).score_bytes(imgs)}
     assert sum(not _same({**a.to_dict()}, b) for a, b in zip(refs[va], refs[vb])) >= 6  # the versions answer differently
     codes = {e[2] for e in log}
     assert codes <= {200, 503}, {c: sum(e[2] == c for e in log) for c in codes}

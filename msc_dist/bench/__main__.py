@@ -14,7 +14,7 @@ from msc_dist.config import ConfigError, project
 
 def run(name: str, cfg) -> dict:
     """One benchmark from its config -> its result dict."""
-    from msc_dist.predict import resolve_device
+    from msc_dist.scorer import resolve_device
 
     device = resolve_device(cfg.device) if hasattr(cfg, "device") else None
     if name == "embed":

@@ -128,9 +128,9 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
               files_per_request) for j in range(8)]
     exp_single = exp_multi = None
     if index_shards > 0:  # the reference: one unsharded index of the same version, in this process
-        from msc_dist.scorer import Scorer
+        from msc_dist.scorer import open_scorer
 
-        ref = [r.score for r in Scorer(resolve(os.path.expanduser(checkpoint)), index).score_bytes(imgs)]
+        ref = [r.score for r in open_scorer(index, checkpoint).score_bytes(imgs)]
         exp_single = [[x] for x in ref]
         exp_multi = [[ref[(j + i) % len(imgs)] for i in range(files_per_request)] for j in range(8)]
     _load(url, single, 2, 2.0)  # warm-up

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
@@ -96,13 +97,14 @@ def open_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 
 def decode_image(data: bytes | None, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS, resize_mode: str = "squash") -> np.ndarray:
-    """Encoded bytes -> (size, size, 3) uint8 RGB by ``resize_mode`` (see RESIZE_MODES).
-    ``formats``: the Pillow format ids allowed (others raise UnsupportedFormat)."""
+                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS, resize_mode: str) -> np.ndarray:
+    """Encoded bytes -> (size, size, 3) uint8 RGB by ``resize_mode`` (see RESIZE_MODES; no default:
+    it is the model's, from its ``Preprocess``). ``formats``: the Pillow format ids allowed
+    (others raise UnsupportedFormat)."""
     return to_array(open_image(data, max_pixels, formats), size, resize_mode)
 
 
-def to_array(img: Image.Image, size: int, resize_mode: str = "squash") -> np.ndarray:
+def to_array(img: Image.Image, size: int, resize_mode: str) -> np.ndarray:
     """An image from ``open_image`` decoded to (size, size, 3) uint8 RGB by ``resize_mode``."""
     try:
         (nw, nh), crop = crop_geometry(*img.size, size, resize_mode)
@@ -130,8 +132,60 @@ def to_array(img: Image.Image, size: int, resize_mode: str = "squash") -> np.nda
         raise BadImage(f"not a decodable image: {type(e).__name__}: {e}") from e
 
 
-def resize_to(images: list[np.ndarray], size: int) -> np.ndarray:
-    """(B, size, size, 3) uint8 from HWC uint8 arrays of any sizes (bilinear, as decode_image):
-    a batch can hold images decoded for an older model's size during a roll."""
-    return np.stack([im if im.shape[:2] == (size, size)
-                     else np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes a model's input: a contract of the checkpoint (its model card), never
+    a default. ``image_size`` and ``resize_mode`` make any image an S x S uint8 RGB array; ``mean``
+    and ``std`` are the normalisation the model applies inside its forward (recorded here so
+    that an export or an API client can state the whole input contract). Every path that embeds
+    an image (the center pass, evaluation, the embedding and score jobs, the Scorer, both
+    serving layouts, predict/test/export) decodes through one of these, built from the checkpoint
+    by ``msc_dist.card.preprocess_of``."""
+
+    image_size: int
+    resize_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        check_resize_mode(self.resize_mode)
+        if int(self.image_size) < 1:
+            raise ValueError(f"image_size must be at least 1, got {self.image_size}")
+        object.__setattr__(self, "image_size", int(self.image_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    def open(self, data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+             formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> Image.Image:
+        """The header only (format and pixel limits checked, no pixel decoded): ``open_image``."""
+        return open_image(data, max_pixels, formats)
+
+    def __call__(self, image: bytes | Image.Image | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS) -> np.ndarray:
+        """Encoded bytes, or an image from ``open``, -> (S, S, 3) uint8 RGB."""
+        if isinstance(image, Image.Image):
+            return to_array(image, self.image_size, self.resize_mode)
+        return decode_image(image, self.image_size, max_pixels, formats=formats, resize_mode=self.resize_mode)
+
+    def check(self, images: np.ndarray | list[np.ndarray]) -> None:
+        """Raise unless every (S, S, 3) array is of this size: an image made for another card is
+        never resized to fit (it is scored by the version it was decoded for)."""
+        for im in images:
+            if tuple(im.shape[:2]) != (self.image_size, self.image_size):
+                raise ValueError(f"an image of {im.shape[1]}x{im.shape[0]} was decoded for another model; this one "
+                                 f"takes {self.image_size}x{self.image_size} ({self.resize_mode})")
+
+    def describe(self) -> str:
+        """The preprocessing in words (export specs, API clients)."""
+        s = self.image_size
+        if self.resize_mode == "squash":
+            return f"decode, convert to RGB, resize to {s}x{s} (bilinear, no crop)"
+        return (f"decode, convert to RGB, resize the shorter side to {int(s * 256 / 224)} (bilinear), "
+                f"center-crop {s}x{s}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["image_size"]), str(d["resize_mode"]), tuple(d["mean"]), tuple(d["std"]))

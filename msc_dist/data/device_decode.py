@@ -27,7 +27,7 @@ def probe(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
     return open_image(data, max_pixels).format
 
 
-def _resize(x: torch.Tensor, size: int, resize_mode: str = "squash") -> torch.Tensor:
+def _resize(x: torch.Tensor, size: int, resize_mode: str) -> torch.Tensor:
     """(3, h, w) uint8 -> (3, size, size) uint8 by ``resize_mode``, bilinear with antialiasing
     (as PIL's resize), then the center crop where the mode has one."""
     (nw, nh), crop = crop_geometry(x.shape[-1], x.shape[-2], size, resize_mode)
@@ -63,7 +63,7 @@ def _decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor
 
 
 def decode_batch(datas: list[bytes], size: int, device: torch.device | str,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, resize_mode: str = "squash"
+                 max_pixels: int = DEFAULT_MAX_PIXELS, *, resize_mode: str
                  ) -> tuple[torch.Tensor, list[int], dict[int, str]]:
     """Encoded images -> ((n, 3, size, size) uint8 on ``device``, channels_last, by
     ``resize_mode``; the indices of ``datas`` that it holds, in order; {index: error} for the others)."""
@@ -101,13 +101,13 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def materialize(batch: dict, size: int, device: torch.device | str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                resize_mode: str = "squash") -> dict:
+def materialize(batch: dict, size: int, device: torch.device | str, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                resize_mode: str) -> dict:
     """A loader batch of encoded bytes (``encoded``) -> the usual batch with ``images`` on the
     device; images that fail to decode leave the batch and join ``corrupt``."""
     if "encoded" not in batch:
         return batch
-    x, ok, errors = decode_batch(batch["encoded"], size, device, max_pixels, resize_mode)
+    x, ok, errors = decode_batch(batch["encoded"], size, device, max_pixels, resize_mode=resize_mode)
     keys = batch["keys"]
     return {
         "images": x,

@@ -72,7 +72,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 256,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         encoded: bool = False,
-        resize_mode: str = "squash",
+        resize_mode: str,
     ):
         """``encoded``: yield the encoded bytes (``encoded`` in the batch, header-checked against
         ``max_pixels``) for ``device_decode.materialize`` to decode on the device.

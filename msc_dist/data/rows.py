@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from msc_dist import storage
-from msc_dist.data.decode import BadImage, decode_image
+from msc_dist.data.decode import BadImage, Preprocess
 from msc_dist.data.loader import LabelFilter
 from msc_dist.data.shards import IMAGE_EXTS, ByteCounter, iter_samples
 
@@ -85,12 +85,12 @@ class _Rows:
         return out
 
 
-def _decode(data: bytes | None, size: int, max_pixels: int, why: str | None = None,
-            resize_mode: str = "squash") -> tuple[np.ndarray | None, str | None]:
+def _decode(data: bytes | None, preprocess: Preprocess, max_pixels: int,
+            why: str | None = None) -> tuple[np.ndarray | None, str | None]:
     try:
         if data is None and why:
             raise BadImage(why)
-        return decode_image(data, size, max_pixels, resize_mode=resize_mode), None
+        return preprocess(data, max_pixels), None
     except BadImage as e:
         return None, str(e)
 
@@ -107,14 +107,14 @@ def _probe(data: bytes | None, max_pixels: int, why: str | None = None) -> tuple
         return None, str(e)
 
 
-def read_shards(batch: dict, image_size: int, max_pixels: int, max_bytes: int, block_rows: int,
-                encoded: bool = False, resize_mode: str = "squash") -> Iterator[dict]:
+def read_shards(batch: dict, preprocess: Preprocess, max_pixels: int, max_bytes: int, block_rows: int,
+                encoded: bool = False) -> Iterator[dict]:
     """Ray Data map_batches fn (batch_size=1): stream each shard item once, keep the samples
-    whose label passes ``keep``, decode them (by ``resize_mode``, the checkpoint's) and yield
-    blocks of ``block_rows`` rows.
+    whose label passes ``keep``, decode them by the checkpoint's ``preprocess`` and yield blocks
+    of ``block_rows`` rows.
     ``encoded``: check each image's header only and pass its bytes on (column ``encoded``), for
     actors that decode on their device."""
-    size = image_size
+    size = preprocess.image_size
     for i in range(len(batch["url"])):
         url = str(batch["url"][i])
         kept = json.loads(str(batch["keep"][i]))
@@ -123,7 +123,7 @@ def read_shards(batch: dict, image_size: int, max_pixels: int, max_bytes: int, b
         for s in iter_samples(url, max_member_bytes=max_bytes, counter=counter):
             if not keep(s.label):
                 continue
-            img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, size, max_pixels, s.error, resize_mode)
+            img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, preprocess, max_pixels, s.error)
             if err:
                 log.warning("skipping corrupt sample key=%s shard=%s: %s", s.key, s.source, err)
             rows.add(s.key, s.source, s.label, img, err)
@@ -200,12 +200,11 @@ def object_ext(uri: str) -> str:
     return base.rsplit(".", 1)[-1].lower() if "." in base else ""
 
 
-def read_objects(batch: dict, image_size: int, max_bytes: int, max_pixels: int, resize_mode: str = "squash") -> dict:
-    """Ray Data fn: object URIs -> decoded rows. Each object is read once, at most max_bytes + 1
-    bytes of it, through one cached client per worker, with retries on transient errors; any
-    failure is an error row."""
-    size = image_size
-    rows = _Rows(size)
+def read_objects(batch: dict, preprocess: Preprocess, max_bytes: int, max_pixels: int) -> dict:
+    """Ray Data fn: object URIs -> rows decoded by the checkpoint's ``preprocess``. Each object is
+    read once, at most max_bytes + 1 bytes of it, through one cached client per worker, with
+    retries on transient errors; any failure is an error row."""
+    rows = _Rows(preprocess.image_size)
     for uri in batch["uri"]:
         uri, nbytes = str(uri), 0
         img, err = None, None
@@ -215,7 +214,7 @@ def read_objects(batch: dict, image_size: int, max_bytes: int, max_pixels: int, 
                 raise BadImage(f"not an image object (extension {ext or 'none'!r}; expected one of {list(IMAGE_EXTS)})")
             data = storage.retrying(storage.read_capped, uri, max_bytes, what=f"read of {uri}")
             nbytes = len(data)
-            img = decode_image(data, size, max_pixels, resize_mode=resize_mode)
+            img = preprocess(data, max_pixels)
         except (BadImage, storage.TooLarge) as e:
             err = str(e)
         except Exception as e:  # storage errors that survived the retries: permission, vanished object, ...

@@ -23,8 +23,10 @@ from msc_dist import checkpoint as ckpt
 from msc_dist import storage
 from msc_dist.backbones import get_spec
 from msc_dist.capacity import check_capacity
+from msc_dist.card import index_record, preprocess_of
 from msc_dist.config import ConfigError
 from msc_dist.data.labels import resolve_labels
+from msc_dist.data.decode import Preprocess
 from msc_dist.data.loader import LabelFilter
 from msc_dist.data.rows import read_shards, shard_items
 from msc_dist.data.shards import DataError, describe
@@ -56,11 +58,10 @@ class PassStats:
         return self.bytes_read / self.bytes_stored if self.bytes_stored else None
 
 
-def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str, image_size: int, cfg: EmbedConfig,
-               root: str, cal_fraction: float, role: str = "index", progress: str = "embed",
-               resize_mode: str = "squash") -> PassStats:
+def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str, preprocess: Preprocess,
+               cfg: EmbedConfig, root: str, cal_fraction: float, role: str = "index", progress: str = "embed") -> PassStats:
     """Embed every kept sample of ``data`` into Parquet parts under <root>/embeddings/, each
-    image made ``image_size`` square by ``resize_mode`` (the checkpoint's)."""
+    image decoded by the checkpoint's ``preprocess`` (its model card)."""
     import ray.data
 
     info = describe(data, scan=False)  # counts from shards.json when there is one; never a scan
@@ -70,14 +71,15 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
         raise DataError(f"{data!r} has no samples to embed (kept labels: {keep})")
     items = shard_items(counts, keep)
     on_device = decode_on_device(cfg)
-    limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
-              "block_rows": cfg.rows_per_task, "encoded": on_device, "resize_mode": resize_mode}
+    limits = {"preprocess": preprocess, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes,
+              "block_rows": cfg.rows_per_task, "encoded": on_device}
     gpus = 1 if cfg.use_gpu else 0
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs=limits)
         .map_batches(
-            EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": cfg.use_gpu, "max_pixels": cfg.max_pixels},
+            EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "preprocess": preprocess, "use_gpu": cfg.use_gpu,
+                                               "max_pixels": cfg.max_pixels},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
             batch_size=cfg.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
         )
@@ -188,7 +190,7 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
         raise ConfigError("no --data and the checkpoint's config names none")
     info = describe(data, scan=False)
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
-    image_size, mode = int(tcfg["image_size"]), ckpt.resize_mode(tcfg)
+    pre = preprocess_of(tcfg)  # the model card's preprocessing: every image of both passes
     init_ray(cfg.ray_address)
     check_capacity("embedding job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
@@ -197,16 +199,16 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     keep = LabelFilter(frozenset(normal))
     total = None if info.count is None else sum(s.count_where(keep) for s in info.shards)
     own_cal = 0.0 if cfg.calibration_data else _calibration_fraction(cfg, total)
-    st = embed_pass(data, normal, ck_url, ck.model_id, image_size, cfg, root, own_cal, "index", "embed", mode)
+    st = embed_pass(data, normal, ck_url, ck.model_id, pre, cfg, root, own_cal, "index", "embed")
     if cfg.calibration_data:
-        cst = embed_pass(cfg.calibration_data, normal, ck_url, ck.model_id, image_size, cfg, root, 1.0, "calibration",
-                         "calibrate", mode)
+        cst = embed_pass(cfg.calibration_data, normal, ck_url, ck.model_id, pre, cfg, root, 1.0, "calibration",
+                         "calibrate")
         st.cal += cst.cal
     index_rows = sum(n for _, n in st.parts)
     if index_rows < cfg.k:
         raise DataError(f"{index_rows} decodable normal samples in {data!r} after the calibration hold-out: "
                         f"need at least k = {cfg.k}")
-    extra = {"checkpoint": ck_url, "backbone": tcfg["backbone"], "image_size": image_size, "resize_mode": mode, "data": data,
+    extra = {**index_record(ck_url, tcfg), "data": data,
              "embeddings": [{"file": f, "rows": n} for f, n in st.parts + st.cal],
              "corrupt": st.corrupt, "epoch": ck.meta.get("epoch"), "bytes_read": st.bytes_read,
              "bytes_stored": st.bytes_stored}

@@ -37,36 +37,38 @@ def usable(batch: dict) -> np.ndarray:
 
 
 class EmbedActor:
-    """Ray Data actor: loads the checkpoint once; image rows -> embedding rows (image dropped)."""
+    """Ray Data actor: loads the model card once; image rows -> embedding rows (image dropped).
+    ``preprocess``: what the driver's read tasks decoded with, which must be this card's."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False, max_pixels: int = 64_000_000):
+    def __init__(self, checkpoint: str, preprocess, use_gpu: bool = False, max_pixels: int = 64_000_000):
         import torch
 
-        from msc_dist.checkpoint import load_model, resize_mode
+        from msc_dist.card import load_card
 
         self.max_pixels = max_pixels
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, _, self.config, self.model_id = load_model(checkpoint, self.device)
-        self.resize_mode = resize_mode(self.config)
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.card = load_card(checkpoint, device)
+        if self.card.preprocess != preprocess:
+            raise ValueError(f"the read tasks decode with {preprocess}, the checkpoint's card is {self.card.preprocess}")
 
     def __call__(self, batch: dict) -> dict:
-        from msc_dist.features import embed_hwc, embed_images
-
+        card = self.card
         ok = usable(batch)
-        emb = np.full((len(batch["id"]), self.model.dim), np.nan, dtype=np.float32)
+        emb = np.full((len(batch["id"]), card.dim), np.nan, dtype=np.float32)
         if "encoded" in batch:  # bytes from the read tasks: decode the batch on this actor's device
             from msc_dist.data.device_decode import decode_batch
 
             rows = np.flatnonzero(ok)
-            x, got, errors = decode_batch([batch["encoded"][i] for i in rows], int(self.config["image_size"]), self.device,
-                                          self.max_pixels, self.resize_mode)
+            pre = card.preprocess
+            x, got, errors = decode_batch([batch["encoded"][i] for i in rows], pre.image_size, card.device,
+                                          self.max_pixels, resize_mode=pre.resize_mode)
             batch["error"] = batch["error"].copy()
             for j, e in errors.items():
                 batch["error"][rows[j]] = e
             if got:
-                emb[rows[got]] = embed_images(self.model, x, self.device).numpy()
+                emb[rows[got]] = card.embed(x)
         elif ok.any():
-            emb[ok] = embed_hwc(self.model, np.ascontiguousarray(batch["image"][ok]), self.device).numpy()
+            emb[ok] = card.embed_arrays(batch["image"][ok])
         out = {k: v for k, v in batch.items() if k not in ("image", "encoded")}
         out["embedding"] = emb
         return out

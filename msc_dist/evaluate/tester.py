@@ -18,8 +18,8 @@ from msc_dist.evaluate.config import TestConfig
 from msc_dist.evaluate.report import Scored, shard_images, write_plots
 from msc_dist.metrics import summary
 from msc_dist.data.labels import resolve_labels
-from msc_dist.predict import open_scorer
 from msc_dist.progress import bar
+from msc_dist.scorer import open_scorer
 
 log = logging.getLogger("msc_dist.evaluate")
 TABLE_KEYS = ("roc_auc", "average_precision", "fpr_at_95_tpr", "threshold", "f1_at_threshold", "fpr_at_threshold",
@@ -77,7 +77,7 @@ def main(cfg: TestConfig) -> dict:
         raise ConfigError("--index and --data are required")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
-    scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, cfg.max_pixels)
+    scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels)
     info = describe(cfg.data)
     labels = info.label_counts()
     if None in labels:

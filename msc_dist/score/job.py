@@ -23,16 +23,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from msc_dist import checkpoint as ckpt
 from msc_dist import storage
 from msc_dist.capacity import check_capacity
+from msc_dist.card import preprocess_of
 from msc_dist.config import ConfigError
 from msc_dist.data.rows import expand_listing, iter_listing, object_ext, read_objects, read_shards, shard_items
 from msc_dist.data.shards import MANIFEST as SHARDS_MANIFEST, DataError, describe
 from msc_dist.embed.workers import content_name
-from msc_dist.index import load_index
+from msc_dist.index import IndexMismatch, read_manifest
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
 from msc_dist.score.config import INPUT_FORMATS, ScoreConfig
+from msc_dist.scorer import check_pair, checkpoint_of
 
 log = logging.getLogger("msc_dist.score")
 OUT_MANIFEST = "_manifest.json"
@@ -85,19 +88,22 @@ def listing_items(prefix: str) -> list[dict]:
 
 
 class ScoreActor:
-    """Loads model + index once (the same Scorer as serving); image rows -> score rows."""
+    """Loads model card + index version once (the Scorer that serving uses); image rows -> score
+    rows. ``index`` is the version folder the driver planned with (pinned: a version published
+    during the run is not mixed in), ``preprocess`` what its read tasks decoded with."""
 
-    def __init__(self, checkpoint: str, index: str, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, index: str, preprocess, use_gpu: bool = False):
         import torch
 
-        from msc_dist.scorer import Scorer
+        from msc_dist.scorer import open_scorer
 
         dev = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.scorer = Scorer(checkpoint, index, device=dev, use_gpu_index=use_gpu)
+        self.scorer = open_scorer(index, checkpoint, dev, use_gpu_index=use_gpu)
+        if self.scorer.preprocess != preprocess:
+            raise IndexMismatch(f"the read tasks decode with {preprocess}, the checkpoint's card is "
+                                f"{self.scorer.preprocess}")
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
         keep = ~np.asarray(batch["stats_only"], dtype=bool)
         batch = {k: v[keep] for k, v in batch.items()}
         n = len(batch["id"])
@@ -106,8 +112,7 @@ class ScoreActor:
         is_anom = np.zeros(n, np.int8) - 1  # -1 = null (error, or no threshold in the index)
         neighbors = [json.dumps([])] * n
         if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2)
-            res = self.scorer.score_embeddings(self.scorer.embed(x))
+            res = self.scorer.score_arrays(batch["image"][ok])
             for j, r in zip(np.flatnonzero(ok), res):
                 score[j], neighbors[j] = r.score, json.dumps(r.neighbors)
                 is_anom[j] = -1 if r.is_anomaly is None else int(r.is_anomaly)
@@ -159,19 +164,19 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
         raise ConfigError("--index, --input and --out are required")
     if not 0 <= cfg.max_error_fraction <= 1:
         raise ConfigError(f"max_error_fraction must be in [0, 1], got {cfg.max_error_fraction}")
-    idx = load_index(cfg.index)  # verifies the manifest against its files before any work
-    checkpoint = cfg.checkpoint or idx.manifest.extra.get("checkpoint")
-    if not checkpoint:
-        raise ConfigError("the index manifest names no checkpoint; pass --checkpoint")
-    # The index was built by this checkpoint (the actors check the model id): its size and resize mode.
-    image_size, mode = int(idx.manifest.extra["image_size"]), idx.manifest.extra.get("resize_mode", "squash")
-    model_id, threshold, version = idx.manifest.model_id, idx.manifest.threshold, idx.manifest.version
-    del idx  # the actors load their own; the driver keeps no index in memory
+    # The driver reads the live version's manifest and the checkpoint's card, never the index:
+    # the actors load that version folder (pinned) and verify its files.
+    man, folder = read_manifest(storage.expand(cfg.index))
+    checkpoint = ckpt.resolve(checkpoint_of(man, cfg.checkpoint))
+    ck = ckpt.load(checkpoint)  # checksums verified before any work
+    pre = preprocess_of(ck.config)  # the model card's preprocessing: every image is decoded by it
+    check_pair(man, ck.model_id, pre)  # refuses a manifest that disagrees with its checkpoint
+    model_id, threshold, version = man.model_id, man.threshold, man.version
     fmt = input_format(cfg.input, cfg.input_format)
     init_ray(cfg.ray_address)
     check_capacity("scoring job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
-    limits = {"image_size": image_size, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes, "resize_mode": mode}
+    limits = {"preprocess": pre, "max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes}
     if fmt == "shards":
         info = describe(cfg.input, scan=False)
         items = shard_items([(s.url, s.count) for s in info.shards], None)
@@ -187,7 +192,8 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
               .map_batches(read_objects, batch_size=cfg.rows_per_task, batch_format="numpy", fn_kwargs=limits))
         total = None
     ds = ds.map_batches(
-        ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "index": cfg.index, "use_gpu": cfg.use_gpu},
+        ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "index": folder, "preprocess": pre,
+                                           "use_gpu": cfg.use_gpu},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
         batch_size=cfg.batch_size, batch_format="numpy", num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
     )

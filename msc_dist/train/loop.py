@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from msc_dist import dist
 from msc_dist.augment import TwoViewAugment
 from msc_dist.backbones import FeatureModel, build_model
-from msc_dist.data.decode import check_resize_mode
+from msc_dist.card import preprocess_of
 from msc_dist.data.device_decode import materialize
 from msc_dist.data.loader import LabelFilter, ShardStream, make_loader
 from msc_dist.data.plan import steps_per_epoch
@@ -65,11 +65,12 @@ def loader_view(cfg: TrainConfig, train: bool) -> tuple[int, str]:
     """(side, resize mode) of the loader's square images. Training images: ``view_source_scale``
     x ``image_size``, squashed (the views are random crops of the whole image, resized down to
     ``image_size`` on the device by TwoViewAugment: as sharp as the paper's crops of the full-size
-    image). Every image that is embedded (center, bank, evaluation): ``image_size`` by
-    ``cfg.resize_mode``."""
+    image). Every image that is embedded (center, bank, evaluation): the run's model card, the
+    ``Preprocess`` its checkpoints will carry (``card.preprocess_of`` of this config)."""
     if train:
         return max(cfg.image_size, int(round(cfg.image_size * cfg.view_source_scale))), "squash"
-    return cfg.image_size, check_resize_mode(cfg.resize_mode)
+    pre = preprocess_of(dataclasses.asdict(cfg))
+    return pre.image_size, pre.resize_mode
 
 
 def _stream(cfg: TrainConfig, counts, keep: LabelFilter, *, train: bool, epoch: int = 0,
@@ -87,7 +88,7 @@ def device_batches(cfg: TrainConfig, loader, device: torch.device, size: int, re
     ``size`` by ``resize_mode``) when the loader hands bytes, else copied (pinned, non-blocking)."""
     for batch in loader:
         if "encoded" in batch:
-            yield materialize(batch, size, device, cfg.max_pixels, resize_mode)
+            yield materialize(batch, size, device, cfg.max_pixels, resize_mode=resize_mode)
         else:
             yield {**batch, "images": batch["images"].to(device, non_blocking=True)}
 

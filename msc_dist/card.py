@@ -1,0 +1,94 @@
+"""The model card: what loading a checkpoint gives every path that embeds images.
+
+One object holds the feature model (backbone and weights, on its device), the model id (sha256
+of model.pt), the center, the checkpoint's config and its ``Preprocess`` (image size, resize
+mode, normalisation): how an image becomes this model's input. The center pass and evaluation
+(training), the embedding and score actors, the Scorer, both serving layouts and ``msc
+predict/test/export`` all take their preprocessing from here, so none of them has a default
+size or resize mode that could differ from the checkpoint's.
+
+    card = load_card(checkpoint_or_run_folder, device="cpu")
+    x = card.preprocess(encoded_bytes)          # (S, S, 3) uint8
+    z = card.embed_arrays(np.stack([x]))        # (1, D) float32 unit vectors
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from msc_dist import checkpoint as ckpt
+from msc_dist.backbones import FeatureModel, build_model, get_spec
+from msc_dist.data.decode import Preprocess
+from msc_dist.features import embed_images, place
+
+# Checkpoints written before ``resize_mode`` existed were trained and embedded on squashed
+# images: the one place where that history is written down.
+LEGACY_RESIZE_MODE = "squash"
+
+
+def preprocess_of(config: dict[str, Any]) -> Preprocess:
+    """The ``Preprocess`` of a checkpoint's (or a training run's) config."""
+    spec = get_spec(config["backbone"])
+    return Preprocess(int(config["image_size"]), str(config.get("resize_mode") or LEGACY_RESIZE_MODE),
+                      tuple(spec.mean), tuple(spec.std))
+
+
+def index_record(checkpoint: str, config: dict[str, Any]) -> dict[str, Any]:
+    """What an index manifest records of the checkpoint that built it (``check_pair`` reads it back)."""
+    pre = preprocess_of(config)
+    return {"checkpoint": checkpoint, "backbone": config["backbone"], "image_size": pre.image_size,
+            "resize_mode": pre.resize_mode, "preprocess": pre.to_dict()}
+
+
+@dataclass
+class ModelCard:
+    checkpoint: str  # the resolved checkpoint folder
+    model_id: str  # sha256 of model.pt
+    config: dict[str, Any]  # the resolved TrainConfig the checkpoint was trained with
+    meta: dict[str, Any]
+    center: torch.Tensor  # (D,) float32, on CPU
+    preprocess: Preprocess
+    model: FeatureModel  # eval mode, on ``device``, channels_last
+    device: torch.device
+
+    @property
+    def backbone(self) -> str:
+        return str(self.config["backbone"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.dim)
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """The batch forward: (B, 3, S, S) uint8 at this card's size -> (B, D) float32 unit vectors."""
+        if images.shape[-2:] != (self.preprocess.image_size, self.preprocess.image_size):
+            raise ValueError(f"images of {tuple(images.shape[-2:])} given to a model that takes "
+                             f"{self.preprocess.image_size} px ({self.preprocess.resize_mode}): decode with its card")
+        return embed_images(self.model, images, self.device).numpy()
+
+    def embed_arrays(self, arrays: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """(B, S, S, 3) uint8 rows, as ``preprocess`` and the Ray Data jobs hold them -> (B, D)."""
+        x = np.ascontiguousarray(np.stack(arrays) if isinstance(arrays, list) else arrays)
+        return self.embed(torch.from_numpy(x).permute(0, 3, 1, 2))
+
+    def info(self) -> dict[str, Any]:
+        """What API clients may see (no storage URIs)."""
+        return {"model_id": self.model_id, "backbone": self.backbone, "image_size": self.preprocess.image_size,
+                "resize_mode": self.preprocess.resize_mode, "dimension": self.dim,
+                "preprocess": self.preprocess.to_dict()}
+
+
+def load_card(url: str, device: str | torch.device = "cpu") -> ModelCard:
+    """The card of a checkpoint folder, or of the checkpoint a run folder registered last
+    (``checkpoint.resolve``); every file checked against its sha256 (``checkpoint.load``)."""
+    path = ckpt.resolve(url)
+    ck = ckpt.load(path)
+    model = build_model(ck.config["backbone"], pretrained=False)  # every tensor comes from model.pt
+    model.load_state_dict(ck.model_state)
+    dev = torch.device(device)
+    return ModelCard(path, ck.model_id, ck.config, ck.meta, ck.center.float(), preprocess_of(ck.config),
+                     place(model, dev).eval(), dev)

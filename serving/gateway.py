@@ -1,0 +1,240 @@
+"""The serving app's front: a FastAPI Gateway (auth, validation, limits, decoding) in front of
+the Model deployment (serving/model.py), in both layouts.
+
+    POST /v1/score   one image body (image/jpeg|png|webp) or multipart/form-data with several
+    GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold
+    GET  /healthz
+    GET  /docs, /openapi.json
+
+Auth: ``Authorization: Bearer <key>``; a replica without a key refuses to start unless
+``allow_anonymous: true`` is set. Bad input gets a 4xx JSON error ``{"error": {"status",
+"message"}}``; overload and failures that a retry can cure get 503 with Retry-After, never a 500.
+Decoding (JPEG, PNG, WebP only) runs in a thread pool under the same deadline as the model call,
+by the model card of the live index version: the Gateway asks the Model for it (``card``) at
+most once per ``index_poll_s``, and sends each request's version with its pixels."""
+
+# No `from __future__ import annotations` here: FastAPI must see real `Request` annotations.
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from msc_dist.data.decode import BadImage, Preprocess, TooManyPixels, UnsupportedFormat
+from serving.errors import Unavailable
+from serving.settings import AppConfig, load_api_key
+
+log = logging.getLogger("ray.serve")  # Serve's logger: lines reach the replica logs
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class InflightBytes:
+    """Request-body bytes one replica holds at once; bytes beyond ``cap`` get 503 + Retry-After."""
+
+    def __init__(self, cap: int, retry_after_s):
+        self.cap, self.used, self.retry = int(cap), 0, {"Retry-After": str(retry_after_s)}
+
+    @contextlib.contextmanager
+    def request(self):
+        """A ``take(n)`` for one request; everything it took is released when the request ends."""
+        held = 0
+
+        def take(n: int) -> None:
+            nonlocal held
+            if self.used + n > self.cap:
+                raise ApiError(503, f"busy: {self.used} bytes of request bodies are in flight on this replica "
+                                    f"(limit {self.cap}), retry later", self.retry)
+            self.used += n
+            held += n
+
+        try:
+            yield take
+        finally:
+            self.used -= held
+
+
+def image_error(name: str, e: BadImage) -> ApiError:
+    status = 415 if isinstance(e, UnsupportedFormat) else 413 if isinstance(e, TooManyPixels) else 422
+    return ApiError(status, f"{name}: {e}")
+
+
+def decode_request(files: list[tuple[str, bytes]], preprocess: Preprocess, max_pixels: int, max_request_pixels: int,
+                   formats) -> list[np.ndarray]:
+    """Every header first (format and pixel limits, no pixel data decoded), then the pixels, by the
+    live version's model card (``preprocess``): a request over its pixel budget costs only header
+    parsing. Runs in the decode thread pool."""
+    opened, total = [], 0
+    for name, data in files:
+        try:
+            img = preprocess.open(data, max_pixels, formats)
+        except BadImage as e:
+            raise image_error(name, e) from None
+        total += img.size[0] * img.size[1]
+        if total > max_request_pixels:
+            raise ApiError(413, f"the images of this request hold more than {max_request_pixels} pixels together "
+                                "(max_request_pixels): send fewer or smaller images per request")
+        opened.append((name, img))
+    out = []
+    for name, img in opened:
+        try:
+            out.append(preprocess(img))
+        except BadImage as e:
+            raise image_error(name, e) from None
+    return out
+
+
+api = FastAPI(title="msc-dist anomaly scoring", version="1")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError):
+    return JSONResponse({"error": {"status": exc.status, "message": exc.message}}, status_code=exc.status, headers=exc.headers)
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=256, max_queued_requests=1024)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, model, **settings):
+        self.model = model
+        self.s = AppConfig.from_args(settings)  # raises: the replica does not start
+        self.api_key, mode = load_api_key(self.s)
+        (log.warning if self.api_key is None else log.info)("msc Gateway auth: %s", mode)
+        self.formats = tuple(self.s.formats)
+        self.inflight = InflightBytes(self.s.max_inflight_bytes, self.s.retry_after_s)
+        self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="msc-decode")
+        self._card = None  # (fetched at, version, Preprocess) of the live version's model card
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:] if got.lower().startswith("bearer ") else ""
+        # compare_digest: constant time in the length of the key.
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+
+    async def _guarded(self, coro):
+        """One deadline (request_timeout_s) over decoding and the model call; every failure that is
+        not the caller's is a 503 with Retry-After (retryable), never a 500."""
+        retry = {"Retry-After": str(self.s.retry_after_s)}
+        try:
+            return await asyncio.wait_for(coro, self.s.request_timeout_s)
+        except ApiError:
+            raise
+        except Unavailable as e:  # the index is loading, a shard is down, a roll is under way
+            raise ApiError(503, f"{e}; retry later", retry) from None
+        except BackPressureError:
+            raise ApiError(503, "overloaded: the scoring queue is full, retry later", retry) from None
+        except asyncio.TimeoutError:
+            raise ApiError(503, f"timed out after {self.s.request_timeout_s}s, retry later", retry) from None
+        except (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError):
+            # A model replica died or is being replaced mid-request; the next try reaches a live one.
+            raise ApiError(503, "a model replica became unavailable, retry later", retry) from None
+        except Exception as e:
+            log.exception("request failed")
+            raise ApiError(503, f"scoring failed ({type(e).__name__}), retry later", retry) from None
+
+    async def _live_card(self, refresh: bool = False) -> tuple[str, Preprocess]:
+        """(version, Preprocess) of the live index version's model card, asked of the Model at most
+        once per ``index_poll_s`` (10 s when it does not poll): requests are decoded for it, and
+        the Model scores each with the version it was decoded for."""
+        ttl = self.s.index_poll_s or 10.0
+        if refresh or self._card is None or time.monotonic() - self._card[0] > ttl:
+            card = await self.model.card.remote()
+            self._card = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]))
+        return self._card[1], self._card[2]
+
+    async def _read(self, request: Request, take) -> bytes:
+        limit = self.s.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"body is {declared} bytes, above the limit of {limit}")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > limit:
+                raise ApiError(413, f"body is above the limit of {limit} bytes")
+            take(len(chunk))  # 503 when this replica already holds max_inflight_bytes
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not body:
+            raise ApiError(400, f"empty body: send an image ({', '.join(IMAGE_TYPES)}) or multipart/form-data")
+        return body
+
+    async def _files(self, request: Request, ctype: str, body: bytes) -> list[tuple[str, bytes]]:
+        if ctype in IMAGE_TYPES:
+            return [("body", body)]
+        if ctype != "multipart/form-data":
+            raise ApiError(415, f"content type {ctype or 'missing'!r} is not accepted; use one of "
+                                f"{', '.join(IMAGE_TYPES)} or multipart/form-data")
+        from starlette.datastructures import UploadFile
+        from starlette.formparsers import MultiPartException, MultiPartParser
+
+        async def _stream():
+            yield body
+
+        max_files = self.s.max_files
+        try:
+            form = await MultiPartParser(request.headers, _stream(), max_files=max_files, max_fields=max_files,
+                                         max_part_size=self.s.max_body_bytes).parse()
+        except MultiPartException as e:
+            if "Too many files" in str(e):
+                raise ApiError(413, f"too many files: at most {max_files} per request") from None
+            raise ApiError(400, f"malformed multipart body: {e}") from None
+        files = [(f.filename or k, await f.read()) for k, f in form.multi_items() if isinstance(f, UploadFile)]
+        if not files:
+            raise ApiError(400, "multipart body has no files: send the images as file parts")
+        return files
+
+    async def _decode_and_score(self, files: list[tuple[str, bytes]]) -> list[dict]:
+        """Decode by the live card and score with that version. A version that rolled away while
+        this request was decoded (the Model answers with the new card) is decoded once more for
+        the new one: never resized to fit, never scored by a model it was not made for."""
+        loop = asyncio.get_running_loop()
+        version, pre = await self._live_card()
+        for attempt in range(2):
+            arrays = await loop.run_in_executor(self.pool, decode_request, files, pre, self.s.max_pixels,
+                                                self.s.max_request_pixels, self.formats)
+            out = await self.model.score.remote(arrays, version)
+            if isinstance(out, list):
+                return out
+            # {"version": live version, "preprocess": its card}: ours is no longer served
+            self._card = (time.monotonic(), out["version"], Preprocess.from_dict(out["preprocess"]))
+            version, pre = self._card[1], self._card[2]
+        raise ApiError(503, "the model rolled to a new version twice during this request, retry later",
+                       {"Retry-After": str(self.s.retry_after_s)})
+
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/model")
+    async def model_info(self, request: Request):
+        self._auth(request)
+        return await self._guarded(self.model.info.remote())
+
+    @api.post("/v1/score")
+    async def score(self, request: Request):
+        self._auth(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
+            raise ApiError(415, f"content type {ctype!r} is not accepted; use one of {', '.join(IMAGE_TYPES)} or multipart/form-data")
+        with self.inflight.request() as take:
+            body = await self._read(request, take)
+            files = await self._files(request, ctype, body)
+            return await self._guarded(self._decode_and_score(files))
