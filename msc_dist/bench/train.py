@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -88,5 +89,9 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
 
             what = {k: res[k] for k in ("backbone", "image_size", "view_source_size", "batch_size", "device",
                                         "loader_workers", "compile", "synthetic", "decode_on_device")}
-            run_profile(stepper, batches, profile_steps, dev, profile_dir, what)
+            try:  # the profile never costs the row its measurement
+                run_profile(stepper, batches, profile_steps, dev, profile_dir, what)
+            except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, one line
+                res["profile_error"] = f"{type(e).__name__}: {e}"
+                print(f"profile failed: {res['profile_error']}", file=sys.stderr, flush=True)
     return res
