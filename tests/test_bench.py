@@ -154,3 +154,41 @@ def test_bench_quality_on_an_image_folder_over_seeds_with_both_loops_and_a_plot(
     r = ref["classes"]["good"]["msc"]
     assert ref["loop"] == "reference" and len(r["seeds"]) == 2 and r["test_samples"] == 13
     assert [e for e, _ in r["epoch_auc"]] == [0, 1]
+
+
+def test_gpu_check_smoke_writes_each_row_and_the_profile_to_out_as_measured(tmp_path):
+    """infra/gpu-check.sh under SMOKE=1 on the CPU: the Lite0 row's JSON line and the profile of
+    its step land in $OUT as soon as they are measured, so a run killed during the next row (as a
+    device command past its limit is) keeps them."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = {**os.environ, "SMOKE": "1", "STAGES": "bench", "ROWS": "train_lite0 embed_lite0", "PROFILE_STEPS": "1",
+           "OUT": str(out), "WORK": str(tmp_path / "work"), "DATA": str(tmp_path / "data"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen(["bash", "infra/gpu-check.sh"], cwd=root, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    rows, deadline = out / "h200.jsonl", time.time() + 240
+    try:
+        while not (rows.exists() and rows.read_text().endswith("\n")) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # cut short: during embed_lite0 (or after the end)
+        log = p.communicate()[0]
+    assert rows.exists(), log[-3000:]
+    (line,) = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert line["work"] == "train_lite0" and line["backbone"] == "efficientnet_lite0" and line["images_per_s"] > 0
+    assert line["target"] == 9000 and line["share_of_target"] == round(line["images_per_s"] / 9000, 3)
+    prof = json.loads((out / "profile.json").read_text())
+    assert prof["bench"] == "profile" and prof["steps"] == 1 and prof["what"]["backbone"] == "efficientnet_lite0"
+    assert 0 <= prof["loader_wait_share"] < 1 and prof["device_kind"] == "cpu"
+    names = [r["name"] for r in prof["top"]]
+    assert any("conv" in n for n in names[:5]) and all(r["self_ms"] > 0 for r in prof["top"])
+    text = (out / "profile.txt").read_text()
+    assert "loader_wait_share:" in text and "top ops by self CPU time" in text and "Self CPU" in text
+    assert "row train_lite0" in (out / "stages.log").read_text()

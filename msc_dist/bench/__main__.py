@@ -44,9 +44,12 @@ def run(name: str, cfg) -> dict:
         from msc_dist.bench.train import bench_train
         from msc_dist.train.config import TrainConfig
 
+        if cfg.profile_dir and cfg.profile_steps < 1:
+            raise ConfigError(f"profile_steps must be >= 1, got {cfg.profile_steps}")
         return bench_train(cfg.backbone, cfg.image_size, cfg.batch_size, device, cfg.steps, cfg.warmup,
                            cfg.loader_workers, cfg.data, cfg.compile, cfg.weights, pretrained=not cfg.random_init,
-                           synthetic=cfg.synthetic, base=project(cfg, TrainConfig, data=None))
+                           synthetic=cfg.synthetic, base=project(cfg, TrainConfig, data=None),
+                           profile_dir=cfg.profile_dir, profile_steps=cfg.profile_steps)
     if name == "quality":
         from msc_dist.bench.quality import bench_quality
         from msc_dist.evaluate.job import list_classes

@@ -26,12 +26,17 @@ class BenchTrainConfig(borrow(TrainConfig, STEP_KEYS, "_StepFields")):
     warmup: int = 2
     random_init: bool = False
     synthetic: bool = False
+    profile_dir: str | None = None
+    profile_steps: int = 5
 
 
 TRAIN = {**{k: TRAIN_HELP[k] for k in STEP_KEYS}, "data": "shards to read (default: generated demo JPEGs)",
          "device": DEVICE_HELP, "steps": "timed steps", "warmup": "untimed steps first",
          "random_init": "random weights (throughput only; no weights needed)",
-         "synthetic": "random batches on the device, no loader (the step's ceiling)"}
+         "synthetic": "random batches on the device, no loader (the step's ceiling)",
+         "profile_dir": "after the timed steps, profile --profile-steps more with torch.profiler; write the summary "
+                        "(top kernels, host syncs, loader wait share) here as profile.txt and profile.json",
+         "profile_steps": "steps profiled (>= 1) when --profile-dir is given"}
 
 
 @dataclass

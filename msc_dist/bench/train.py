@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -36,10 +37,12 @@ def device_name(device: torch.device) -> str:
 
 def bench_train(backbone: str, image_size: int, batch_size: int, device: str, steps: int, warmup: int,
                 loader_workers: int, data: str | None, compile: bool = False, weights: str | None = None,
-                pretrained: bool = True, synthetic: bool = False, base: TrainConfig | None = None) -> dict:
+                pretrained: bool = True, synthetic: bool = False, base: TrainConfig | None = None,
+                profile_dir: str | None = None, profile_steps: int = 5) -> dict:
     """``synthetic``: random uint8 batches made on the device, no loader: the step's own ceiling,
     to tell a data-starved GPU from a slow step. ``base``: the rest of the training config (loss,
-    optimiser, augmentation), TrainConfig's defaults when absent."""
+    optimiser, augmentation), TrainConfig's defaults when absent. ``profile_dir``: after the timed
+    steps, ``profile_steps`` more under torch.profiler, summarised there (``bench.profile``)."""
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = dataclasses.replace(base or TrainConfig(), backbone=backbone, image_size=image_size, batch_size=batch_size,
@@ -50,18 +53,19 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         center = torch.nn.functional.normalize(torch.randn(model.dim, device=dev), dim=0)
         stepper = Stepper(cfg, model, opt, center, dev)
+        extra = profile_steps if profile_dir else 0
         src = loader_view(cfg, train=True)[0]  # the side of the decoded training images the views are cut from
         if synthetic:
             g = torch.Generator(device=dev).manual_seed(0)
             fixed = [torch.randint(0, 256, (batch_size, 3, src, src), generator=g, device=dev,
                                    dtype=torch.uint8) for _ in range(4)]
-            batches = (fixed[i % 4] for i in range(warmup + steps))
+            batches = (fixed[i % 4] for i in range(warmup + steps + extra))
         else:
             # Enough distinct JPEGs that the loader decodes real files throughout (it wraps around).
             counts = shard_counts(tmp, data, max(256, batch_size * 4), src, per_shard=128)
             loader = loader_for(dataclasses.replace(cfg, loader_workers=loader_workers, shuffle_buffer=64), counts,
                                 LabelFilter(None), dev, train=True)
-            batches = full_batches(loader, batch_size, warmup + steps, set())
+            batches = full_batches(loader, batch_size, warmup + steps + extra, set())
         for _ in range(warmup):
             stepper(next(batches).to(dev, non_blocking=True))
         if dev.type == "cuda":
@@ -72,10 +76,22 @@ def bench_train(backbone: str, image_size: int, batch_size: int, device: str, st
             last = stepper(next(batches).to(dev, non_blocking=True))
         float(last)  # wait for the device
         dt = time.perf_counter() - t0
-    return {
-        "bench": "train", "backbone": backbone, "image_size": image_size, "view_source_size": src, "batch_size": batch_size,
-        "device": device_name(dev), "loader_workers": loader_workers, "compile": compile, "steps": steps,
-        "pretrained": pretrained, "synthetic": synthetic, "decode_on_device": not synthetic and decode_on_device(cfg, dev),
-        "images_per_s": steps * batch_size / dt, "views_per_s": 2 * steps * batch_size / dt,
-        "step_ms": 1000 * dt / steps, "torch": torch.__version__,
-    }
+        res = {
+            "bench": "train", "backbone": backbone, "image_size": image_size, "view_source_size": src,
+            "batch_size": batch_size, "device": device_name(dev), "loader_workers": loader_workers, "compile": compile,
+            "steps": steps, "pretrained": pretrained, "synthetic": synthetic,
+            "decode_on_device": not synthetic and decode_on_device(cfg, dev),
+            "images_per_s": steps * batch_size / dt, "views_per_s": 2 * steps * batch_size / dt,
+            "step_ms": 1000 * dt / steps, "torch": torch.__version__,
+        }
+        if profile_dir:
+            from msc_dist.bench.profile import profile_steps as run_profile
+
+            what = {k: res[k] for k in ("backbone", "image_size", "view_source_size", "batch_size", "device",
+                                        "loader_workers", "compile", "synthetic", "decode_on_device")}
+            try:  # the profile never costs the row its measurement
+                run_profile(stepper, batches, profile_steps, dev, profile_dir, what)
+            except Exception as e:  # noqa: BLE001 - reported in the row and on stderr, one line
+                res["profile_error"] = f"{type(e).__name__}: {e}"
+                print(f"profile failed: {res['profile_error']}", file=sys.stderr, flush=True)
+    return res
