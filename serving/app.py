@@ -11,7 +11,7 @@ version the same way (``serving.model.Versions``); ``GET /v1/model`` reports the
 from msc_dist.config import ConfigError
 from serving.gateway import Gateway
 from serving.model import MODEL_KEYS, Model
-from serving.settings import AppConfig
+from serving.settings import AppConfig, load_api_key
 from serving.sharded import IndexShard
 
 # The IndexShard deployments' settings.
@@ -28,6 +28,8 @@ def build_app(args: dict | None = None):
     args = dict(args or {})
     opts = {k: args.pop(k, None) or {} for k in OPTION_KEYS}
     cfg = AppConfig.from_args(args)
+    if not cfg.api_key_file:  # a key file may live on the replicas' nodes only; a variable or its absence is known here
+        load_api_key(cfg)  # `serve run` with no key fails here, with the reason, instead of retrying replicas
     model_args = {k: getattr(cfg, k) for k in MODEL_KEYS}
     shards = []
     if cfg.index_shards > 0:

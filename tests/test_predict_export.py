@@ -95,7 +95,7 @@ def test_export_onnx_runs_in_onnx_runtime_as_pytorch(embedded, scorer, test_samp
     man = json.loads((out / "index_manifest.json").read_text())
     assert spec["index"]["model_id"] == man["model_id"] == scorer.model_id == spec["model_id"]
     assert spec["index"]["threshold"] == scorer.threshold and spec["index"]["k"] == man["k"]
-    assert torch.equal(torch.load(out / "center.pt", weights_only=True), scorer.center.cpu())
+    assert torch.equal(torch.load(out / "center.pt", weights_only=True), scorer.card.center.cpu())
     assert json.loads((out / "config.json").read_text())["image_size"] == scorer.image_size
 
     x = _images(samples[:5], scorer.image_size)  # a batch size the export never saw

@@ -115,6 +115,22 @@ def test_gateway_refuses_to_start_without_a_key(tmp_path, monkeypatch):
     assert "API key required" in logged and "ANONYMOUS" in logged, logged
 
 
+def test_building_the_app_without_a_key_fails_with_the_reason(monkeypatch):
+    """`serve run serving/config.yaml` with no key: the builder refuses, naming what to set, instead
+    of a Gateway whose replicas fail and are retried; a value out of range is named too."""
+    from msc_dist.config import ConfigError
+    from serving.app import build_app
+
+    monkeypatch.delenv("MSC_TEST_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match="no API key.*allow_anonymous"):
+        build_app({"api_key_env": "MSC_TEST_UNSET_KEY"})
+    with pytest.raises(ConfigError, match=r"max_files must be in \[1, 1024\], got 0"):
+        build_app({"allow_anonymous": True, "max_files": 0})
+    with pytest.raises(ConfigError, match="unknown key.*allow_anonymous"):
+        build_app({"allow_anonymus": "true"})
+    assert type(build_app({"api_key_env": "MSC_TEST_UNSET_KEY", "allow_anonymous": "true"})).__name__ == "Application"
+
+
 def _copy_run(trained_run, tmp_path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(trained_run["run_dir"], run, ignore=shutil.ignore_patterns("serving"))
