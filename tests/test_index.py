@@ -180,3 +180,21 @@ def test_manifest_file_names_cannot_escape_the_index(built):
                                                     "manifest_sha256": None}))
     with pytest.raises(IndexMismatch, match="refusing file name"):
         load_index(str(path))
+
+
+def test_version_names_cannot_escape_the_index(tmp_path):
+    """A version name from a pointer, a caller or a manifest is a file name too: one that leaves
+    the index folder is refused as an IndexMismatch (the index's own error), naming where it came from."""
+    from msc_dist.index import load_shards, publish, read_manifest
+
+    man = write_index(str(tmp_path), _unit(20, 8, 0), [str(i) for i in range(20)], "m")
+    pointer = json.loads((tmp_path / "current.json").read_text())
+    (tmp_path / "current.json").write_text(json.dumps({**pointer, "version": "../../etc"}))
+    with pytest.raises(IndexMismatch, match=r"current.json: refusing file name '../../etc'"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(IndexMismatch, match="index version: refusing file name '/abs'"):
+        load_shards(str(tmp_path), version="/abs")
+    man.version = "../escaped"
+    with pytest.raises(IndexMismatch, match="index version: refusing file name '../escaped'"):
+        publish(str(tmp_path), man)
+    assert not (tmp_path.parent / "escaped").exists()
