@@ -36,6 +36,7 @@ def test_sharded_search_equals_brute_force(built):
     assert [idx.ids[r] for r in rows[0]] == [ids[i] for i in order[0]]
     score, _, _ = idx.score(q)
     assert np.allclose(score, np.take_along_axis(bf, order, 1).sum(1), atol=1e-5)
+    assert np.array_equal(idx.vectors(), z)  # every vector back, in row order (what a re-shard copies)
 
 
 def test_threshold_is_the_calibration_quantile(built):

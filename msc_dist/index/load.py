@@ -36,6 +36,11 @@ class ShardedIndex:
         score, d = knn_from_similarities(sims)  # the one kNN formula: training's evaluation uses it too
         return score, d, rows
 
+    def vectors(self) -> np.ndarray:
+        """(count, dimension) float32: every stored vector in row order, read back from the CPU
+        sub-indexes (exact for Flat; the codes' reconstruction for IVF/PQ)."""
+        return np.concatenate([s.reconstruct_n(0, s.ntotal) for s in self._subs])
+
 
 def load_index(path: str, expected_model_id: str | None = None, use_gpu: bool = False) -> ShardedIndex:
     """The live (or pinned) version with every shard, verified (checksums, counts, dimension,
