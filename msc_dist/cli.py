@@ -226,7 +226,7 @@ def _bench_cfg(name: str):
 
 def _bench(name: str):
     def run(cfg, explicit) -> int:
-        from msc_dist.bench.__main__ import run as run_bench
+        from msc_dist.bench.runner import run as run_bench
 
         _print_json(run_bench(name, cfg))
         return 0

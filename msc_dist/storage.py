@@ -6,9 +6,12 @@ Credentials follow the usual boto chain (env, profile, instance role)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import posixpath
 import uuid
+
 import fsspec
 
 ENDPOINT_ENV = ("MSC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -77,6 +80,31 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, url)
+
+
+def sha256(data: bytes) -> str:
+    """Hex digest: what manifests record for every file they list."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_table(url: str, table) -> str:
+    """A pyarrow table as one Parquet file, written atomically; returns the file's sha256."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    data = buf.getvalue()
+    write_bytes_atomic(url, data)
+    return sha256(data)
+
+
+def safe_name(name: str, where: str, error: type[ValueError] = ValueError) -> str:
+    """A file name from a manifest, relative to its folder: no absolute paths, no '..'. Raises
+    ``error`` (the caller's own error type) naming ``where`` the name came from."""
+    parts = str(name).replace("\\", "/").split("/")
+    if not name or str(name).startswith("/") or "://" in str(name) or any(p in ("", ".", "..") for p in parts):
+        raise error(f"{where}: refusing file name {name!r} (must be relative, without '..')")
+    return str(name)
 
 
 def pyarrow_filesystem(url: str):

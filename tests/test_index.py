@@ -36,6 +36,7 @@ def test_sharded_search_equals_brute_force(built):
     assert [idx.ids[r] for r in rows[0]] == [ids[i] for i in order[0]]
     score, _, _ = idx.score(q)
     assert np.allclose(score, np.take_along_axis(bf, order, 1).sum(1), atol=1e-5)
+    assert np.array_equal(idx.vectors(), z)  # every vector back, in row order (what a re-shard copies)
 
 
 def test_threshold_is_the_calibration_quantile(built):
@@ -180,3 +181,21 @@ def test_manifest_file_names_cannot_escape_the_index(built):
                                                     "manifest_sha256": None}))
     with pytest.raises(IndexMismatch, match="refusing file name"):
         load_index(str(path))
+
+
+def test_version_names_cannot_escape_the_index(tmp_path):
+    """A version name from a pointer, a caller or a manifest is a file name too: one that leaves
+    the index folder is refused as an IndexMismatch (the index's own error), naming where it came from."""
+    from msc_dist.index import load_shards, publish, read_manifest
+
+    man = write_index(str(tmp_path), _unit(20, 8, 0), [str(i) for i in range(20)], "m")
+    pointer = json.loads((tmp_path / "current.json").read_text())
+    (tmp_path / "current.json").write_text(json.dumps({**pointer, "version": "../../etc"}))
+    with pytest.raises(IndexMismatch, match=r"current.json: refusing file name '../../etc'"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(IndexMismatch, match="index version: refusing file name '/abs'"):
+        load_shards(str(tmp_path), version="/abs")
+    man.version = "../escaped"
+    with pytest.raises(IndexMismatch, match="index version: refusing file name '../escaped'"):
+        publish(str(tmp_path), man)
+    assert not (tmp_path.parent / "escaped").exists()

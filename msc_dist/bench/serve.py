@@ -80,8 +80,8 @@ def _resharded(index: str, n: int, workdir: str) -> str:
     man = idx.manifest
     if len(man.shards) >= n:
         return index
-    z = np.concatenate([s.reconstruct_n(0, s.ntotal) for s in idx._subs])
-    new = write_index(workdir, z, list(idx.ids), man.model_id, num_shards=n, factory=man.factory, k=man.k, extra=man.extra)
+    new = write_index(workdir, idx.vectors(), list(idx.ids), man.model_id, num_shards=n, factory=man.factory, k=man.k,
+                      extra=man.extra)
     new.threshold, new.target_fpr = man.threshold, man.target_fpr
     publish(workdir, new)
     return workdir

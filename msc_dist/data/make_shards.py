@@ -16,8 +16,9 @@ from msc_dist.data.shards import IMAGE_EXTS, DataError, DatasetInfo, ShardWriter
 from msc_dist.progress import bar
 
 
-def _key(rel: str) -> str:
-    # WebDataset keys end at the first dot and must not contain '/'.
+def sample_key(rel: str) -> str:
+    """The WebDataset key of the image at ``rel`` (its path in the source folder): keys end at
+    the first dot and must not contain '/'."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(rel)[0])
 
 
@@ -66,7 +67,7 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
         with ShardWriter(storage.join(out, name) if name else out, per_shard, classes) as w:
             for rel, ext, label in bar(its, desc=f"make-shards {name or 'all'}", unit="img", leave=False):
                 with open(os.path.join(src, rel), "rb") as f:
-                    w.write(_key(rel), f.read(), "jpg" if ext == "jpeg" else ext, label)
+                    w.write(sample_key(rel), f.read(), "jpg" if ext == "jpeg" else ext, label)
         out_info[name or "all"] = w.close()
     if normal is not None:
         _write_split_record(out, normal_class, train_fraction, seed, splits)

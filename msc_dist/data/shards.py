@@ -208,14 +208,6 @@ def _read_manifest(folder: str) -> dict | None:
     return json.loads(storage.read_bytes(url))
 
 
-def safe_name(name: str, where: str) -> str:
-    """A file name from a manifest, relative to its folder: no absolute paths, no '..'."""
-    parts = str(name).replace("\\", "/").split("/")
-    if not name or str(name).startswith("/") or "://" in str(name) or any(p in ("", ".", "..") for p in parts):
-        raise DataError(f"{where}: refusing file name {name!r} (must be relative, without '..')")
-    return str(name)
-
-
 def describe(spec: str, scan_workers: int = 8, scan: bool = True) -> DatasetInfo:
     """Shard list with counts: from ``shards.json`` where present, else by scanning every shard
     (``scan=False``: counts stay unknown, for jobs that read each shard once anyway)."""
@@ -226,7 +218,7 @@ def describe(spec: str, scan_workers: int = 8, scan: bool = True) -> DatasetInfo
         man = _read_manifest(spec)
         if man is not None:
             shards = [
-                ShardInfo(storage.join(spec, safe_name(s["name"], MANIFEST)), int(s["count"]),
+                ShardInfo(storage.join(spec, storage.safe_name(s["name"], MANIFEST, DataError)), int(s["count"]),
                           {_label_key(k): int(v) for k, v in s["labels"].items()})
                 for s in man["shards"]
             ]

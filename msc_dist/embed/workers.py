@@ -96,8 +96,6 @@ def write_part(batch: dict, out: str, folder: str, model_id: str, cal_fraction: 
     index rows and ``cal-*`` for the calibration hold-out (by hashed id; ``role="calibration"``
     makes every row a calibration row). Returns one stats row: files, row counts, corrupt
     samples, bytes read by the read tasks."""
-    from msc_dist.index import _write_table
-
     ok = usable(batch)
     corrupt = [str(k) for k, bad in zip(batch["id"], ~ok & ~np.asarray(batch["stats_only"], bool)) if bad]
     ids = batch["id"][ok]
@@ -107,7 +105,7 @@ def write_part(batch: dict, out: str, folder: str, model_id: str, cal_fraction: 
     for kind, rows in (("part", idx_rows), ("cal", cal_rows)):
         if len(rows):
             name = f"{folder}/{kind}-{content_name(batch['id'][rows])}.parquet"
-            _write_table(storage.join(out, name), _table(batch, rows, model_id, kind == "cal"))
+            storage.write_table(storage.join(out, name), _table(batch, rows, model_id, kind == "cal"))
             files[kind] = name
     return {
         "part": [files["part"]], "part_rows": [len(idx_rows)],

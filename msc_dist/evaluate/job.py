@@ -13,7 +13,7 @@ import numpy as np
 
 from msc_dist import storage
 from msc_dist.config import ConfigError, project
-from msc_dist.data.make_shards import from_folder, from_npz
+from msc_dist.data.make_shards import from_folder, from_npz, sample_key
 from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import DataError, describe, iter_samples
 from msc_dist.embed.config import EmbedConfig
@@ -53,9 +53,8 @@ def prepare_split(cfg: EvalConfig, normal: str, out: str) -> tuple[str, str, dic
     from_folder(cfg.data, out, [e.lower() for e in (cfg.exts or ["jpg", "jpeg", "png", "webp"])], 1000, normal,
                 cfg.train_fraction, cfg.seed)
     split = json.load(open(os.path.join(out, "split.json")))
-    from msc_dist.data.make_shards import _key
-
-    return os.path.join(out, "train"), os.path.join(out, "test"), {_key(r): os.path.join(cfg.data, r) for r in split["test"]}
+    sources = {sample_key(r): os.path.join(cfg.data, r) for r in split["test"]}
+    return os.path.join(out, "train"), os.path.join(out, "test"), sources
 
 
 def _epoch_aucs(run_dir: str) -> list[tuple[int, float]]:

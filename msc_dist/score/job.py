@@ -139,10 +139,8 @@ def _table(rows: dict):
 
 def write_scores(batch: dict, out: str, run: str) -> dict:
     """Ray Data fn (a task): score rows -> one Parquet part of the run folder -> one stats row."""
-    from msc_dist.index import _write_table
-
     name = f"{run}/part-{content_name(batch['uri'])}.parquet"
-    _write_table(storage.join(out, name), _table(batch))
+    storage.write_table(storage.join(out, name), _table(batch))
     return {"file": [name], "rows": [len(batch["uri"])], "errors": [int(sum(1 for e in batch["error"] if e))],
             "bytes_read": [int(np.sum(batch["bytes_read"]))]}
 
