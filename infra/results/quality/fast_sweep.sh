@@ -4,6 +4,8 @@
 # four peak learning rates; then the table. About 15 minutes on an idle 2-core CPU. From the
 # repository root:
 #   bash infra/results/quality/fast_sweep.sh
+# the sweep ran alone, with torch's default threads (every core)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} MKL_NUM_THREADS=${MKL_NUM_THREADS:-$(nproc)}
 source "$(dirname "$0")/common.sh"
 for set in tiles mnist; do
   quality fast_sweep_$set fast_sweep_${set}_paper --methods knn msc "$@"
