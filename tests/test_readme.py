@@ -34,3 +34,25 @@ def test_configuration_reference_lists_every_key():
     for cls in (TrainConfig, EmbedConfig, ScoreConfig, EvalConfig):
         for f in dataclasses.fields(cls):
             assert f"`--{f.name.replace('_', '-')}` / `{f.name}`" in ref, (cls.__name__, f.name)
+
+
+def test_every_results_config_loads_and_no_result_file_names_a_machine_path():
+    """infra/results/quality: each YAML is a valid `bench quality` config whose data exists beside
+    the checkout; no script, config or README there holds an absolute path of a development machine."""
+    import re
+
+    from msc_dist.bench.config import BENCHES
+    from msc_dist.config import from_dict, load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    folder = root / "infra" / "results" / "quality"
+    cls = BENCHES["quality"][0]
+    configs = sorted(folder.glob("*.yaml"))
+    assert configs
+    for p in configs:
+        cfg = from_dict(cls, load_yaml(p), source=str(p))
+        assert cfg.data and not Path(cfg.data).is_absolute(), (p, cfg.data)
+    machine = re.compile(r"(?<![\w.])/(work|root|home|tmp|Users)/")
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".sh", ".yaml", ".py", ".md"):
+            assert not machine.search(p.read_text()), p
