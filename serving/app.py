@@ -39,10 +39,13 @@ def build_app(args: dict | None = None):
             raise ConfigError(f"shard_options has {len(per_group)} entries for index_shards {n}")
         shards = [IndexShard.options(name=f"IndexShard-{g}", **per_group[g]).bind(g, n, **{k: getattr(cfg, k) for k in SHARD_KEYS})
                   for g in range(n)]
+    # A replica being replaced (a redeploy, a downscale) drains its requests for longer than one
+    # may take, so that each ends with its answer (or a 503 from the deadline), never a cut connection.
+    drain = {"graceful_shutdown_timeout_s": cfg.request_timeout_s + 10}
     # The Model loads in reconfigure: these args are its user_config unless the options (or the
     # YAML's deployments section) give one, which the bound args then complete.
-    model = Model.options(**{"user_config": model_args, **opts["model_options"]}).bind(shards, **model_args)
-    return Gateway.options(**opts["gateway_options"]).bind(model, **cfg.args())
+    model = Model.options(**{"user_config": model_args, **drain, **opts["model_options"]}).bind(shards, **model_args)
+    return Gateway.options(**{**drain, **opts["gateway_options"]}).bind(model, **cfg.args())
 
 
 app = build_app
