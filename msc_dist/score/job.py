@@ -25,7 +25,7 @@ import numpy as np
 
 from msc_dist import storage
 from msc_dist.capacity import check_capacity
-from msc_dist.config import ConfigError
+from msc_dist.config import ConfigError, check_ranges
 from msc_dist.data.rows import expand_listing, iter_listing, object_ext, read_objects, read_shards, shard_items
 from msc_dist.data.shards import MANIFEST as SHARDS_MANIFEST, DataError, describe
 from msc_dist.embed.workers import content_name
@@ -79,7 +79,7 @@ def listing_items(prefix: str) -> list[dict]:
     path = storage.path_of(prefix)
     if not fs.exists(path):
         raise DataError(f"input {prefix!r} does not exist")
-    if fs.isfile(path):
+    if not fs.isdir(path):  # one object (or a FIFO, device, ...: its read gives the error row)
         return [{"uri": prefix, "is_prefix": False}]
     return [{"uri": u, "is_prefix": p} for u, p in iter_listing(prefix, recursive=False)]
 
@@ -157,8 +157,7 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
 
     if not (cfg.index and cfg.input and cfg.out):
         raise ConfigError("--index, --input and --out are required")
-    if not 0 <= cfg.max_error_fraction <= 1:
-        raise ConfigError(f"max_error_fraction must be in [0, 1], got {cfg.max_error_fraction}")
+    check_ranges(cfg)  # ScoreConfig.RANGES
     idx = load_index(cfg.index)  # verifies the manifest against its files before any work
     checkpoint = cfg.checkpoint or idx.manifest.extra.get("checkpoint")
     if not checkpoint:
