@@ -340,6 +340,19 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # storage failures: one line saying what to do; the traceback with --verbose
+        from msc_dist import storage
+        from msc_dist.console import verbose
+
+        msg = storage.explain(e)
+        if msg is None:
+            raise
+        if verbose():
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {msg}" + ("" if verbose() else " (--verbose: the traceback)"), file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None, prog: str = "msc") -> int:
