@@ -314,3 +314,24 @@ def test_rays_constructor_argument_line_is_off_the_console_unless_verbose():
     assert "constructor arguments in the object store" in loud.stderr  # Ray does print it
     assert "constructor arguments in the object store" not in quiet.stderr
     assert "rows 8" in quiet.stderr  # the rest of stderr still comes through
+
+
+def test_shard_readers_give_an_error_row_for_a_fifo_or_a_loop_among_the_shards(tmp_path):
+    """Issue 23, 2, in the shard readers (embedding, scoring shards): a FIFO or a symlink loop
+    named like a shard is one error row within seconds, not a read task that waits forever."""
+    import os
+
+    from msc_dist.data.rows import read_shards
+
+    os.mkfifo(tmp_path / "shard-000000.tar")
+    os.symlink("shard-000001.tar", tmp_path / "shard-000001.tar")
+    urls = [str(tmp_path / "shard-000000.tar"), str(tmp_path / "shard-000001.tar")]
+    batch = {"url": np.array(urls, dtype=object), "keep": np.array(["null"] * 2, dtype=object)}
+    try:
+        hung, box = _in_thread(lambda: list(read_shards(batch, 32, 10**6, 10**6, 8)), 20)
+    finally:
+        _unblock(urls[:1])
+    assert not hung, "a read task waited on a FIFO"
+    assert "error" not in box, repr(box.get("error"))
+    errors = {str(b["id"][0]): str(b["error"][0]) for b in box["value"]}
+    assert "FIFO" in errors[urls[0]] and "symlink loop" in errors[urls[1]], errors
