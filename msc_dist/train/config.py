@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from msc_dist.config import BATCH_RANGE, COUNT_RANGE, CPUS_RANGE, MAX_PIXELS_RANGE, SEED_RANGE, Range
+from msc_dist.config import COUNT_RANGE, CPUS_RANGE, MAX_PIXELS_RANGE, SEED_RANGE, Range
 
 
 @dataclass
