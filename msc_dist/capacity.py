@@ -33,3 +33,31 @@ def check_capacity(what: str, cpus_per_actor: float, gpus_per_actor: float, min_
     if ray_address is None and not os.environ.get("RAY_ADDRESS"):
         raise ConfigError(msg)
     log.warning("%s (waiting for an autoscaler to add nodes)", msg)
+
+
+def check_memory(what: str, bytes_per_worker: int, workers: int, ray_address: str | None = None) -> None:
+    """Right after connecting, before any work is scheduled: ``workers`` x ``bytes_per_worker``
+    (a lower bound of what each needs) against the memory Ray may use for tasks on the cluster,
+    and one worker against its largest node. A shortfall is an error on a local Ray and a
+    warning on a cluster (an autoscaler may add nodes), as ``check_capacity``."""
+    import ray
+
+    total = float(ray.cluster_resources().get("memory", 0))
+    largest = max((float(n.get("Resources", {}).get("memory", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    if not total:
+        return
+    gib = 2.0 ** 30
+    problems = []
+    if workers * bytes_per_worker > total:
+        problems.append(f"{workers} worker(s) x at least {bytes_per_worker / gib:.1f} GiB = {workers * bytes_per_worker / gib:.1f} GiB, "
+                        f"but the cluster has {total / gib:.1f} GiB of memory for tasks")
+    elif bytes_per_worker > largest:
+        problems.append(f"one worker needs at least {bytes_per_worker / gib:.1f} GiB, but the largest node has "
+                        f"{largest / gib:.1f} GiB of memory for tasks")
+    if not problems:
+        return
+    msg = (f"{what}: this plan does not fit in memory: " + "; ".join(problems) +
+           ". Lower --image-size, --batch-size or --num-workers, or add nodes.")
+    if ray_address is None and not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(msg)
+    log.warning("%s (waiting for an autoscaler to add nodes)", msg)

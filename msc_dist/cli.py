@@ -339,6 +339,19 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # storage failures: one line saying what to do; the traceback with --verbose
+        from msc_dist import storage
+        from msc_dist.console import verbose
+
+        msg = storage.explain(e)
+        if msg is None:
+            raise
+        if verbose():
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {msg}" + ("" if verbose() else " (--verbose: the traceback)"), file=sys.stderr)
+        return 2
 
 
 # Errors that are the user's to fix (one line, exit 2), by module: a module that was never

@@ -92,11 +92,92 @@ def preset_values(cls: type, name: str) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's keys; a file that is not YAML is a ConfigError naming where it breaks."""
     text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path} is not valid YAML{where}: {what}; fix the file or drop --config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid ranges of the numeric fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A closed (or, with ``lo_open`` / ``hi_open``, half-open) interval; None = unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if v != v:  # NaN
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+    def __str__(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        lo = "-inf" if self.lo is None else num(self.lo)
+        hi = "inf" if self.hi is None else num(self.hi)
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+
+# The ranges that several jobs share, in one place.
+MAX_PIXELS_RANGE = Range(1, 256_000_000)  # source pixels a decode may materialise (x 3-7 bytes each)
+MAX_BYTES_RANGE = Range(1, 2**30)  # bytes read of one file, object or tar member
+BATCH_RANGE = Range(1, 65_536)
+SEED_RANGE = Range(0, 2**32 - 1)
+CPUS_RANGE = Range(0, 1024, lo_open=True)
+COUNT_RANGE = Range(1, 100_000)  # workers, actors, shards, ...
+
+
+def ranges_of(cls: type) -> dict[str, Range]:
+    """A config class's valid ranges: its ``RANGES`` class attribute (name -> Range), those of
+    its base classes, and those of the fields it ``borrow``ed from another job's config."""
+    out: dict[str, Range] = {}
+    for c in reversed(cls.__mro__):
+        src = c.__dict__.get("_borrowed_from")
+        if src is not None:
+            names = {f.name for f in dataclasses.fields(c)}
+            out.update({k: v for k, v in ranges_of(src).items() if k in names})
+        out.update(c.__dict__.get("RANGES", {}))
+    return out
+
+
+def check_ranges(cfg: Any) -> Any:
+    """Every numeric field of ``cfg`` that its class gives a range (``ranges_of``) within it;
+    else a ConfigError naming the flag and its valid range. None (an unset optional) passes.
+    Called on every parsed config (``config_from_args``) and by each job's driver, before Ray."""
+    by_name = {f.name: f for f in dataclasses.fields(cfg)}
+    for name, rng in ranges_of(type(cfg)).items():
+        if name not in by_name:
+            raise KeyError(f"{type(cfg).__name__}.RANGES names {name!r}, which is not a field")
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or isinstance(v, bool):
+                continue
+            if not isinstance(v, (int, float)) or v not in rng:
+                raise ConfigError(f"{name} must be in {rng}, got {v!r} ({_flag(by_name[name])})")
+    return cfg
+
+
+def range_table(cls: type) -> list[tuple[str, str]]:
+    """(flag, valid range) of each ranged field, for documentation."""
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    return [(_flag(by_name[k]), str(r)) for k, r in ranges_of(cls).items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +206,9 @@ def borrow(source: type, names: Iterable[str], cls_name: str, **defaults: Any) -
     unknown = set(defaults) - set(names)
     if unknown:
         raise KeyError(f"defaults for fields that are not borrowed: {sorted(unknown)}")
-    return dataclasses.make_dataclass(cls_name, fields)
+    cls = dataclasses.make_dataclass(cls_name, fields)
+    cls._borrowed_from = source  # its fields' valid ranges too (``ranges_of``)
+    return cls
 
 
 def project(cfg: Any, target: type[T], **overrides: Any) -> T:
@@ -149,10 +232,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, help_text: di
     help_text = help_text or {}
     defaults = cls()
     types_ = field_types(cls)
+    ranges = ranges_of(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _base_type(types_[f.name])
         default = getattr(defaults, f.name)
         h = help_text.get(f.name, "")
+        if f.name in ranges:
+            h = f"{h}; valid: {ranges[f.name]}" if h else f"valid: {ranges[f.name]}"
         h = f"{h} (default: {default!r})" if h else f"default: {default!r}"
         h = h.replace("%", "%%")
         is_list = typing.get_origin(tp) in (list, tuple)
@@ -192,10 +278,13 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, parser: argparse.Argu
             cfg = from_dict(cls, data, base=cfg, source=path)
             explicit |= set(data)
         cfg = from_dict(cls, flags, base=cfg, source="command line")
+        check_ranges(cfg)
     except (ConfigError, OSError) as e:
         if parser is None:
             raise ConfigError(str(e)) from e
-        parser.error(str(e))
+        # One line, no usage: the flags parsed; a value (or the file) is what is wrong.
+        msg = f"--config {path}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+        parser.exit(2, f"{parser.prog}: error: {msg}\n")
     return cfg, explicit | set(flags)
 
 

@@ -19,10 +19,11 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from msc_dist.config import ConfigError
+from msc_dist.config import ConfigError, Range
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 INPUTS = ("uint8", "float")
@@ -38,6 +39,9 @@ class ExportConfig:
     check_images: int = 4
     atol: float = 1e-4
     opset: int = 18
+
+    RANGES: ClassVar[dict[str, Range]] = {"check_images": Range(1, 1024), "atol": Range(0, 1, lo_open=True),
+                                          "opset": Range(11, 23)}
 
 
 HELP = {

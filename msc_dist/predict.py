@@ -11,8 +11,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from msc_dist.config import ConfigError
+from msc_dist.config import BATCH_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, ConfigError, Range
 
 
 @dataclass
@@ -25,6 +26,9 @@ class PredictConfig:
     device: str = "auto"
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 64_000_000
+
+    RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "max_bytes": MAX_BYTES_RANGE,
+                                          "max_pixels": MAX_PIXELS_RANGE}
 
 
 HELP = {
@@ -40,15 +44,16 @@ HELP = {
 
 
 def list_files(paths: list[str]) -> list[str]:
-    """Files as given, and every non-hidden file under each folder (sorted); a missing path is
-    kept, so that it gets its error row."""
+    """Files as given, and every non-hidden entry under each folder (``storage.walk_files``:
+    FIFOs, devices and symlink loops included, so that each gets its error row); a missing path
+    is kept, so that it gets its error row."""
+    from msc_dist import storage
+
     out = []
     for p in paths:
         p = os.path.expanduser(p)
         if os.path.isdir(p):
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+            out += storage.walk_files(p)
         else:
             out.append(p)
     return out
@@ -58,12 +63,19 @@ _BYTESIO = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # PIL names 
 
 
 def _read(path: str, max_bytes: int) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or why not: regular files only, opened without blocking (a FIFO, a
+    device or a symlink loop is an error row, never a hang)."""
+    from msc_dist import storage
+
     try:
-        size = os.path.getsize(path)
-        if size > max_bytes:
-            return None, f"file is {size} bytes, above the limit of {max_bytes}"
-        with open(path, "rb") as f:
-            return f.read(), None
+        with storage.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                return None, f"file is {size} bytes, above the limit of {max_bytes}"
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew since the check
+            return None, f"file is larger than the limit of {max_bytes} bytes"
+        return data, None
     except OSError as e:
         return None, f"cannot read: {e.strerror or e}"
 

@@ -6,11 +6,14 @@ Credentials follow the usual boto chain (env, profile, instance role)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import posixpath
+import stat
 import uuid
+from typing import Iterator
 
 import fsspec
 
@@ -54,7 +57,90 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+class NotRegularFile(OSError):
+    """A local path that is not a regular file (a FIFO, device, socket or folder) or a symlink
+    loop: never read. ``strerror`` says which, for error rows."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str):
+    """A local file opened for binary reading, only if it is a regular file (symlinks followed),
+    and never blocking: the open itself is non-blocking (a FIFO without a writer would otherwise
+    wait forever), the type is checked on the open descriptor (no race with a swap of the path),
+    then reads block as usual. Else NotRegularFile, or FileNotFoundError / PermissionError."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotRegularFile(errno.ELOOP, "a symlink loop (too many levels of symbolic links)", path) from None
+        if e.errno == errno.ENXIO:  # open() of a socket
+            raise NotRegularFile(errno.ENXIO, "not a regular file (a socket)", path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((k for test, k in _KINDS if test(mode)), "not a regular file")
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({kind}); only regular files are read", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def walk_files(root: str, hidden: bool = False) -> Iterator[str]:
+    """Every entry under a local folder that is not a folder, recursively (each folder's own
+    entries by name, then its sub-folders by name, as ``os.walk`` top-down) (names
+    starting with '.' skipped unless ``hidden``): files, and also FIFOs, devices, broken links and
+    symlink loops, so that their readers turn each into an error row instead of dropping it.
+    Symlinked folders are followed; one that leads back to a folder above it, or above ``root``
+    (a loop), is yielded as an entry instead of followed, so the walk always ends."""
+
+    def key(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    def walk(folder: str, above: frozenset) -> Iterator[str]:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            yield folder  # unreadable folder: its reader says why
+            return
+        folders = []
+        for e in entries:  # this folder's entries first, then its sub-folders (as os.walk)
+            if not hidden and e.name.startswith("."):
+                continue
+            try:
+                st = os.stat(e.path)  # follows symlinks; ELOOP for a loop of links
+            except OSError:
+                yield e.path
+                continue
+            if not stat.S_ISDIR(st.st_mode) or key(st) in above:
+                yield e.path  # a link back to a folder above is a loop: one error row
+            else:
+                folders.append((e.path, key(st)))
+        for path, k in folders:
+            yield from walk(path, above | {k})
+
+    # The folders above ``root`` count too: a link up to any of them is a loop, wherever the walk began.
+    up, chain = os.path.realpath(root), set()
+    while True:
+        chain.add(key(os.stat(up)))
+        if os.path.dirname(up) == up:
+            break
+        up = os.path.dirname(up)
+    yield from walk(root, frozenset(chain))
+
+
 def open_file(url: str, mode: str = "rb"):
+    """A file object; local reads open regular files only (``open_regular``)."""
+    if mode == "rb" and not is_remote(url):
+        return open_regular(url)
     fs = filesystem(url)
     return fs.open(strip_protocol(url) if is_remote(url) else url, mode)
 
@@ -160,14 +246,14 @@ def read_capped(url: str, max_bytes: int) -> bytes:
     if is_remote(url):
         data = fs.cat_file(path_of(url), start=0, end=max_bytes + 1)
     else:
-        with open(url, "rb") as f:
+        with open_regular(url) as f:
             data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise TooLarge(f"object is larger than the limit of {max_bytes} bytes")
     return data
 
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TooLarge)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, NotRegularFile, TooLarge)
 
 
 def is_transient(e: BaseException) -> bool:
@@ -217,3 +303,45 @@ def size(url: str) -> int:
 def expand(path: str) -> str:
     """A local path with ``~`` expanded; URLs as given."""
     return path if "://" in path else os.path.expanduser(path)
+
+
+# --- One-line explanations of storage failures, for the CLI ------------------------------------
+
+_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError")
+_AUTH_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken", "InvalidToken",
+               "AuthorizationHeaderMalformed", "403")
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__  # RayTaskError keeps the worker's as .cause
+
+
+def explain(e: BaseException) -> str | None:
+    """One line for a failure to reach S3 (no or wrong credentials, an endpoint that does not
+    answer) saying what to do; None for anything else. The traceback is for --verbose."""
+    ep = s3_endpoint() or "the default AWS endpoint"
+    for x in _chain(e):
+        name = type(x).__name__
+        if name == "ProfileNotFound":
+            return f"{x}: correct AWS_PROFILE (or unset it) so that S3 ({ep}) gets credentials"
+        if name in _CREDENTIALS:
+            return (f"S3 ({ep}) has no usable credentials ({name}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    "or AWS_PROFILE, or run where an instance role / IRSA provides them")
+        code = str(getattr(x, "response", {}).get("Error", {}).get("Code", "")) if hasattr(x, "response") else ""
+        if code in _AUTH_CODES:
+            return (f"S3 ({ep}) refused the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                    "AWS_PROFILE, and that they may read and write the bucket")
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError"):
+            url = getattr(x, "kwargs", {}).get("endpoint_url") or ep
+            if "://" in url:  # the endpoint, not the object's path on it
+                scheme, rest = url.split("://", 1)
+                url = f"{scheme}://{rest.split('/', 1)[0]}"
+            return (f"S3 endpoint {url} does not answer ({name}): correct MSC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL "
+                    "(unset both for AWS itself), or start the storage server")
+        if name == "NoSuchBucket" or code == "NoSuchBucket":
+            return f"S3 ({ep}): the bucket does not exist ({x}); create it or correct the s3:// URL"
+    return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from msc_dist.config import borrow
+from msc_dist.config import BATCH_RANGE, COUNT_RANGE, Range, borrow
 from msc_dist.embed.config import HELP as EMBED_HELP
 from msc_dist.embed.config import EmbedConfig
 from msc_dist.train.config import HELP as TRAIN_HELP
@@ -29,6 +30,8 @@ class BenchTrainConfig(borrow(TrainConfig, STEP_KEYS, "_StepFields")):
     profile_dir: str | None = None
     profile_steps: int = 5
 
+    RANGES: ClassVar[dict[str, Range]] = {"steps": Range(1, 1_000_000), "warmup": Range(0, 1_000_000)}
+
 
 TRAIN = {**{k: TRAIN_HELP[k] for k in STEP_KEYS}, "data": "shards to read (default: generated demo JPEGs)",
          "device": DEVICE_HELP, "steps": "timed steps", "warmup": "untimed steps first",
@@ -47,6 +50,8 @@ class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "l
     images: int = 2048
     random_init: bool = False
 
+    RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "images": Range(1, 10_000_000)}
+
 
 EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers", "decode_on_device")},
          "data": "shards to read (default: generated demo JPEGs)", "batch_size": "images per forward pass",
@@ -60,6 +65,8 @@ class BenchLoadConfig(borrow(TrainConfig, ("data", "image_size", "loader_workers
     images: int = 2048
     decode_on_device: str = "off"
     device: str = "auto"
+
+    RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "images": Range(1, 10_000_000)}
 
 
 LOAD = {**{k: TRAIN_HELP[k] for k in ("image_size", "loader_workers")},
@@ -80,6 +87,9 @@ class BenchSearchConfig(borrow(EmbedConfig, SEARCH_KEYS, "_SearchFields")):
     backend: str = "faiss"
     device: str = "auto"
 
+    RANGES: ClassVar[dict[str, Range]] = {"n": Range(1, 1_000_000_000), "d": Range(1, 65_536),
+                                          "queries": Range(1, 100_000_000)}
+
 
 SEARCH = {**{k: EMBED_HELP[k] for k in SEARCH_KEYS}, "n": "indexed vectors", "d": "dimension",
           "queries": "query vectors", "device": DEVICE_HELP + " (torch backend)",
@@ -96,6 +106,10 @@ class BenchServeConfig:
     replicas: int = 1
     device: str = "auto"
     index_shards: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {"concurrency": Range(1, 10_000), "seconds": Range(0, 86_400, lo_open=True),
+                                          "files_per_request": Range(1, 1024), "replicas": COUNT_RANGE,
+                                          "index_shards": Range(0, 1024)}
 
 
 SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the embedding job's --out)",
@@ -124,6 +138,10 @@ class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
     exts: list[str] | None = None
     plot_dir: str | None = None
 
+    RANGES: ClassVar[dict[str, Range]] = {"eval_every": Range(0, 10_000),  # 0: final metrics only
+                                          "time_budget": Range(0, None, lo_open=True), "seeds": Range(0, 2**32 - 1),
+                                          "max_train": Range(1, None), "max_test": Range(1, None)}
+
 
 QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "eval_every": "ROC-AUC every N epochs; 0: final metrics only",
@@ -148,6 +166,9 @@ class BenchEmbedScaleConfig(borrow(EmbedConfig, SCALE_KEYS, "_ScaleFields")):
     per_shard: int = 10_000
     rows_per_file: int | None = None
     workdir: str = os.path.join("~", "msc_runs", "bench-scale")
+
+    RANGES: ClassVar[dict[str, Range]] = {"rows": Range(1, 100_000_000), "per_shard": Range(1, 10_000_000),
+                                          "rows_per_file": Range(1, 100_000_000)}
 
 
 SCALE = {**{k: EMBED_HELP[k] for k in SCALE_KEYS}, "rows": "tiny synthetic images to embed",

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from msc_dist.config import SEED_RANGE, Range
 
 
 @dataclass
@@ -14,6 +17,9 @@ class MakeShardsConfig:
     normal_class: str | None = None
     train_fraction: float = 0.7
     seed: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {"per_shard": Range(1, 10_000_000),
+                                          "train_fraction": Range(0, 1, lo_open=True, hi_open=True), "seed": SEED_RANGE}
 
 
 MAKE_SHARDS_HELP = {
@@ -35,6 +41,9 @@ class DemoConfig:
     n_test_defect: int = 128
     size: int = 96
     seed: int = 0
+
+    RANGES: ClassVar[dict[str, Range]] = {"n_train": Range(1, 10_000_000), "n_test_normal": Range(1, 10_000_000),
+                                          "n_test_defect": Range(1, 10_000_000), "size": Range(16, 4096), "seed": SEED_RANGE}
 
 
 DEMO_HELP = {"out": "output folder (required): OUT/train and OUT/test", "n_train": "normal training images",

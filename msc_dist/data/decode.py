@@ -22,6 +22,14 @@ DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP")
 # S * 256 / 224, then the central S x S. ``squash``: the whole image resized to S x S (aspect
 # ratio lost, nothing cut off; training views are random crops of this whole image).
 RESIZE_MODES = ("center_crop", "squash")
+# Center crop of a long, thin image: resizing its shorter side to S * 256 / 224 makes the longer
+# one huge (a 1 x 60,000 PNG at S = 96 would be resized to 109 x 6,540,000 pixels: 990 MB for a
+# 196-byte file). The whole resized image is materialised only while it holds at most this many
+# times S x S pixels (aspect ratios up to about 3.4 : 1); beyond, only the source region under the
+# crop is resampled, straight to S x S (PIL's resize box: no intermediate image; pixels within 1
+# grey level of resize-then-crop). Either way a decode materialises at most the source (within
+# max_pixels), one RGB copy of it, and 4 x S x S pixels.
+MAX_RESIZED_FACTOR = 4
 
 
 def check_resize_mode(mode: str) -> str:
@@ -41,6 +49,17 @@ def crop_geometry(w: int, h: int, size: int, mode: str) -> tuple[tuple[int, int]
     else:
         nw, nh = int(short * w / h), short
     return (nw, nh), (int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0)))
+
+
+def crop_box(w: int, h: int, size: int, mode: str) -> tuple[float, float, float, float] | None:
+    """The region of a w x h image that becomes the S x S crop, in its own pixel coordinates,
+    when resizing the whole image first would materialise more than MAX_RESIZED_FACTOR x S x S
+    pixels; None when the whole resize is small enough (or the mode resizes straight to S x S)."""
+    (nw, nh), crop = crop_geometry(w, h, size, mode)
+    if crop is None or nw * nh <= MAX_RESIZED_FACTOR * size * size:
+        return None
+    sx, sy = w / nw, h / nh
+    return (crop[0] * sx, crop[1] * sy, (crop[0] + size) * sx, (crop[1] + size) * sy)
 
 
 class BadImage(ValueError):
@@ -121,7 +140,10 @@ def to_array(img: Image.Image, size: int, resize_mode: str) -> np.ndarray:
         # convert() copies even when there is nothing to convert, so it runs only when needed.
         if img.mode not in ("RGB", "L"):
             img = img.convert("RGB")
-        if img.size != (nw, nh):
+        box = crop_box(*img.size, size, resize_mode)  # of the drafted size: the same region
+        if box is not None:  # a long, thin image: the crop's region alone, straight to S x S
+            img, crop = img.resize((size, size), Image.BILINEAR, box=box), None
+        elif img.size != (nw, nh):
             img = img.resize((nw, nh), Image.BILINEAR)
         if crop is not None:
             img = img.crop((crop[0], crop[1], crop[0] + size, crop[1] + size))

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, crop_geometry, decode_image, open_image
+from PIL import Image
+
+from msc_dist.data.decode import DEFAULT_MAX_PIXELS, BadImage, crop_box, crop_geometry, decode_image, open_image
 
 
 def probe(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
@@ -29,7 +31,13 @@ def probe(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
 
 def _resize(x: torch.Tensor, size: int, resize_mode: str) -> torch.Tensor:
     """(3, h, w) uint8 -> (3, size, size) uint8 by ``resize_mode``, bilinear with antialiasing
-    (as PIL's resize), then the center crop where the mode has one."""
+    (as PIL's resize), then the center crop where the mode has one. A long, thin image, whose
+    whole resize would exceed ``decode.MAX_RESIZED_FACTOR`` x S x S pixels, has only the crop's
+    region resampled, as the PIL path does (on the CPU: such images are rare)."""
+    box = crop_box(x.shape[-1], x.shape[-2], size, resize_mode)
+    if box is not None:
+        img = Image.fromarray(x.permute(1, 2, 0).cpu().numpy()).resize((size, size), Image.BILINEAR, box=box)
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).to(x.device)
     (nw, nh), crop = crop_geometry(x.shape[-1], x.shape[-2], size, resize_mode)
     if x.shape[-2:] != (nh, nw):
         y = F.interpolate(x[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)

@@ -120,15 +120,21 @@ def read_shards(batch: dict, preprocess: Preprocess, max_pixels: int, max_bytes:
         kept = json.loads(str(batch["keep"][i]))
         keep = LabelFilter(None if kept is None else frozenset(int(x) for x in kept))
         rows, counter = _Rows(size, encoded), ByteCounter()
-        for s in iter_samples(url, max_member_bytes=max_bytes, counter=counter):
-            if not keep(s.label):
-                continue
-            img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, preprocess, max_pixels, s.error)
-            if err:
-                log.warning("skipping corrupt sample key=%s shard=%s: %s", s.key, s.source, err)
-            rows.add(s.key, s.source, s.label, img, err)
-            if len(rows) >= block_rows:
-                yield rows.block()
+        try:
+            for s in iter_samples(url, max_member_bytes=max_bytes, counter=counter):
+                if not keep(s.label):
+                    continue
+                img, err = _probe(s.data, max_pixels, s.error) if encoded else _decode(s.data, preprocess, max_pixels, s.error)
+                if err:
+                    log.warning("skipping corrupt sample key=%s shard=%s: %s", s.key, s.source, err)
+                rows.add(s.key, s.source, s.label, img, err)
+                if len(rows) >= block_rows:
+                    yield rows.block()
+        except storage.NotRegularFile as e:  # a FIFO, device or symlink loop among the shards: one error row
+            log.warning("cannot read shard %s: %s", url, e.strerror)
+            rows.add(url, url, None, None, f"cannot read shard: {e.strerror}")
+            yield rows.block(bytes_read=counter.n)
+            continue
         yield rows.block(bytes_read=counter.n, bytes_stored=storage.retrying(storage.size, url, what=f"size of {url}"))
 
 
@@ -136,6 +142,14 @@ def read_shards(batch: dict, preprocess: Preprocess, max_pixels: int, max_bytes:
 
 def _hidden(name: str) -> bool:
     return name.rsplit("/", 1)[-1].startswith(".")
+
+
+def _is_dir(e: os.DirEntry) -> bool:
+    """A folder, or a link to one; a symlink loop or a broken link is not (it becomes an error row)."""
+    try:
+        return e.is_dir()
+    except OSError:
+        return False
 
 
 def iter_listing(prefix: str, recursive: bool, page: int = 1000) -> Iterator[tuple[str, bool]]:
@@ -148,13 +162,10 @@ def iter_listing(prefix: str, recursive: bool, page: int = 1000) -> Iterator[tup
             with os.scandir(prefix) as it:
                 for e in it:
                     if not _hidden(e.name):
-                        yield e.path, e.is_dir()
+                        yield e.path, _is_dir(e)
             return
-        for root, dirs, files in os.walk(prefix):
-            dirs[:] = [d for d in dirs if not _hidden(d)]
-            for f in files:
-                if not _hidden(f):
-                    yield os.path.join(root, f), False
+        # Symlinked folders followed, loops and non-regular files listed (their reads give the rows).
+        yield from ((p, False) for p in storage.walk_files(prefix))
         return
     fs = storage.cached_filesystem(prefix)
     path = storage.path_of(prefix)
@@ -217,6 +228,8 @@ def read_objects(batch: dict, preprocess: Preprocess, max_bytes: int, max_pixels
             img = preprocess(data, max_pixels)
         except (BadImage, storage.TooLarge) as e:
             err = str(e)
+        except storage.NotRegularFile as e:  # a FIFO, device, socket or symlink loop: never opened for reading
+            err = f"cannot read: {e.strerror}"
         except Exception as e:  # storage errors that survived the retries: permission, vanished object, ...
             err = f"could not read object: {type(e).__name__}: {e}"
         if err:

@@ -163,9 +163,12 @@ def scan_shard(url: str) -> ShardInfo:
     """Count samples and labels by reading the tar stream (no decode)."""
     labels: dict[int | None, int] = {}
     n = 0
-    for s in iter_samples(url):
-        n += 1
-        labels[s.label] = labels.get(s.label, 0) + 1
+    try:
+        for s in iter_samples(url):
+            n += 1
+            labels[s.label] = labels.get(s.label, 0) + 1
+    except storage.NotRegularFile as e:
+        raise DataError(f"shard {url!r}: {e.strerror}") from None
     return ShardInfo(url, n, labels)
 
 

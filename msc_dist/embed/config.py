@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from msc_dist.config import BATCH_RANGE, COUNT_RANGE, CPUS_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, SEED_RANGE, Range
 
 
 @dataclass
@@ -29,6 +32,14 @@ class EmbedConfig:
     max_pixels: int = 64_000_000
     max_bytes: int = 64 * 1024 * 1024
     ray_address: str | None = None
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "calibration_fraction": Range(0, 1, hi_open=True), "target_fpr": Range(0, 1, lo_open=True, hi_open=True),
+        "batch_size": BATCH_RANGE, "pool_size": COUNT_RANGE, "min_pool_size": COUNT_RANGE, "cpus_per_actor": CPUS_RANGE,
+        "rows_per_task": Range(1, 1_000_000), "rows_per_file": Range(1, 100_000_000),
+        "max_calibration": Range(1, 100_000_000), "num_shards": Range(1, 10_000), "keep_versions": Range(1, 1000),
+        "k": Range(1, 1000), "seed": SEED_RANGE, "max_pixels": MAX_PIXELS_RANGE, "max_bytes": MAX_BYTES_RANGE,
+    }
 
 
 HELP = {

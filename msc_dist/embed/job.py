@@ -24,7 +24,7 @@ from msc_dist import storage
 from msc_dist.backbones import get_spec
 from msc_dist.capacity import check_capacity
 from msc_dist.card import index_record, preprocess_of
-from msc_dist.config import ConfigError
+from msc_dist.config import ConfigError, check_ranges
 from msc_dist.data.labels import resolve_labels
 from msc_dist.data.decode import Preprocess
 from msc_dist.data.loader import LabelFilter
@@ -177,10 +177,7 @@ class EmbedOutcome:
 def main(cfg: EmbedConfig) -> EmbedOutcome:
     if not cfg.checkpoint or not cfg.out:
         raise ConfigError("--checkpoint and --out are required")
-    if not 0 < cfg.target_fpr < 1:
-        raise ConfigError(f"target_fpr must be in (0, 1), got {cfg.target_fpr}")
-    if cfg.min_pool_size < 1 or cfg.rows_per_task < 1 or cfg.rows_per_file < 1 or cfg.num_shards < 1:
-        raise ConfigError("min_pool_size, rows_per_task, rows_per_file and num_shards must be at least 1")
+    check_ranges(cfg)  # EmbedConfig.RANGES
     t0 = time.perf_counter()
     ck_url = ckpt.resolve(cfg.checkpoint)
     ck = ckpt.load(ck_url)

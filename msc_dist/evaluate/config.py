@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+from msc_dist.config import BATCH_RANGE, MAX_PIXELS_RANGE, Range
 
 from msc_dist.config import borrow
 from msc_dist.train.config import HELP as TRAIN_HELP
@@ -27,6 +30,13 @@ class EvalConfig(_EvalTrainFields):
     calibration_fraction: float = 0.1
     target_fpr: float = 0.05
     gallery_k: int = 6
+
+    # (and the borrowed training fields' ranges, from TrainConfig.RANGES)
+    RANGES: ClassVar[dict[str, Range]] = {
+        "train_fraction": Range(0, 1, lo_open=True, hi_open=True),
+        "calibration_fraction": Range(0, 1, lo_open=True, hi_open=True),
+        "target_fpr": Range(0, 1, lo_open=True, hi_open=True), "gallery_k": Range(0, 1000),
+    }
 
 
 HELP = {
@@ -64,6 +74,9 @@ class TestConfig:
     device: str = "auto"
     max_pixels: int = 64_000_000
     gallery_k: int = 6
+
+    RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "max_pixels": MAX_PIXELS_RANGE,
+                                          "gallery_k": Range(0, 1000)}
 
 
 TEST_HELP = {

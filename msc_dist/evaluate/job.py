@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from msc_dist import storage
-from msc_dist.config import ConfigError, project
+from msc_dist.config import ConfigError, check_ranges, project
 from msc_dist.data.make_shards import from_folder, from_npz, sample_key
 from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import DataError, describe, iter_samples
@@ -147,6 +147,7 @@ def _thresholds(r: dict) -> str:
 def main(cfg: EvalConfig) -> dict:
     if not cfg.data:
         raise ConfigError("--data is required")
+    check_ranges(cfg)  # EvalConfig.RANGES and the training fields' own
     bad = [m for m in cfg.methods if m not in VALID_METHODS]
     if bad:
         raise ConfigError(f"unknown method(s) {bad}; valid: {list(VALID_METHODS)}")

@@ -48,11 +48,14 @@ def score_shards(scorer, data: str, batch_size: int) -> tuple[list[str], np.ndar
 
     with bar(total=info.count, desc="test", unit="img") as pb:
         for sh in info.shards:
-            for smp in iter_samples(sh.url):
-                pending.append(smp)
-                if len(pending) == batch_size:
-                    pb.update(len(pending))
-                    flush()
+            try:
+                for smp in iter_samples(sh.url):
+                    pending.append(smp)
+                    if len(pending) == batch_size:
+                        pb.update(len(pending))
+                        flush()
+            except storage.NotRegularFile as e:  # a FIFO, device or symlink loop: an error, never a hang
+                errors.append((sh.url, f"cannot read shard: {e.strerror}"))
         pb.update(len(pending))
         flush()
     return keys, np.asarray(scores, np.float64), np.asarray(labels, np.int64), errors

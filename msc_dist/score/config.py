@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from msc_dist.config import BATCH_RANGE, COUNT_RANGE, CPUS_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, Range
 
 INPUT_FORMATS = ("auto", "objects", "shards")
 
@@ -23,6 +26,12 @@ class ScoreConfig:
     max_pixels: int = 64_000_000
     max_error_fraction: float = 0.1
     ray_address: str | None = None
+
+    RANGES: ClassVar[dict[str, Range]] = {
+        "batch_size": BATCH_RANGE, "pool_size": COUNT_RANGE, "min_pool_size": COUNT_RANGE, "cpus_per_actor": CPUS_RANGE,
+        "rows_per_task": Range(1, 1_000_000), "rows_per_file": Range(1, 100_000_000), "max_bytes": MAX_BYTES_RANGE,
+        "max_pixels": MAX_PIXELS_RANGE, "max_error_fraction": Range(0, 1),
+    }
 
 
 HELP = {

@@ -27,7 +27,7 @@ from msc_dist import checkpoint as ckpt
 from msc_dist import storage
 from msc_dist.capacity import check_capacity
 from msc_dist.card import preprocess_of
-from msc_dist.config import ConfigError
+from msc_dist.config import ConfigError, check_ranges
 from msc_dist.data.rows import expand_listing, iter_listing, object_ext, read_objects, read_shards, shard_items
 from msc_dist.data.shards import MANIFEST as SHARDS_MANIFEST, DataError, describe
 from msc_dist.embed.workers import content_name
@@ -82,7 +82,7 @@ def listing_items(prefix: str) -> list[dict]:
     path = storage.path_of(prefix)
     if not fs.exists(path):
         raise DataError(f"input {prefix!r} does not exist")
-    if fs.isfile(path):
+    if not fs.isdir(path):  # one object (or a FIFO, device, ...: its read gives the error row)
         return [{"uri": prefix, "is_prefix": False}]
     return [{"uri": u, "is_prefix": p} for u, p in iter_listing(prefix, recursive=False)]
 
@@ -160,8 +160,7 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
 
     if not (cfg.index and cfg.input and cfg.out):
         raise ConfigError("--index, --input and --out are required")
-    if not 0 <= cfg.max_error_fraction <= 1:
-        raise ConfigError(f"max_error_fraction must be in [0, 1], got {cfg.max_error_fraction}")
+    check_ranges(cfg)  # ScoreConfig.RANGES
     # The driver reads the live version's manifest and the checkpoint's card, never the index:
     # the actors load that version folder (pinned) and verify its files.
     man, folder = read_manifest(storage.expand(cfg.index))

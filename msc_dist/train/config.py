@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from msc_dist.config import COUNT_RANGE, CPUS_RANGE, MAX_PIXELS_RANGE, SEED_RANGE, Range
+
 
 @dataclass
 class TrainConfig:
@@ -64,6 +66,19 @@ class TrainConfig:
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"epochs": 20, "lr": 1e-5, "lr_schedule": "constant", "warmup_epochs": 0.0, "momentum": 0.0},
         "fast": {"epochs": 6, "lr": 1e-3, "lr_schedule": "cosine", "warmup_epochs": 1.0, "momentum": 0.0},
+    }
+    # Valid ranges, checked before Ray starts (msc_dist.config.check_ranges); what depends on the
+    # cluster (image size x batch x workers against its memory) is checked right after connecting.
+    RANGES: ClassVar[dict[str, Range]] = {
+        "image_size": Range(16, 4096), "loader_workers": Range(0, 64), "shuffle_buffer": Range(0, 1_000_000),
+        "max_pixels": MAX_PIXELS_RANGE, "epochs": Range(0, 10_000), "batch_size": Range(2, 65_536),
+        "lr": Range(0, 10, lo_open=True), "warmup_epochs": Range(0, 10_000), "weight_decay": Range(0, 1),
+        "momentum": Range(0, 1, hi_open=True), "temperature": Range(0, 100, lo_open=True),
+        "angular_weight": Range(0, 100), "crop_min_scale": Range(0, 1, lo_open=True),
+        "view_source_scale": Range(1, 4), "steps_per_epoch": Range(1, 10_000_000), "knn_k": Range(1, 1000),
+        "eval_every": Range(1, 10_000), "collapse_cos": Range(-1, 1), "seed": SEED_RANGE,
+        "num_workers": COUNT_RANGE, "cpus_per_worker": CPUS_RANGE, "max_failures": Range(-1, 1000),
+        "keep_checkpoints": Range(1, 1000), "collective_timeout_s": Range(1, 86_400),
     }
 
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from msc_dist import storage
 from msc_dist.backbones import REGISTRY, get_spec
 from msc_dist.data.labels import resolve_labels
-from msc_dist.config import ConfigError, to_json
+from msc_dist.capacity import check_memory
+from msc_dist.config import ConfigError, check_ranges, to_json
 from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import DataError, DatasetInfo, describe
@@ -52,21 +53,13 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
     if cfg.backbone not in REGISTRY:
         raise ConfigError(f"unknown backbone {cfg.backbone!r}; valid names: {sorted(REGISTRY)}")
     get_spec(cfg.backbone)
-    for k in ("epochs", "batch_size", "image_size", "num_workers", "collective_timeout_s"):
-        if getattr(cfg, k) < (0 if k == "epochs" else 1):
-            raise ConfigError(f"{k} must be positive, got {getattr(cfg, k)}")
-    if cfg.batch_size < 2:
-        raise ConfigError("batch_size must be at least 2 (the contrastive loss needs negatives)")
+    check_ranges(cfg)  # TrainConfig.RANGES (batch_size >= 2: the contrastive loss needs negatives)
     for key, valid in (("resize_mode", RESIZE_MODES), ("lr_schedule", LR_SCHEDULES), ("on_collapse", ON_COLLAPSE),
                        ("preset", tuple(TrainConfig.PRESETS))):
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; valid: {list(valid)}")
     if not 0 <= cfg.warmup_epochs <= max(cfg.epochs, 0):
         raise ConfigError(f"warmup_epochs must be in [0, epochs = {cfg.epochs}], got {cfg.warmup_epochs}")
-    if not 1.0 <= cfg.view_source_scale <= 4.0:
-        raise ConfigError(f"view_source_scale must be in [1, 4], got {cfg.view_source_scale}")
-    if not 0.0 < cfg.crop_min_scale <= 1.0:
-        raise ConfigError(f"crop_min_scale must be in (0, 1], got {cfg.crop_min_scale}")
     strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     if cfg.placement_strategy not in strategies:
         raise ConfigError(f"unknown placement_strategy {cfg.placement_strategy!r}; valid: {list(strategies)}")
@@ -134,11 +127,14 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     cfg, plan = validate(cfg, explicit)
     log.debug("resolved config:\n%s", to_json(cfg))
 
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+    done = _resume_epoch(run_dir, cfg)  # a checkpoint that fails its checks is refused here, in one line
+
     init_ray(cfg.ray_address)
+    # Right after connecting, before any work is scheduled: what the workers need against what the cluster has.
+    check_memory("training job", train_bytes_per_worker(cfg), cfg.num_workers, cfg.ray_address)
 
     fs, path = storage.pyarrow_filesystem(cfg.storage_path)
-    run_dir = storage.join(cfg.storage_path, cfg.name)
-    done = _done_epoch(run_dir)
     print(f"run {run_dir}: " + (f"resuming after epoch {done} of {cfg.epochs}" if done is not None else
                                 f"{cfg.epochs} epochs on {plan.n_train} normal samples, {cfg.num_workers} workers"
                                 f"{' (GPU)' if cfg.use_gpu else ''}"), flush=True)
@@ -188,16 +184,35 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     return TrainOutcome(dict(result.metrics or {}), ck, run_dir, result.error)
 
 
-def _done_epoch(run_dir: str) -> int | None:
-    """The epoch of the run's newest checkpoint, if it has one (the run will resume from it)."""
+def train_bytes_per_worker(cfg: TrainConfig) -> int:
+    """A lower bound on one worker's memory: the float32 input of its forward pass (two views of
+    batch_size images, 3 x S x S each) and the uint8 images the views are cut from (decoded at
+    view_source_scale x S). Activations, gradients and the model come on top."""
+    side = int(cfg.view_source_scale * cfg.image_size)
+    return cfg.batch_size * (2 * 3 * cfg.image_size ** 2 * 4 + 3 * side * side)
+
+
+def _resume_epoch(run_dir: str, cfg: TrainConfig) -> int | None:
+    """The epoch of the checkpoint the run will resume from, None for a new run. That checkpoint
+    is loaded and verified here, in the driver, before Ray starts: a tampered or incomplete one,
+    or one of another backbone, is a CheckpointError (one line) instead of a failing worker group."""
     from msc_dist import checkpoint as ckpt
 
-    try:
-        import json
-
-        return int(json.loads(storage.read_bytes(storage.join(ckpt.resolve(run_dir), "meta.json")))["epoch"])
-    except (FileNotFoundError, OSError, ValueError, KeyError):
+    if not storage.exists(storage.join(run_dir, ckpt.RAY_SNAPSHOT)):
         return None
+    try:
+        folder = ckpt.resolve(run_dir)
+    except ckpt.CheckpointError:
+        return None  # a snapshot that records no checkpoint yet: the run starts over
+    loaded = ckpt.load(folder, with_optimizer=True)  # every file against its sha256
+    trained = loaded.config.get("backbone")
+    if trained != cfg.backbone:
+        raise ckpt.CheckpointError(f"cannot resume {run_dir}: its checkpoint {folder} is a {trained} model, not "
+                                   f"--backbone {cfg.backbone}; pick another --name to start a new run")
+    try:
+        return int(loaded.meta["epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise ckpt.CheckpointError(f"cannot resume {run_dir}: {folder}/meta.json records no epoch") from None
 
 
 def ray_train_fn(loop_config: dict) -> None:
