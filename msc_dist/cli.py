@@ -335,11 +335,10 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     try:
         return ns._verb.run(cfg, explicit)
     except Exception as e:
-        if not _user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # storage failures: one line saying what to do; the traceback with --verbose
+        if _user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # storage failures: one line saying what to do; the traceback with --verbose
         from msc_dist import storage
         from msc_dist.console import verbose
 

@@ -30,7 +30,7 @@ _DECODE_PROBE = textwrap.dedent("""
         return buf.getvalue()
 
     small = enc(40, 30, "JPEG")
-    decode_image(small, 96, resize_mode="center_crop"); decode_batch([small, enc(40, 30, "PNG")], 96, "cpu")
+    decode_image(small, 96, resize_mode="center_crop"); decode_batch([small, enc(40, 30, "PNG")], 96, "cpu", resize_mode="center_crop")
     vm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize")][0] * 1024
     resource.setrlimit(resource.RLIMIT_AS, (vm + 150 * 2**20, resource.RLIM_INFINITY))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -141,7 +141,8 @@ def test_fifos_and_symlink_loops_are_error_rows_in_predict(embedded, tmp_path):
     sub-folder, and a folder link back up) answers within seconds, one error row for each."""
     import time
 
-    from msc_dist.predict import PredictConfig, open_scorer, predict
+    from msc_dist.predict import PredictConfig, predict
+    from msc_dist.scorer import open_scorer
 
     folder, good, bad = _hostile_folder(tmp_path, _demo_jpegs(embedded))
     scorer = open_scorer(embedded["out"])
@@ -321,6 +322,7 @@ def test_shard_readers_give_an_error_row_for_a_fifo_or_a_loop_among_the_shards(t
     named like a shard is one error row within seconds, not a read task that waits forever."""
     import os
 
+    from msc_dist.data.decode import Preprocess
     from msc_dist.data.rows import read_shards
 
     os.mkfifo(tmp_path / "shard-000000.tar")
@@ -328,7 +330,7 @@ def test_shard_readers_give_an_error_row_for_a_fifo_or_a_loop_among_the_shards(t
     urls = [str(tmp_path / "shard-000000.tar"), str(tmp_path / "shard-000001.tar")]
     batch = {"url": np.array(urls, dtype=object), "keep": np.array(["null"] * 2, dtype=object)}
     try:
-        hung, box = _in_thread(lambda: list(read_shards(batch, 32, 10**6, 10**6, 8)), 20)
+        hung, box = _in_thread(lambda: list(read_shards(batch, Preprocess(32, "squash", (0.5,) * 3, (0.5,) * 3), 10**6, 10**6, 8)), 20)
     finally:
         _unblock(urls[:1])
     assert not hung, "a read task waited on a FIFO"
