@@ -82,7 +82,7 @@ HELP = {
     "max_pixels": "images above this many pixels are skipped as corrupt (decompression bombs)",
     "decode_on_device": "auto | on | off: loader workers hand encoded bytes and JPEGs are decoded and resized in batches on the training device (auto: on GPUs)",
     "demo_dir": "where the demo set is generated when --data is absent",
-    "backbone": "efficientnet_lite0 | resnet18 | resnet50 | resnet152",
+    "backbone": "efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | resnet18 | resnet50 | resnet152",
     "weights": "backbone weights file (state_dict); default: the packaged / torch hub cache weights",
     "epochs": "training epochs (epoch 0 = frozen features, evaluated before training)",
     "batch_size": "images per worker per step (each gives two views)",
