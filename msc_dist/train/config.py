@@ -43,6 +43,7 @@ class TrainConfig:
     knn_k: int = 2
     eval_every: int = 1
     collapse_cos: float = 0.95
+    collapse_rise: float = 0.2
     on_collapse: str = "warn"
     seed: int = 0
     # cluster
@@ -102,8 +103,9 @@ HELP = {
     "steps_per_epoch": "cap on optimiser steps per epoch (default: one pass over the data)",
     "knn_k": "neighbours in the kNN score",
     "eval_every": "evaluate every N epochs",
-    "collapse_cos": "collapse alarm: the mean pairwise cosine of the normal training features (logged per epoch as feature_cos, with the mean ||z - c|| as zc_norm) at or above this means the features collapsed",
-    "on_collapse": "warn | stop: what a collapse alarm does (stop: training ends after publishing that epoch, marked collapsed; the earlier epochs' checkpoints stay)",
+    "collapse_cos": "collapse alarm in [-1, 1]: the mean pairwise cosine of the training views' features (logged per epoch as feature_cos, with the mean ||z - c|| as zc_norm) at or above this means the features collapsed",
+    "collapse_rise": "collapse alarm relative to the start, in [0, 2] (0: off): the mean pairwise cosine of the normal training images' features, embedded unaugmented as at epoch 0 (logged as normal_cos; shares the evaluation's pass, else costs one forward pass over the normal set per epoch), risen by this much or more over its epoch-0 value means training is collapsing them. Needs no anomalies",
+    "on_collapse": "warn | stop: what a collapse alarm does (stop: training ends at that epoch; its checkpoint is kept apart in the run folder's collapsed/ and not registered, so the run's checkpoint stays the last good epoch's)",
     "seed": "seed for shuffling and augmentation",
     "num_workers": "Ray Train workers (DDP ranks)",
     "use_gpu": "one GPU per worker, NCCL; otherwise CPU and gloo",

@@ -63,6 +63,10 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
             raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; valid: {list(valid)}")
     if not 0 <= cfg.warmup_epochs <= max(cfg.epochs, 0):
         raise ConfigError(f"warmup_epochs must be in [0, epochs = {cfg.epochs}], got {cfg.warmup_epochs}")
+    if not -1.0 <= cfg.collapse_cos <= 1.0:
+        raise ConfigError(f"collapse_cos must be in [-1, 1], got {cfg.collapse_cos}")
+    if not 0.0 <= cfg.collapse_rise <= 2.0:
+        raise ConfigError(f"collapse_rise must be in [0, 2] (0: off), got {cfg.collapse_rise}")
     if not 1.0 <= cfg.view_source_scale <= 4.0:
         raise ConfigError(f"view_source_scale must be in [1, 4], got {cfg.view_source_scale}")
     if not 0.0 < cfg.crop_min_scale <= 1.0:
@@ -235,4 +239,9 @@ def ray_train_fn(loop_config: dict) -> None:
         from msc_dist.train.progress import ProgressSender
 
         progress = ProgressSender(loop_config["progress_queue"])
-    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress)
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+
+    def keep_apart(folder: str, metrics: dict) -> str:  # a collapsed epoch's checkpoint, unregistered
+        return ckpt.store(folder, ckpt.collapsed_url(run_dir, int(metrics["epoch"])))
+
+    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress, keep_apart)
