@@ -120,8 +120,8 @@ def _fmt(info: DatasetInfo) -> dict:
 
 @dataclass
 class TrainOutcome:
-    metrics: dict
-    checkpoint: str | None  # URL/path of the latest checkpoint
+    metrics: dict  # the last epoch's (after a collapse stop: the stopped epoch's, marked)
+    checkpoint: str | None  # URL/path of the latest registered checkpoint
     run_dir: str
     error: BaseException | None
 
@@ -189,7 +189,10 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     ck = result.checkpoint.path if result.checkpoint else None
     if ck is not None and storage.is_remote(cfg.storage_path):
         ck = cfg.storage_path.split("://", 1)[0] + "://" + ck
-    return TrainOutcome(dict(result.metrics or {}), ck, run_dir, result.error)
+    metrics = dict(result.metrics or {})  # Ray's: the latest checkpoint's report
+    if progress.last and progress.last.get("epoch", -1) > metrics.get("epoch", -1):
+        metrics = dict(progress.last)  # an epoch that stopped on a collapse reports no checkpoint
+    return TrainOutcome(metrics, ck, run_dir, result.error)
 
 
 def _done_epoch(run_dir: str) -> int | None:
