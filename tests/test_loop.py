@@ -93,13 +93,14 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 
 def test_schedule_collapse_statistics_and_collapse_stop(tmp_path):
     """Every epoch reports the learning rate it ended at, the mean pairwise cosine of the normal
-    features and the mean ||z - c||; a collapse alarm with on_collapse stop ends the run after
-    publishing that epoch (here the alarm threshold is set below any cosine, so it must fire)."""
+    features and the mean ||z - c||; the absolute collapse alarm with on_collapse stop ends the run
+    at that epoch, reported without a checkpoint (here the alarm threshold is set below any cosine,
+    so it must fire; the relative alarm, off here, has a test of its own)."""
     train, test = make_demo(str(tmp_path / "demo"), n_train=32, n_test_normal=4, n_test_defect=4, size=40, per_shard=16)
     plan = DataPlan(kept_counts(train, LabelFilter(frozenset({0}))), [0], None)
     got: list[dict] = []
     cfg = TrainConfig(image_size=32, batch_size=8, epochs=3, lr=1e-3, lr_schedule="cosine", warmup_epochs=1,
-                      loader_workers=0, steps_per_epoch=2)
+                      loader_workers=0, steps_per_epoch=2, collapse_rise=0.0)
     run_worker(cfg, plan, lambda m, f: got.append(m), None, torch.device("cpu"))
     assert [m["epoch"] for m in got] == [0, 1, 2, 3]
     assert got[1]["lr"] == pytest.approx(1e-3)  # the warm-up's last step reaches the peak
@@ -108,8 +109,69 @@ def test_schedule_collapse_statistics_and_collapse_stop(tmp_path):
         assert -1 < m["feature_cos"] < 1 and 0 < m["zc_norm"] < 2 and not m.get("collapsed")
     got.clear()
     stop = dataclasses.replace(cfg, collapse_cos=-1.0, on_collapse="stop")
-    run_worker(stop, plan, lambda m, f: got.append(m), None, torch.device("cpu"))
+    folders: list = []
+    run_worker(stop, plan, lambda m, f: (got.append(m), folders.append(f)), None, torch.device("cpu"))
     assert [m["epoch"] for m in got] == [0, 1] and got[1]["collapsed"] is True
+    assert "feature_cos" in got[1]["collapse_reason"] and folders[1] is None and got[1]["checkpoint_epoch"] == 0
+
+
+def _demo_plan(tmp_path, n_train: int = 32) -> DataPlan:
+    train, _ = make_demo(str(tmp_path / "demo"), n_train=n_train, n_test_normal=4, n_test_defect=4, size=40, per_shard=16)
+    return DataPlan(kept_counts(train, LabelFilter(frozenset({0}))), [0], None)
+
+
+def test_collapse_rise_stops_a_collapsing_run_keeps_the_bad_epoch_apart_and_not_a_normal_one(tmp_path):
+    """The alarm that needs no anomalies: the unaugmented normal features' mean pairwise cosine
+    (normal_cos, measured as at epoch 0) rising by collapse_rise over its epoch-0 value. A tiny set
+    at a large lr collapses within an epoch (normal_cos ~0.35 -> ~0.9): with on_collapse stop the
+    run ends there, that epoch is reported without a checkpoint (so the run's registered one stays
+    epoch 0's) and its checkpoint is kept apart, marked. The same set at the paper's lr moves
+    normal_cos by a few hundredths and trains to the end."""
+    from msc_dist.config import ConfigError
+    from msc_dist.train.job import validate
+
+    plan = _demo_plan(tmp_path)
+    base = TrainConfig(image_size=32, batch_size=8, epochs=2, loader_workers=0, steps_per_epoch=2,
+                       collapse_rise=0.2, on_collapse="stop")
+    runs: dict[str, list] = {}
+    kept: dict[int, str] = {}
+
+    def keep_apart(folder: str, metrics: dict) -> str:
+        kept[metrics["epoch"]] = str(shutil.copytree(folder, tmp_path / f"apart-{metrics['epoch']}"))
+        return kept[metrics["epoch"]]
+
+    for name, lr in (("normal", 1e-5), ("collapsing", 3e-3)):
+        got = runs[name] = []
+
+        def report(m: dict, f: str | None, got=got, name=name) -> None:
+            got.append((m, shutil.copytree(f, tmp_path / f"{name}-{m['epoch']}") if f else None))
+
+        run_worker(dataclasses.replace(base, lr=lr), plan, report, None, torch.device("cpu"), keep_apart=keep_apart)
+
+    normal = runs["normal"]
+    assert [m["epoch"] for m, _ in normal] == [0, 1, 2] and all(f is not None for _, f in normal)
+    start = normal[0][0]["normal_cos"]
+    assert normal[0][0]["normal_cos_start"] == start == normal[0][0]["feature_cos"]  # epoch 0: the same pass
+    for m, _ in normal[1:]:
+        assert not m.get("collapsed") and abs(m["normal_cos"] - start) < 0.1 and m["normal_cos_start"] == start
+
+    bad = runs["collapsing"]
+    assert [m["epoch"] for m, _ in bad] == [0, 1]
+    (m0, f0), (m1, f1) = bad
+    assert f0 is not None and f1 is None  # the collapsed epoch registers no checkpoint
+    assert m1["collapsed"] and m1["stopped"] and m1["checkpoint_epoch"] == 0
+    assert m1["normal_cos"] - m0["normal_cos"] >= 0.2 and "normal_cos" in m1["collapse_reason"]
+    assert m1["collapsed_checkpoint"] == kept[1] and list(kept) == [1]
+    apart = ckpt.load(kept[1])
+    assert apart.meta["epoch"] == 1 and apart.meta["collapsed"] and apart.config["collapse_rise"] == 0.2
+    first = ckpt.load(str(f0)).model_state
+    assert any(not torch.equal(first[k], apart.model_state[k]) for k in first)  # it did train: kept, not lost
+    from msc_dist.train.loop import format_epoch
+
+    line = format_epoch(m1)
+    assert "COLLAPSED: normal_cos" in line and "kept apart in " + kept[1] in line and "stays epoch 0" in line
+    with pytest.raises(ConfigError, match=r"collapse_rise must be in \[0, 2\] \(0: off\), got 3"):
+        validate(TrainConfig(collapse_rise=3, data="/nonexistent"))
 
 
 def test_feature_stats_match_brute_force_and_see_a_collapse():

@@ -80,6 +80,31 @@ def _session_dir() -> str:
     return ray._private.worker._global_node.get_session_dir_path()
 
 
+def test_collapse_stop_leaves_the_last_good_epoch_registered_and_the_bad_one_apart(local_ray, tmp_path, capsys):
+    """on_collapse stop in a Ray Train run: the stopped epoch reports no checkpoint, so the run's
+    registered checkpoint (what resolve(run) and the embedding job pick) stays the last good
+    epoch's; the bad epoch's checkpoint is kept apart in the run folder's collapsed/, marked. (The
+    absolute alarm set below any cosine fires at epoch 1; the relative one has its in-process test.)"""
+    from msc_dist import checkpoint as ckpt
+
+    data = tmp_path / "data"
+    write_shards(data, [16, 16])
+    cfg = TrainConfig(data=str(data), epochs=3, storage_path=str(tmp_path / "runs"), name="collapse",
+                      collapse_cos=-1.0, on_collapse="stop", collapse_rise=0.0, **SMALL)
+    out = main(cfg)
+    assert out.error is None and out.metrics["epoch"] == 1 and out.metrics["stopped"] is True
+    assert out.metrics["collapsed"] is True and out.metrics["checkpoint_epoch"] == 0
+    registered = ckpt.resolve(out.run_dir)
+    assert ckpt.load(registered).meta["epoch"] == 0 and os.path.samefile(registered, out.checkpoint)
+    assert sorted(_checkpoints(out.run_dir)) == [0]  # no Ray checkpoint folder for the bad epoch
+    apart = ckpt.collapsed_url(out.run_dir, 1)
+    assert out.metrics["collapsed_checkpoint"] == apart
+    bad = ckpt.load(apart)
+    assert bad.meta["epoch"] == 1 and bad.meta["collapsed"] is True and bad.config["on_collapse"] == "stop"
+    printed = capsys.readouterr()
+    assert f"kept apart in {apart}; the run's checkpoint stays epoch 0" in printed.out + printed.err
+
+
 def test_s3_shards_and_checkpoints_resume_on_rerun(local_ray, s3_server, tmp_path):
     import boto3
 

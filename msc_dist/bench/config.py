@@ -120,7 +120,7 @@ SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the e
 
 QUALITY_KEYS = ("backbone", "weights", "image_size", "resize_mode", "epochs", "batch_size", "lr", "lr_schedule",
                 "warmup_epochs", "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale",
-                "view_source_scale", "hflip", "eval_every", "knn_k", "collapse_cos", "on_collapse", "loader_workers", "seed")
+                "view_source_scale", "hflip", "eval_every", "knn_k", "collapse_cos", "collapse_rise", "on_collapse", "loader_workers", "seed")
 
 
 @dataclass

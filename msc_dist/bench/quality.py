@@ -169,7 +169,7 @@ def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: tor
         t0 = time.perf_counter()
 
         def report(metrics: dict, folder: str | None, m=m, cfg=cfg, epochs=epochs, last=last) -> None:
-            epochs.append({k: metrics[k] for k in ("epoch", "loss", "roc_auc", "feature_cos", "zc_norm", "lr",
+            epochs.append({k: metrics[k] for k in ("epoch", "loss", "roc_auc", "feature_cos", "normal_cos", "zc_norm", "lr", "collapsed",
                                                    "images_per_s", "epoch_seconds", "center_seconds") if k in metrics})
             if log is not None:
                 log(f"class {prep.normal} {m}: {format_epoch(metrics)}")

@@ -45,6 +45,7 @@ class TrainConfig:
     knn_k: int = 2
     eval_every: int = 1
     collapse_cos: float = 0.95
+    collapse_rise: float = 0.2
     on_collapse: str = "warn"
     seed: int = 0
     # cluster
@@ -76,7 +77,7 @@ class TrainConfig:
         "momentum": Range(0, 1, hi_open=True), "temperature": Range(0, 100, lo_open=True),
         "angular_weight": Range(0, 100), "crop_min_scale": Range(0, 1, lo_open=True),
         "view_source_scale": Range(1, 4), "steps_per_epoch": Range(1, 10_000_000), "knn_k": Range(1, 1000),
-        "eval_every": Range(1, 10_000), "collapse_cos": Range(-1, 1), "seed": SEED_RANGE,
+        "eval_every": Range(1, 10_000), "collapse_cos": Range(-1, 1), "collapse_rise": Range(0, 2), "seed": SEED_RANGE,
         "num_workers": COUNT_RANGE, "cpus_per_worker": CPUS_RANGE, "max_failures": Range(-1, 1000),
         "keep_checkpoints": Range(1, 1000), "collective_timeout_s": Range(1, 86_400),
     }
@@ -97,7 +98,7 @@ HELP = {
     "max_pixels": "images above this many pixels are skipped as corrupt (decompression bombs)",
     "decode_on_device": "auto | on | off: loader workers hand encoded bytes and JPEGs are decoded and resized in batches on the training device (auto: on GPUs)",
     "demo_dir": "where the demo set is generated when --data is absent",
-    "backbone": "efficientnet_lite0 | resnet18 | resnet50 | resnet152",
+    "backbone": "efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 | resnet18 | resnet50 | resnet152",
     "weights": "backbone weights file (state_dict); default: the packaged / torch hub cache weights",
     "epochs": "training epochs (epoch 0 = frozen features, evaluated before training)",
     "batch_size": "images per worker per step (each gives two views)",
@@ -117,8 +118,9 @@ HELP = {
     "steps_per_epoch": "cap on optimiser steps per epoch (default: one pass over the data)",
     "knn_k": "neighbours in the kNN score",
     "eval_every": "evaluate every N epochs",
-    "collapse_cos": "collapse alarm: the mean pairwise cosine of the normal training features (logged per epoch as feature_cos, with the mean ||z - c|| as zc_norm) at or above this means the features collapsed",
-    "on_collapse": "warn | stop: what a collapse alarm does (stop: training ends after publishing that epoch, marked collapsed; the earlier epochs' checkpoints stay)",
+    "collapse_cos": "collapse alarm in [-1, 1]: the mean pairwise cosine of the training views' features (logged per epoch as feature_cos, with the mean ||z - c|| as zc_norm) at or above this means the features collapsed",
+    "collapse_rise": "collapse alarm relative to the start, in [0, 2] (0: off): the mean pairwise cosine of the normal training images' features, embedded unaugmented as at epoch 0 (logged as normal_cos; shares the evaluation's pass, else costs one forward pass over the normal set per epoch), risen by this much or more over its epoch-0 value means training is collapsing them. Needs no anomalies",
+    "on_collapse": "warn | stop: what a collapse alarm does (stop: training ends at that epoch; its checkpoint is kept apart in the run folder's collapsed/ and not registered, so the run's checkpoint stays the last good epoch's)",
     "seed": "seed for shuffling and augmentation",
     "num_workers": "Ray Train workers (DDP ranks)",
     "use_gpu": "one GPU per worker, NCCL; otherwise CPU and gloo",

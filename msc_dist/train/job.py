@@ -109,8 +109,8 @@ def _fmt(info: DatasetInfo) -> dict:
 
 @dataclass
 class TrainOutcome:
-    metrics: dict
-    checkpoint: str | None  # URL/path of the latest checkpoint
+    metrics: dict  # the last epoch's (after a collapse stop: the stopped epoch's, marked)
+    checkpoint: str | None  # URL/path of the latest registered checkpoint
     run_dir: str
     error: BaseException | None
 
@@ -181,7 +181,10 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     ck = result.checkpoint.path if result.checkpoint else None
     if ck is not None and storage.is_remote(cfg.storage_path):
         ck = cfg.storage_path.split("://", 1)[0] + "://" + ck
-    return TrainOutcome(dict(result.metrics or {}), ck, run_dir, result.error)
+    metrics = dict(result.metrics or {})  # Ray's: the latest checkpoint's report
+    if progress.last and progress.last.get("epoch", -1) > metrics.get("epoch", -1):
+        metrics = dict(progress.last)  # an epoch that stopped on a collapse reports no checkpoint
+    return TrainOutcome(metrics, ck, run_dir, result.error)
 
 
 def train_bytes_per_worker(cfg: TrainConfig) -> int:
@@ -250,4 +253,9 @@ def ray_train_fn(loop_config: dict) -> None:
         from msc_dist.train.progress import ProgressSender
 
         progress = ProgressSender(loop_config["progress_queue"])
-    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress)
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+
+    def keep_apart(folder: str, metrics: dict) -> str:  # a collapsed epoch's checkpoint, unregistered
+        return ckpt.store(folder, ckpt.collapsed_url(run_dir, int(metrics["epoch"])))
+
+    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress, keep_apart)

@@ -121,15 +121,27 @@ def _count_corrupt(keys: list[str] | set[str]) -> int:
     return int(dist.all_reduce_sum(torch.tensor([len(set(keys))], dtype=torch.float64)).item())
 
 
+def embed_normals(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device) -> Embedded:
+    """This rank's share of the normal training images, unaugmented, through the model in eval
+    mode: the kNN bank of the evaluation and the collapse alarm's ``normal_cos``."""
+    model.eval()
+    return embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(plan.normal_labels)), device)
+
+
+def normal_cos(emb: Embedded, center: torch.Tensor) -> float:
+    """The mean pairwise cosine of the normal features over every rank (the same on every rank)."""
+    stats = dist.all_reduce_sum(feature_stats(emb.z, center.detach().cpu()))
+    return summarize_feature_stats(stats)["feature_cos"]
+
+
 def evaluate(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device, train_emb: Embedded | None = None) -> dict:
     """kNN (k = cfg.knn_k) ROC-AUC of the eval set against the normal training features.
     Every rank embeds its share; features are gathered; rank 0 scores."""
     if plan.eval_counts is None:
         return {}
-    model.eval()
-    normal = LabelFilter(frozenset(plan.normal_labels))
     if train_emb is None:
-        train_emb = embed_counts(cfg, model, plan.train_counts, normal, device)
+        train_emb = embed_normals(cfg, model, plan, device)
+    model.eval()
     ev = embed_counts(cfg, model, plan.eval_counts, LabelFilter(None), device)
     bank = dist.gather_varlen(train_emb.z)
     q = dist.gather_varlen(ev.z)
@@ -161,27 +173,54 @@ def _is_hex(s: str) -> bool:
         return False
 
 
+def _save(d: str, metrics: dict, model: FeatureModel, center, cfg, opt) -> None:
+    ckpt.save(d, model.state_dict(), center, dataclasses.asdict(cfg), dict(metrics), opt.state_dict())
+
+
 def _publish(report: Report, metrics: dict, model: FeatureModel, center, cfg, opt) -> None:
     """Rank 0 writes the checkpoint folder; every rank calls report once."""
+    _log_epoch(metrics)
     if dist.is_main_process():
         with tempfile.TemporaryDirectory(prefix="msc-ckpt-") as d:
-            meta = {k: v for k, v in metrics.items()}
-            ckpt.save(d, model.state_dict(), center, dataclasses.asdict(cfg), meta, opt.state_dict())
+            _save(d, metrics, model, center, cfg, opt)
             report(metrics, d)
     else:
         report(metrics, None)
 
 
+# (local checkpoint folder, the epoch's metrics) -> where it was kept (a folder or s3:// URL)
+KeepApart = Callable[[str, dict], str]
+
+
+def _keep_apart(report: Report, keep_apart: KeepApart | None, metrics: dict, model: FeatureModel, center, cfg,
+                opt, last_good: int) -> None:
+    """An epoch the collapse alarm stopped: reported without a checkpoint, so that the run's
+    registered checkpoint stays the last good epoch's; rank 0 writes its checkpoint through
+    ``keep_apart`` (none without one). Every rank calls report once."""
+    metrics.update(stopped=True, checkpoint_epoch=last_good)
+    if dist.is_main_process() and keep_apart is not None:
+        with tempfile.TemporaryDirectory(prefix="msc-ckpt-") as d:
+            _save(d, metrics, model, center, cfg, opt)
+            metrics["collapsed_checkpoint"] = keep_apart(d, metrics)
+    _log_epoch(metrics)
+    report(metrics, None)
+
+
 def format_epoch(m: dict) -> str:
     """The one line a person reads per epoch."""
     parts = [f"epoch {m['epoch']}"]
-    for k in ("loss", "roc_auc", "feature_cos", "images_per_s", "epoch_seconds", "center_seconds", "corrupt_skipped"):
-        if k in m and m[k] is not None:
+    four = ("loss", "roc_auc", "feature_cos", "normal_cos")
+    for k in ("loss", "roc_auc", "feature_cos", "normal_cos", "images_per_s", "epoch_seconds", "center_seconds",
+              "corrupt_skipped"):
+        if k in m and m[k] is not None and not (k == "normal_cos" and m["epoch"] == 0):  # = feature_cos there
             v = m[k]
-            parts.append(f"{k} {v:.4f}" if isinstance(v, float) and k in ("loss", "roc_auc", "feature_cos")
+            parts.append(f"{k} {v:.4f}" if isinstance(v, float) and k in four
                          else f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}")
     if m.get("collapsed"):
-        parts.append("COLLAPSED: feature_cos >= collapse_cos")
+        parts.append(f"COLLAPSED: {m.get('collapse_reason', 'feature_cos >= collapse_cos')}")
+    if m.get("stopped"):
+        kept = f"; its checkpoint kept apart in {m['collapsed_checkpoint']}" if m.get("collapsed_checkpoint") else ""
+        parts.append(f"stopped (on_collapse stop){kept}; the run's checkpoint stays epoch {m['checkpoint_epoch']}")
     return " | ".join(parts)
 
 
@@ -260,10 +299,10 @@ def center_pass(cfg: TrainConfig, model: FeatureModel, plan: DataPlan, device: t
     emb = embed_counts(cfg, model, plan.train_counts, LabelFilter(frozenset(plan.normal_labels)), device,
                        on_samples=None if progress is None else (lambda n: progress("center", n, share)))
     center_cpu, n = global_center(emb.z)
-    stats = dist.all_reduce_sum(feature_stats(emb.z, center_cpu))  # the frozen features' spread
+    stats = summarize_feature_stats(dist.all_reduce_sum(feature_stats(emb.z, center_cpu)))  # the frozen features' spread
     metrics = {"epoch": 0, "step": 0, "start_epoch": 0, "center_samples": n,
                "corrupt_skipped": _count_corrupt(emb.corrupt), "center_seconds": time.perf_counter() - t0,
-               **summarize_feature_stats(stats),
+               **stats, "normal_cos": stats["feature_cos"], "normal_cos_start": stats["feature_cos"],
                "rank_center_samples": _per_rank(emb.z.shape[0]),
                # which node each rank ran on (first 12 hex digits of the Ray node id)
                "rank_nodes": [f"{v:012x}" for v in _per_rank(int(node_id[:12], 16) if _is_hex(node_id[:12]) else 0)]}
@@ -313,7 +352,11 @@ def train_one_epoch(cfg: TrainConfig, model: FeatureModel, stepper: "Stepper", p
 
 
 def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.LoadedCheckpoint | None,
-               device: torch.device, node_id: str = "local", progress: Progress | None = None) -> None:
+               device: torch.device, node_id: str = "local", progress: Progress | None = None,
+               keep_apart: KeepApart | None = None) -> None:
+    """Epoch 0 (center pass), then cfg.epochs training epochs; each epoch's metrics and checkpoint
+    go to ``report``. An epoch the collapse alarm stops (``on_collapse: stop``) is reported without
+    a checkpoint (its checkpoint goes to ``keep_apart``) and ends the run."""
     torch.manual_seed(cfg.seed * 1000 + dist.rank())
     model = place(build_model(cfg.backbone, cfg.weights), device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -326,13 +369,17 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         if c.optimizer_state is not None:
             opt.load_state_dict(c.optimizer_state)
         center, start_epoch, step = c.center.to(device), int(c.meta["epoch"]), int(c.meta.get("step", 0))
+        start_cos = c.meta.get("normal_cos_start")  # None in checkpoints from before the relative alarm
+        if start_cos is None and cfg.collapse_rise > 0 and dist.is_main_process():
+            log.warning("the checkpoint records no epoch-0 normal_cos: the collapse_rise alarm is off for this run")
         if dist.is_main_process():
             log.info("resumed from checkpoint at epoch %d (step %d)%s", start_epoch, step,
                      "; the run is already complete" if start_epoch >= cfg.epochs else "")
     else:
         center, metrics = center_pass(cfg, model, plan, device, node_id, progress)
-        _log_epoch(metrics)
+        start_cos = metrics["normal_cos_start"]
         _publish(report, metrics, model, center, cfg, opt)
+    last_good = start_epoch
 
     stepper = Stepper(cfg, model, opt, center, device)
     n_steps = steps_per_epoch(plan.n_train, dist.world_size(), cfg.batch_size)
@@ -342,27 +389,42 @@ def run_worker(cfg: TrainConfig, plan: DataPlan, report: Report, resume: ckpt.Lo
         metrics = train_one_epoch(cfg, model, stepper, plan, epoch, n_steps, device, progress)
         step += n_steps
         metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch, **metrics}
-        if plan.eval_counts is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-            metrics.update(evaluate(cfg, model, plan, device))
-        collapsed = collapse_check(cfg, metrics)
-        _log_epoch(metrics)
-        _publish(report, metrics, model, center, cfg, opt)
-        if collapsed and cfg.on_collapse == "stop":
+        eval_due = plan.eval_counts is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs)
+        bank = None
+        if eval_due or cfg.collapse_rise > 0:  # the evaluation's kNN bank is the same pass
+            bank = embed_normals(cfg, model, plan, device)
+            metrics.update(normal_cos=normal_cos(bank, center), normal_cos_start=start_cos)
+        if eval_due:
+            metrics.update(evaluate(cfg, model, plan, device, train_emb=bank))
+        if collapse_check(cfg, metrics) and cfg.on_collapse == "stop":
+            _keep_apart(report, keep_apart, metrics, model, center, cfg, opt, last_good)
             break
+        _publish(report, metrics, model, center, cfg, opt)
+        last_good = epoch
 
 
 def collapse_check(cfg: TrainConfig, metrics: dict) -> bool:
-    """True (and ``metrics["collapsed"]``, a warning on rank 0) when the epoch's normal features
-    collapsed: their mean pairwise cosine reached ``cfg.collapse_cos``."""
+    """True (with ``metrics["collapsed"]``, ``metrics["collapse_reason"]`` and a warning on rank 0)
+    when the epoch's features are collapsing, from the normal images alone: the training views'
+    mean pairwise cosine reached ``cfg.collapse_cos``, or the unaugmented normal features' one
+    (``normal_cos``) rose by ``cfg.collapse_rise`` or more over its epoch-0 value. The metrics are
+    the same on every rank, so every rank decides the same."""
     if cfg.on_collapse not in ON_COLLAPSE:
         raise ValueError(f"on_collapse must be one of {list(ON_COLLAPSE)}, got {cfg.on_collapse!r}")
+    reasons = []
     cos = metrics.get("feature_cos")
-    if cos is None or not cos >= cfg.collapse_cos:
+    if cos is not None and cos >= cfg.collapse_cos:
+        reasons.append(f"feature_cos {cos:.4f} >= collapse_cos {cfg.collapse_cos:.2f}")
+    now, start = metrics.get("normal_cos"), metrics.get("normal_cos_start")
+    if cfg.collapse_rise > 0 and now is not None and start is not None and now - start >= cfg.collapse_rise:
+        reasons.append(f"normal_cos {now:.4f} rose {now - start:+.4f} over epoch 0's {start:.4f} "
+                       f"(collapse_rise {cfg.collapse_rise:g})")
+    if not reasons:
         return False
-    metrics["collapsed"] = True
+    metrics.update(collapsed=True, collapse_reason="; ".join(reasons))
     if dist.is_main_process():
-        log.warning("epoch %d: the features are collapsing (mean pairwise cosine %.4f >= collapse_cos %.2f, "
-                    "mean ||z - c|| %.4f)%s", metrics["epoch"], cos, cfg.collapse_cos, metrics.get("zc_norm", float("nan")),
+        log.warning("epoch %d: the features are collapsing (%s, mean ||z - c|| %.4f)%s", metrics["epoch"],
+                    metrics["collapse_reason"], metrics.get("zc_norm", float("nan")),
                     "; stopping (on_collapse: stop)" if cfg.on_collapse == "stop" else
                     "; lower --lr or set --on-collapse stop")
     return True
