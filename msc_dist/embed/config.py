@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from msc_dist.runtime import HELP as RUNTIME_HELP
+
 
 @dataclass
 class EmbedConfig:
@@ -29,6 +31,7 @@ class EmbedConfig:
     max_pixels: int = 64_000_000
     max_bytes: int = 64 * 1024 * 1024
     ray_address: str | None = None
+    runtime: str = "torch"
 
 
 HELP = {
@@ -56,4 +59,5 @@ HELP = {
     "max_pixels": "larger images are skipped as corrupt",
     "max_bytes": "tar members larger than this are not read (skipped as corrupt)",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
 }

@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, field
 
 from msc_dist.config import borrow
+from msc_dist.runtime import HELP as RUNTIME_HELP
 from msc_dist.train.config import HELP as TRAIN_HELP
 from msc_dist.train.config import TrainConfig
 
@@ -64,6 +65,7 @@ class TestConfig:
     device: str = "auto"
     max_pixels: int = 64_000_000
     gallery_k: int = 6
+    runtime: str = "torch"
 
 
 TEST_HELP = {
@@ -77,4 +79,5 @@ TEST_HELP = {
     "device": "auto (cuda when available) | cpu | cuda | cuda:N",
     "max_pixels": "images above this many pixels are not decoded (error)",
     "gallery_k": "images in each half of the highest/lowest-scored gallery",
+    "runtime": RUNTIME_HELP,
 }

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from msc_dist.runtime import HELP as RUNTIME_HELP
+
 INPUT_FORMATS = ("auto", "objects", "shards")
 
 
@@ -23,6 +25,7 @@ class ScoreConfig:
     max_pixels: int = 64_000_000
     max_error_fraction: float = 0.1
     ray_address: str | None = None
+    runtime: str = "torch"
 
 
 HELP = {
@@ -42,4 +45,5 @@ HELP = {
     "max_pixels": "images above this many pixels are not decoded (error row)",
     "max_error_fraction": "a run with a larger share of error rows exits non-zero and publishes nothing",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
 }

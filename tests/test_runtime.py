@@ -1,0 +1,122 @@
+"""The model card's CPU runtimes (msc_dist.runtime): ONNX Runtime and OpenVINO run the
+checkpoint's own export and give PyTorch's embeddings and scores; the graph cache is built once
+per (model id, image size, runtime), reused, rebuilt for another model, and a corrupted cached
+graph is detected and rebuilt, never used. One tiny checkpoint, its graphs built once per session."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import noise_images, tiny_checkpoint, tiny_index
+from msc_dist import runtime as rt
+from msc_dist.card import load_card
+from msc_dist.config import ConfigError
+from msc_dist.export import check_images
+
+CPU = [r for r in rt.CPU_RUNTIMES if rt.installed(r)]
+pytestmark = pytest.mark.skipif(not CPU, reason="no CPU runtime installed (pip install '.[cpu]')")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny checkpoint, its torch card, and a card per installed CPU runtime (graphs built once)."""
+    root = tmp_path_factory.mktemp("runtime")
+    ck = tiny_checkpoint(root / "ck", image_size=32, resize_mode="squash")
+    cache = str(root / "cache")
+    cards = {r: load_card(ck, "cpu", r, cache=cache) for r in CPU}
+    return {"ck": ck, "cache": cache, "torch": load_card(ck), "cards": cards, "root": root}
+
+
+@pytest.mark.parametrize("n", [1, 5])  # batch sizes other than the exported one (2)
+def test_each_runtime_embeds_as_torch(built, n):
+    ref_card = built["torch"]
+    x = check_images(n, ref_card.preprocess, seed=3)
+    ref = ref_card.embed(torch.from_numpy(x))
+    for r, card in built["cards"].items():
+        assert card.runtime == r and card.graph.built and card.threads >= 1
+        got = card.embed(torch.from_numpy(x))
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert np.abs(got - ref).max() <= 1e-4, r
+        rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (B, S, S, 3), as the Ray Data rows hold them
+        assert np.abs(card.embed_arrays(rows) - ref).max() <= 1e-4, r
+        assert np.abs(card.embed_arrays(list(rows)) - ref).max() <= 1e-4, r
+        assert card.info()["runtime"] == r
+
+
+def test_each_runtimes_scores_equal_torchs(built):
+    from msc_dist.scorer import open_scorer
+
+    imgs = dict(zip([f"n{i}" for i in range(12)], noise_images(12, seed=1)))
+    tiny_index(built["root"] / "index", built["ck"], imgs)
+    queries = noise_images(6, seed=7)
+    ref = [r.score for r in open_scorer(str(built["root"] / "index"), runtime="torch").score_bytes(queries)]
+    for r, card in built["cards"].items():
+        got = [s.score for s in open_scorer(str(built["root"] / "index"), card=card).score_bytes(queries)]
+        assert np.abs(np.array(got) - np.array(ref)).max() <= 1e-4, r
+
+
+def test_the_cache_is_reused_and_rebuilt_for_another_model(built, tmp_path):
+    r = CPU[-1]
+    again = load_card(built["ck"], "cpu", r, cache=built["cache"])
+    assert not again.graph.built and again.graph.folder == built["cards"][r].graph.folder
+    assert again.graph.folder.startswith(built["cache"]) and not again.graph.folder.startswith(built["ck"])
+    other = tiny_checkpoint(tmp_path / "other", image_size=32, resize_mode="squash", seed=1)
+    card = load_card(other, "cpu", r, cache=built["cache"])
+    assert card.model_id != again.model_id and card.graph.built and card.graph.folder != again.graph.folder
+    ref = load_card(other).embed_arrays([card.preprocess(b) for b in noise_images(3)])
+    assert np.abs(card.embed_arrays([card.preprocess(b) for b in noise_images(3)]) - ref).max() <= 1e-4
+    assert not any(n.startswith(".tmp-") for n in os.listdir(built["cache"]))  # nothing half-built left behind
+
+
+def test_a_corrupted_cached_graph_is_rebuilt_never_used(built, caplog):
+    r = CPU[0]
+    folder = built["cards"][r].graph.folder
+    name = rt._files_of(r)[-1]  # the weights (openvino: model.bin; onnxruntime: model.onnx)
+    path = os.path.join(folder, name)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(rt.CorruptGraph):
+        rt.read_verified(folder, built["torch"].model_id, 32, r)
+    with caplog.at_level(logging.WARNING, logger="msc_dist.runtime"):
+        card = load_card(built["ck"], "cpu", r, cache=built["cache"])
+    assert card.graph.built and "corrupt" in caplog.text
+    rec = json.loads(open(os.path.join(folder, rt.RECORD)).read())
+    assert rt._sha256(open(path, "rb").read()) == rec["files"][name]  # the rebuilt graph is the verified one
+    x = check_images(3, card.preprocess, seed=5)
+    assert np.abs(card.embed(x) - built["torch"].embed(torch.from_numpy(x))).max() <= 1e-4
+
+
+def test_auto_picks_a_cpu_runtime_on_cpu_and_torch_on_a_gpu(monkeypatch, caplog):
+    assert rt.resolve("auto", "cpu") == CPU[0]  # the fastest installed (openvino, then onnxruntime)
+    assert rt.resolve("auto", "cuda:0") == "torch"
+    monkeypatch.setattr(rt, "installed", lambda r: False)
+    with caplog.at_level(logging.WARNING, logger="msc_dist.runtime"):
+        assert rt.resolve("auto", "cpu") == "torch"
+    assert len(caplog.records) == 1 and "msc-dist[cpu]" in caplog.text
+
+
+def test_a_missing_or_forbidden_runtime_is_a_clear_error(monkeypatch, built):
+    with pytest.raises(ConfigError, match="--runtime torch"):
+        rt.resolve("onnxruntime", "cuda")
+    with pytest.raises(ConfigError, match=re.escape("valid: torch | onnxruntime | openvino | auto")):
+        load_card(built["ck"], "cpu", "tensorrt")
+    monkeypatch.setattr(rt, "installed", lambda r: False)
+    with pytest.raises(ConfigError, match=r"openvino package is not installed.*msc-dist\[cpu\]"):
+        load_card(built["ck"], "cpu", "openvino", cache=built["cache"])
+
+
+def test_threads_follow_the_cpus(monkeypatch):
+    assert rt.cpu_threads(3) == 3 and rt.actor_threads(0.5) == 1 and rt.actor_threads(4) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets for a one-CPU actor
+    assert rt.cpu_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert rt.cpu_threads() == len(os.sched_getaffinity(0))
