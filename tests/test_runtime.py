@@ -120,3 +120,36 @@ def test_threads_follow_the_cpus(monkeypatch):
     assert rt.cpu_threads() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert rt.cpu_threads() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not rt.installed("openvino"), reason="openvino is not installed")
+def test_msc_export_openvino_writes_ir_checked_in_openvino(built, tmp_path, capsys):
+    import openvino as ov
+
+    from msc_dist.cli import main
+
+    out = tmp_path / "ov"
+    (out).mkdir()
+    (out / "model.onnx").write_bytes(b"stale")  # another format's file: one model per export folder
+    assert main(["export", "--checkpoint", built["ck"], "--format", "openvino", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "openvino" in stdout and "max abs difference" in stdout
+    spec = json.loads((out / "export.json").read_text())
+    assert spec["format"] == "openvino" and spec["file"] == "model.xml" and spec["files"] == ["model.xml", "model.bin"]
+    assert spec["check"]["max_abs_diff"] <= 1e-4 and spec["check"]["runtime"].startswith("openvino")
+    assert sorted(p.name for p in out.iterdir()) == ["center.pt", "config.json", "export.json", "model.bin", "model.xml"]
+    x = check_images(5, built["torch"].preprocess, seed=9)  # a batch size the export never saw
+    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = np.array(compiled(x)[0])
+    assert np.abs(got - built["torch"].embed(torch.from_numpy(x))).max() <= 1e-4
+
+
+def test_bench_embed_one_line_per_runtime(capsys):
+    from msc_dist.cli import main
+
+    assert main(["bench", "embed", "--backbone", "tiny_cnn", "--image-size", "32", "--images", "32", "--batch-size",
+                 "16", "--loader-workers", "0", "--random-init", "--device", "cpu", "--runtime", "torch", CPU[-1]]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["runtime"] for r in rows] == ["torch", CPU[-1]]
+    assert all(r["images_per_s"] > 0 and r["model_images_per_s"] > 0 and r["images"] == 32 for r in rows)
+    assert rows[0]["over_torch"] == 1.0
