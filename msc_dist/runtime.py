@@ -103,6 +103,12 @@ def actor_threads(cpus: float) -> int:
     return max(1, int(cpus))
 
 
+def driver_cache() -> str | None:
+    """The cache folder a job's driver hands its actors: $MSC_RUNTIME_CACHE as the driver sees it
+    (Ray's workers may have started before it was set); None: each node's own default."""
+    return os.environ.get(CACHE_ENV) or None
+
+
 def cache_root(cache: str | None = None) -> str:
     return os.path.abspath(os.path.expanduser(cache or os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
 

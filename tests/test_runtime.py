@@ -153,3 +153,68 @@ def test_bench_embed_one_line_per_runtime(capsys):
     assert [r["runtime"] for r in rows] == ["torch", CPU[-1]]
     assert all(r["images_per_s"] > 0 and r["model_images_per_s"] > 0 and r["images"] == 32 for r in rows)
     assert rows[0]["over_torch"] == 1.0
+
+
+def test_embed_and_score_jobs_run_the_runtime_and_reuse_its_cached_graph(built, local_ray, tmp_path, monkeypatch):
+    """Both Ray jobs with --runtime: the actors load the graph the fixture built (not rebuilt),
+    and give the index and the scores that PyTorch gives."""
+    import pyarrow.parquet as pq
+
+    from msc_dist.data.shards import ShardWriter
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.embed.job import main as embed_main
+    from msc_dist.index import version_root
+    from msc_dist.score.config import ScoreConfig
+    from msc_dist.score.job import main as score_main, read_scores
+    from msc_dist.scorer import open_scorer
+
+    r = CPU[-1]
+    monkeypatch.setenv(rt.CACHE_ENV, built["cache"])
+    folder = built["cards"][r].graph.folder
+    before = (sorted(os.listdir(built["cache"])), open(os.path.join(folder, rt.RECORD)).read())
+    normals = noise_images(16, seed=4)
+    with ShardWriter(str(tmp_path / "data"), per_shard=8) as w:
+        for i, b in enumerate(normals):
+            w.write(f"n{i:03d}", b, "png", label=0)
+    out = tmp_path / "idx"
+    man = embed_main(EmbedConfig(checkpoint=built["ck"], data=str(tmp_path / "data"), out=str(out), batch_size=8,
+                                 rows_per_task=8, rows_per_file=8, runtime=r)).manifest
+    rows = {}
+    for e in man.extra["embeddings"]:
+        t = pq.read_table(os.path.join(version_root(str(out), man.version), e["file"]))
+        rows.update(zip(t["id"].to_pylist(), t["embedding"].to_numpy(zero_copy_only=False)))
+    keys = sorted(rows)
+    ref_card = built["torch"]
+    want = ref_card.embed_arrays([ref_card.preprocess(normals[int(k[1:])]) for k in keys])
+    assert np.abs(np.stack([rows[k] for k in keys]) - want).max() <= 1e-4
+
+    queries = tmp_path / "in"
+    queries.mkdir()
+    for i, b in enumerate(noise_images(4, seed=8)):
+        (queries / f"q{i}.png").write_bytes(b)
+    score_main(ScoreConfig(index=str(out), input=str(queries), out=str(tmp_path / "scores"), batch_size=4, runtime=r))
+    t = read_scores(str(tmp_path / "scores")).to_pydict()
+    got = {os.path.basename(u): s for u, s in zip(t["uri"], t["score"])}
+    ref = open_scorer(str(out), runtime="torch").score_bytes([(queries / f"q{i}.png").read_bytes() for i in range(4)])
+    assert [got[f"q{i}.png"] for i in range(4)] == pytest.approx([x.score for x in ref], abs=1e-4)
+    assert (sorted(os.listdir(built["cache"])), open(os.path.join(folder, rt.RECORD)).read()) == before  # not rebuilt
+
+
+def test_serving_runtime_setting(built, tmp_path, monkeypatch):
+    """serving's runtime setting: checked at deploy time and before Serve starts, the Model's key,
+    and the Model's card runs it (from the cache the fixture built)."""
+    from msc_dist.index import read_manifest
+    from serving.model import MODEL_KEYS, Model
+    from serving.settings import AppConfig, check_startup
+
+    with pytest.raises(ConfigError, match=re.escape("runtime: unknown runtime 'tensorrt'; valid: torch | onnxruntime")):
+        AppConfig.from_args({"runtime": "tensorrt"})
+    assert "runtime" in MODEL_KEYS
+    with pytest.raises(ConfigError, match="--runtime torch"):
+        check_startup(AppConfig.from_args({"allow_anonymous": True, "device": "cuda", "runtime": CPU[0]}))
+    idx = tmp_path / "idx"
+    tiny_index(idx, built["ck"], dict(zip(["a", "b", "c", "d", "e"], noise_images(5, seed=6))))
+    monkeypatch.setenv(rt.CACHE_ENV, built["cache"])
+    model = Model.func_or_class(index=str(idx), device="cpu", runtime=CPU[0], allow_anonymous=True)
+    card = model._card(read_manifest(str(idx))[0])
+    assert card.runtime == CPU[0] and not card.graph.built and card.info()["runtime"] == CPU[0]

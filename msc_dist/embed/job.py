@@ -37,7 +37,7 @@ from msc_dist.index import (MAX_TRAIN_ROWS, IndexManifest, ShardEntry, assign_pa
                             version_root)
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
-from msc_dist.runtime import actor_threads, resolve as resolve_runtime
+from msc_dist.runtime import actor_threads, driver_cache, resolve as resolve_runtime
 
 log = logging.getLogger("msc_dist.embed")
 
@@ -81,7 +81,7 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
         .map_batches(
             EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "preprocess": preprocess, "use_gpu": cfg.use_gpu,
                                                "max_pixels": cfg.max_pixels, "runtime": cfg.runtime,
-                                               "threads": actor_threads(cfg.cpus_per_actor)},
+                                               "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache()},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
             batch_size=cfg.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
         )

@@ -34,7 +34,7 @@ from msc_dist.embed.workers import content_name
 from msc_dist.index import IndexMismatch, read_manifest
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
-from msc_dist.runtime import actor_threads, resolve as resolve_runtime
+from msc_dist.runtime import actor_threads, driver_cache, resolve as resolve_runtime
 from msc_dist.score.config import INPUT_FORMATS, ScoreConfig
 from msc_dist.scorer import check_pair, checkpoint_of
 
@@ -94,13 +94,14 @@ class ScoreActor:
     during the run is not mixed in), ``preprocess`` what its read tasks decoded with."""
 
     def __init__(self, checkpoint: str, index: str, preprocess, use_gpu: bool = False, runtime: str = "torch",
-                 threads: int | None = None):
+                 threads: int | None = None, cache: str | None = None):
         import torch
 
         from msc_dist.scorer import open_scorer
 
         dev = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.scorer = open_scorer(index, checkpoint, dev, use_gpu_index=use_gpu, runtime=runtime, threads=threads)
+        self.scorer = open_scorer(index, checkpoint, dev, use_gpu_index=use_gpu, runtime=runtime, threads=threads,
+                                  cache=cache)
         if self.scorer.preprocess != preprocess:
             raise IndexMismatch(f"the read tasks decode with {preprocess}, the checkpoint's card is "
                                 f"{self.scorer.preprocess}")
@@ -197,7 +198,7 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     ds = ds.map_batches(
         ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "index": folder, "preprocess": pre,
                                            "use_gpu": cfg.use_gpu, "runtime": cfg.runtime,
-                                           "threads": actor_threads(cfg.cpus_per_actor)},
+                                           "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache()},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
         batch_size=cfg.batch_size, batch_format="numpy", num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
     )
