@@ -22,10 +22,12 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
     loaded as the jobs load it (``load_card``), once per runtime (``msc_dist.runtime``); with
     several runtimes each round times them in turn (alternated: a shared machine's load falls on
     all alike) and each gets one row (medians over ``rounds``), with ``model_images_per_s``: the
-    forward alone on one in-memory batch, the rate the end-to-end path can at most reach.
+    forward alone on one in-memory batch, the rate the end-to-end path can at most reach. The
+    graphs go to a temporary cache unless ``cache`` or $MSC_RUNTIME_CACHE names one.
     One runtime: one dict; several: one dict each."""
     from msc_dist import checkpoint as ckpt
     from msc_dist.card import load_card
+    from msc_dist.runtime import driver_cache
     from msc_dist.train.config import TrainConfig
     from msc_dist.train.loop import loader_for
 
@@ -44,7 +46,7 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
         cards, load_s = {}, {}
         for r in runtimes:
             t0 = time.perf_counter()
-            cards[r] = load_card(ck, dev, r, cache=cache or os.path.join(tmp, "runtimes"))
+            cards[r] = load_card(ck, dev, r, cache=cache or driver_cache() or os.path.join(tmp, "runtimes"))
             load_s[r] = time.perf_counter() - t0
         torch.backends.cudnn.benchmark = True
         x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch_size, 3, image_size, image_size),
