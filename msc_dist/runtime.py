@@ -40,9 +40,10 @@ from msc_dist.config import ConfigError
 log = logging.getLogger("msc_dist.runtime")
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "auto")
-# ``auto`` on a CPU: the first of these that is installed. Measured, not guessed: on the 2-core
-# development machine OpenVINO ran the same graph 1.1-1.6x faster than ONNX Runtime and both
-# 2.5-5x faster than PyTorch eager (README, "CPU inference runtimes").
+# ``auto`` on a CPU: the first of these that is installed. Measured, not guessed (README, "CPU
+# inference runtimes"; bench embed, the runtimes alternated): on the 2-core development machine
+# OpenVINO's forward was 2.2x ONNX Runtime's at 224 px and equal at 64 px (the issue's quieter
+# runs: 1.1-1.6x), both 2.3-6.6x PyTorch eager's.
 CPU_RUNTIMES = ("openvino", "onnxruntime")
 PACKAGE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # runtime -> the module it imports
 FORMAT = {"onnxruntime": "onnx", "openvino": "openvino"}  # runtime -> its msc export format
