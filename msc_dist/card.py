@@ -10,12 +10,16 @@ size or resize mode that could differ from the checkpoint's.
     card = load_card(checkpoint_or_run_folder, device="cpu")
     x = card.preprocess(encoded_bytes)          # (S, S, 3) uint8
     z = card.embed_arrays(np.stack([x]))        # (1, D) float32 unit vectors
+
+The batch forward runs in the card's ``runtime`` (``msc_dist.runtime``): PyTorch (the default
+here), or on a CPU the checkpoint's checked export in ONNX Runtime or OpenVINO
+(``load_card(url, "cpu", runtime="auto")``). The PyTorch model stays on the card either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -54,6 +58,10 @@ class ModelCard:
     preprocess: Preprocess
     model: FeatureModel  # eval mode, on ``device``, channels_last
     device: torch.device
+    runtime: str = "torch"  # what runs ``embed``: torch | onnxruntime | openvino
+    forward: Callable[[np.ndarray], np.ndarray] | None = None  # a CPU runtime's forward; None: PyTorch
+    threads: int | None = None  # a CPU runtime's threads
+    graph: Any = None  # a CPU runtime's ``runtime.Loaded`` (its cache folder; built or reused)
 
     @property
     def backbone(self) -> str:
@@ -68,27 +76,42 @@ class ModelCard:
         if images.shape[-2:] != (self.preprocess.image_size, self.preprocess.image_size):
             raise ValueError(f"images of {tuple(images.shape[-2:])} given to a model that takes "
                              f"{self.preprocess.image_size} px ({self.preprocess.resize_mode}): decode with its card")
+        if self.forward is not None:
+            x = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
+            return self.forward(np.ascontiguousarray(x, dtype=np.uint8))
         return embed_images(self.model, images, self.device).numpy()
 
     def embed_arrays(self, arrays: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(B, S, S, 3) uint8 rows, as ``preprocess`` and the Ray Data jobs hold them -> (B, D)."""
-        x = np.ascontiguousarray(np.stack(arrays) if isinstance(arrays, list) else arrays)
-        return self.embed(torch.from_numpy(x).permute(0, 3, 1, 2))
+        x = np.stack(arrays) if isinstance(arrays, list) else np.asarray(arrays)
+        if self.forward is not None:
+            return self.embed(x.transpose(0, 3, 1, 2))
+        return self.embed(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2))
 
     def info(self) -> dict[str, Any]:
         """What API clients may see (no storage URIs)."""
         return {"model_id": self.model_id, "backbone": self.backbone, "image_size": self.preprocess.image_size,
                 "resize_mode": self.preprocess.resize_mode, "dimension": self.dim,
-                "preprocess": self.preprocess.to_dict()}
+                "preprocess": self.preprocess.to_dict(), "runtime": self.runtime}
 
 
-def load_card(url: str, device: str | torch.device = "cpu") -> ModelCard:
+def load_card(url: str, device: str | torch.device = "cpu", runtime: str = "torch", *, cache: str | None = None,
+              threads: int | None = None) -> ModelCard:
     """The card of a checkpoint folder, or of the checkpoint a run folder registered last
-    (``checkpoint.resolve``); every file checked against its sha256 (``checkpoint.load``)."""
+    (``checkpoint.resolve``); every file checked against its sha256 (``checkpoint.load``).
+    ``runtime``: what runs its batch forward (``msc_dist.runtime``: torch | onnxruntime | openvino
+    | auto); a CPU runtime's graph is built into (or reused from) ``cache``, run on ``threads``."""
+    from msc_dist import runtime as rt
+
+    chosen = rt.resolve(runtime, device)  # before any loading: a wrong runtime fails at once
     path = ckpt.resolve(url)
     ck = ckpt.load(path)
     model = build_model(ck.config["backbone"], pretrained=False)  # every tensor comes from model.pt
     model.load_state_dict(ck.model_state)
     dev = torch.device(device)
-    return ModelCard(path, ck.model_id, ck.config, ck.meta, ck.center.float(), preprocess_of(ck.config),
+    card = ModelCard(path, ck.model_id, ck.config, ck.meta, ck.center.float(), preprocess_of(ck.config),
                      place(model, dev).eval(), dev)
+    if chosen != "torch":
+        loaded = rt.load(card, chosen, cache, threads)
+        card.runtime, card.forward, card.threads, card.graph = chosen, loaded.forward, loaded.threads, loaded
+    return card

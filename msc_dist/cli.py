@@ -228,7 +228,9 @@ def _bench(name: str):
     def run(cfg, explicit) -> int:
         from msc_dist.bench.runner import run as run_bench
 
-        _print_json(run_bench(name, cfg))
+        out = run_bench(name, cfg)
+        for row in out if isinstance(out, list) else [out]:  # one JSON line per measured row
+            _print_json(row)
         return 0
 
     return run

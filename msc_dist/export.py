@@ -1,5 +1,5 @@
-"""``msc export``: the feature model of a checkpoint, input normalisation included, as ONNX or
-TorchScript, for deployment without this package.
+"""``msc export``: the feature model of a checkpoint, input normalisation included, as ONNX,
+OpenVINO IR or TorchScript, for deployment without this package.
 
 The exported graph takes what the Scorer feeds its model: a batch of decoded, resized RGB images,
 (B, 3, S, S) uint8 (``--input uint8``, the default) or float in [0, 1] (``--input float``), and
@@ -9,8 +9,10 @@ distances to the k nearest vectors of the index (on unit vectors, 2 - 2 cos each
 The export folder holds the model file, ``center.pt``, ``config.json`` (the training config),
 ``export.json`` (input/output spec, model id, the check's result, the index reference) and, with
 ``--index``, ``index_manifest.json`` (a copy; the index files stay where they are). At export
-time the exported model runs in its runtime (ONNX Runtime or TorchScript) on a few images and is
-compared with the PyTorch model; a difference above ``--atol`` is an error."""
+time the exported model runs in its runtime (ONNX Runtime, OpenVINO or TorchScript) on a few
+images and is compared with the PyTorch model; a difference above ``--atol`` is an error.
+``write_checked`` (export and check one graph) is also what the model card's CPU runtimes
+(``msc_dist.runtime``) build their cached graphs with."""
 
 from __future__ import annotations
 
@@ -25,7 +27,10 @@ import numpy as np
 
 from msc_dist.config import ConfigError, Range
 
-FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+FORMATS = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.torchscript.pt"}
+# Every file of a format's model (OpenVINO IR: the graph and its weights).
+MODEL_FILES = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin"),
+               "torchscript": ("model.torchscript.pt",)}
 INPUTS = ("uint8", "float")
 
 
@@ -46,7 +51,7 @@ class ExportConfig:
 
 HELP = {
     "checkpoint": "checkpoint folder, or a run folder (its newest checkpoint); local or s3://",
-    "format": "onnx | torchscript",
+    "format": "onnx | openvino (IR: model.xml + model.bin, fp32) | torchscript",
     "out": "export folder (created; files in it are replaced)",
     "index": "index folder whose manifest the export references (checked against the checkpoint's model id)",
     "input": "uint8: (B, 3, S, S) uint8 RGB as decoded | float: (B, 3, S, S) float in [0, 1]",
@@ -116,6 +121,32 @@ def _run_onnx(path: str, x: np.ndarray) -> np.ndarray:
     return sess.run(["features"], {"images": x})[0]
 
 
+# OpenVINO on the CPU in float32: its default precision is bf16 on CPUs that have it, which would
+# not reproduce the PyTorch features.
+OPENVINO_CPU = {"INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _export_openvino(module, example, path: str, opset: int) -> None:
+    """The ONNX export (the same graph as ``--format onnx``), converted to OpenVINO IR, fp32 weights."""
+    import openvino as ov
+
+    onnx_path = path[: -len(".xml")] + ".export.onnx"
+    try:
+        _export_onnx(module, example, onnx_path, opset)
+        ov.save_model(ov.convert_model(onnx_path), path, compress_to_fp16=False)
+    finally:
+        for p in (onnx_path, onnx_path + ".data"):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def _run_openvino(path: str, x: np.ndarray) -> np.ndarray:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", OPENVINO_CPU)
+    return np.array(compiled(x)[0])
+
+
 def _export_torchscript(module, example, path: str) -> None:
     import warnings
 
@@ -141,7 +172,57 @@ def _run_torchscript(path: str, x: np.ndarray) -> np.ndarray:
 
 def run_exported(path: str, x: np.ndarray) -> np.ndarray:
     """Features from an exported model file in its own runtime."""
-    return _run_onnx(path, x) if path.endswith(".onnx") else _run_torchscript(path, x)
+    if path.endswith(".onnx"):
+        return _run_onnx(path, x)
+    if path.endswith(".xml"):
+        return _run_openvino(path, x)
+    return _run_torchscript(path, x)
+
+
+def runtime_name(fmt: str) -> str:
+    """The runtime (and its version) that checks a format."""
+    if fmt == "onnx":
+        return f"onnxruntime {__import__('onnxruntime').__version__}"
+    if fmt == "openvino":
+        return f"openvino {__import__('openvino').__version__}"
+    return f"torch.jit {__import__('torch').__version__}"
+
+
+def write_checked(card, fmt: str, folder: str, *, uint8: bool = True, opset: int = 18, n_check: int = 4,
+                  atol: float = 1e-4, log=print) -> tuple[str, float, float]:
+    """Export the card's model as ``fmt`` into ``folder`` (FORMATS[fmt]), run it in its runtime on
+    ``n_check`` images (a batch size other than the traced one) and compare with the card's PyTorch
+    forward; ExportError above ``atol``. Returns (model file, max abs difference, export seconds)."""
+    import copy
+
+    import torch
+
+    images = check_images(n_check, card.preprocess)
+    x = images if uint8 else (images.astype(np.float32) / 255.0)
+    ref = card.embed(torch.from_numpy(images))  # what the Scorer computes on CPU for these images
+    # Export a plain (contiguous, CPU, float32) copy: channels_last is a speed layout, not part of
+    # the model (a copy: the card's own model keeps its layout and device).
+    model = copy.deepcopy(card.model).to(device="cpu", memory_format=torch.contiguous_format)
+    module = export_module(model, uint8).eval()
+    example = torch.from_numpy(x[: min(2, len(x))])
+    path = os.path.join(folder, FORMATS[fmt])
+    t0 = time.perf_counter()
+    if fmt == "onnx":
+        _export_onnx(module, example, path, opset)
+    elif fmt == "openvino":
+        _export_openvino(module, example, path, opset)
+    else:
+        _export_torchscript(module, example, path)
+    seconds = time.perf_counter() - t0
+    got = run_exported(path, x)
+    if got.shape != ref.shape:
+        raise ExportError(f"exported model returns {got.shape}, PyTorch {ref.shape}")
+    diff = float(np.abs(got - ref).max())
+    log(f"export check: {len(images)} images, {runtime_name(fmt)} vs PyTorch: max abs difference {diff:.2e} "
+        f"(limit {atol:g})")
+    if not diff <= atol:
+        raise ExportError(f"the exported model differs from PyTorch by {diff:.3e} (> --atol {atol:g})")
+    return path, diff, seconds
 
 
 @dataclass
@@ -167,7 +248,7 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
     if cfg.check_images < 1:
         raise ConfigError(f"check_images must be at least 1, got {cfg.check_images}")
     card = load_card(storage.expand(cfg.checkpoint), "cpu")
-    ck_url, model, center, config, model_id = card.checkpoint, card.model, card.center, card.config, card.model_id
+    ck_url, center, config, model_id = card.checkpoint, card.center, card.config, card.model_id
     pre = card.preprocess
     size, dim = pre.image_size, card.dim
 
@@ -185,28 +266,9 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
 
     out = os.path.abspath(os.path.expanduser(cfg.out))
     os.makedirs(out, exist_ok=True)
-    images = check_images(cfg.check_images, pre)
-    x = images if cfg.input == "uint8" else (images.astype(np.float32) / 255.0)
-    ref = card.embed(torch.from_numpy(images))  # what the Scorer computes on CPU for these images
-
-    # Export a plain (contiguous, CPU, float32) copy: channels_last is a speed layout, not part of the model.
-    module = export_module(model.to(memory_format=torch.contiguous_format), cfg.input == "uint8").eval()
-    example = torch.from_numpy(x[: min(2, len(x))])
-    path = os.path.join(out, FORMATS[cfg.format])
-    t0 = time.perf_counter()
-    if cfg.format == "onnx":
-        _export_onnx(module, example, path, cfg.opset)
-    else:
-        _export_torchscript(module, example, path)
-    seconds = time.perf_counter() - t0
-    got = run_exported(path, x)  # all check images: a batch size other than the traced one
-    if got.shape != ref.shape:
-        raise ExportError(f"exported model returns {got.shape}, PyTorch {ref.shape}")
-    diff = float(np.abs(got - ref).max())
-    runtime = f"onnxruntime {__import__('onnxruntime').__version__}" if cfg.format == "onnx" else f"torch.jit {torch.__version__}"
-    log(f"export check: {len(images)} images, {runtime} vs PyTorch: max abs difference {diff:.2e} (limit {cfg.atol:g})")
-    if not diff <= cfg.atol:
-        raise ExportError(f"the exported model differs from PyTorch by {diff:.3e} (> --atol {cfg.atol:g})")
+    path, diff, seconds = write_checked(card, cfg.format, out, uint8=cfg.input == "uint8", opset=cfg.opset,
+                                        n_check=cfg.check_images, atol=cfg.atol, log=log)
+    runtime = runtime_name(cfg.format)
 
     torch.save(center.detach().float().cpu(), os.path.join(out, "center.pt"))
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -227,14 +289,17 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "inside_model": True},
         "score": "sum over the k nearest index vectors of the squared L2 distance (2 - 2 cos on unit vectors)",
         "preprocessing": pre.to_dict(), "center": "center.pt", "index": index_ref,
-        "check": {"images": len(images), "runtime": runtime, "max_abs_diff": diff, "atol": cfg.atol},
+        "check": {"images": cfg.check_images, "runtime": runtime, "max_abs_diff": diff, "atol": cfg.atol},
         "export_seconds": seconds, "torch": torch.__version__,
     }
-    if cfg.format == "onnx":
+    if cfg.format in ("onnx", "openvino"):
         spec["opset"] = cfg.opset
-    for other in FORMATS.values():  # one model file per export folder
-        if other != FORMATS[cfg.format] and os.path.exists(os.path.join(out, other)):
-            os.remove(os.path.join(out, other))
+    if cfg.format == "openvino":
+        spec["files"] = list(MODEL_FILES["openvino"])
+    for fmt, files in MODEL_FILES.items():  # one model per export folder
+        for other in files if fmt != cfg.format else ():
+            if os.path.exists(os.path.join(out, other)):
+                os.remove(os.path.join(out, other))
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(spec, f, indent=1)
     return ExportOutcome(out, path, diff, spec)

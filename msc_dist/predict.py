@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from msc_dist.config import BATCH_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, ConfigError, Range
+from msc_dist.runtime import HELP as RUNTIME_HELP
 
 
 @dataclass
@@ -26,6 +27,7 @@ class PredictConfig:
     device: str = "auto"
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 64_000_000
+    runtime: str = "torch"
 
     RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "max_bytes": MAX_BYTES_RANGE,
                                           "max_pixels": MAX_PIXELS_RANGE}
@@ -40,6 +42,7 @@ HELP = {
     "device": "auto (cuda when available) | cpu | cuda | cuda:N",
     "max_bytes": "files larger than this are not read (error row)",
     "max_pixels": "images above this many pixels are not decoded (error row)",
+    "runtime": RUNTIME_HELP,
 }
 
 
@@ -91,7 +94,7 @@ def predict(cfg: PredictConfig, scorer=None, progress: bool = False) -> list[dic
 
         if not cfg.index:
             raise ConfigError("--index is required (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
-        scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels)
+        scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels, runtime=cfg.runtime)
     files = list_files(cfg.paths)
     rows: list[dict] = []
     bar = None

@@ -164,16 +164,17 @@ def resolve_device(device: str) -> str:
 
 def open_scorer(index: str | ShardedIndex | None, checkpoint: str | None = None, device: str = "cpu", *,
                 use_gpu_index: bool | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                formats: tuple[str, ...] = DEFAULT_FORMATS, card: ModelCard | None = None) -> Scorer:
+                formats: tuple[str, ...] = DEFAULT_FORMATS, card: ModelCard | None = None, runtime: str = "torch",
+                threads: int | None = None, cache: str | None = None) -> Scorer:
     """The Scorer of an index (its root: the live version; or a version folder: pinned) with the
     checkpoint its manifest records (or ``checkpoint``; or an already loaded ``card``).
     ``device`` auto: cuda when there is one; the index goes to the GPU with the model unless
-    ``use_gpu_index`` says otherwise."""
+    ``use_gpu_index`` says otherwise. ``runtime``/``threads``/``cache``: the card's (``load_card``)."""
     if not index:
         raise ConfigError("an index is needed (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
     device = resolve_device(device)
     gpu = device.startswith("cuda") if use_gpu_index is None else use_gpu_index
     idx = index if isinstance(index, ShardedIndex) else load_index(expand(index), None, gpu)
     if card is None:
-        card = load_card(checkpoint_of(idx.manifest, checkpoint), device)
+        card = load_card(checkpoint_of(idx.manifest, checkpoint), device, runtime, cache=cache, threads=threads)
     return Scorer(card, LocalSearcher(idx), max_pixels=max_pixels, formats=formats)

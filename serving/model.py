@@ -29,10 +29,10 @@ from serving.settings import AppConfig
 log = logging.getLogger("ray.serve")
 
 # The settings the Model takes (its user_config; the rest are the Gateway's).
-MODEL_KEYS = ("index", "checkpoint", "device", "max_batch_size", "batch_wait_timeout_s", "index_poll_s", "keep_versions",
-              "retry_after_s", "shard_timeout_s", "shard_load_timeout_s")
+MODEL_KEYS = ("index", "checkpoint", "device", "runtime", "max_batch_size", "batch_wait_timeout_s", "index_poll_s",
+              "keep_versions", "retry_after_s", "shard_timeout_s", "shard_load_timeout_s")
 # These change what a replica loads; the others only how it batches.
-_LOAD_KEYS = ("index", "checkpoint", "device", "keep_versions")
+_LOAD_KEYS = ("index", "checkpoint", "device", "runtime", "keep_versions")
 GONE = "__version_gone__"
 
 
@@ -113,7 +113,7 @@ class Model:
         self.shards = list(shards or [])
         self.cfg = AppConfig.from_args(settings)
         self.versions = None
-        self.cards = {}  # checkpoint url -> ModelCard, shared by the versions one checkpoint built
+        self.cards = {}  # (checkpoint url, device, runtime) -> ModelCard, shared by the versions it built
 
     async def reconfigure(self, user_config: dict) -> None:
         cfg = AppConfig.from_args({**self.cfg.args(), **(user_config or {})}, source="Model user_config")
@@ -144,10 +144,11 @@ class Model:
         from msc_dist.scorer import checkpoint_of
 
         url = checkpoint_of(manifest, self.cfg.checkpoint)
-        card = self.cards.get(url)
+        key = (url, self._device(), self.cfg.runtime)
+        card = self.cards.get(key)
         if card is None or card.model_id != manifest.model_id:
-            card = load_card(url, self._device())
-            self.cards[url] = card
+            card = load_card(url, key[1], self.cfg.runtime)  # a CPU runtime: the graph built once, cached
+            self.cards[key] = card
         return card
 
     async def _load(self, manifest, folder):

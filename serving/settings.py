@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from msc_dist.config import ConfigError, from_dict
+from msc_dist.runtime import HELP as RUNTIME_HELP
 
 DEFAULT_FORMATS = ["JPEG", "PNG", "WEBP"]
 DEVICES = "auto | cpu | cuda | cuda:N"
@@ -21,6 +22,7 @@ class AppConfig:
     index: str = os.path.join("~", "msc_runs", "msc", "serving")
     checkpoint: str | None = None
     device: str = "auto"
+    runtime: str = "torch"
     # The Model: batching and how it follows the published index versions.
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
@@ -55,6 +57,10 @@ class AppConfig:
         check_ranges(self, RANGES)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: unknown device {self.device!r}; valid: {DEVICES}")
+        from msc_dist.runtime import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime: unknown runtime {self.runtime!r}; valid: {' | '.join(RUNTIMES)}")
         if not self.formats:
             raise ConfigError(f"formats: at least one format id is needed, e.g. {DEFAULT_FORMATS}")
         self.formats = [str(f).upper() for f in self.formats]
@@ -94,6 +100,7 @@ HELP = {
     "checkpoint": "checkpoint or run folder; default: the one each index version's manifest records (the one "
                   "that built it)",
     "device": f"{DEVICES} (auto: cuda when the replica has a GPU)",
+    "runtime": "what runs the Model's forward: " + RUNTIME_HELP,
     "max_batch_size": "images the Model batches into one forward pass",
     "batch_wait_timeout_s": "how long the Model waits to fill a batch",
     "index_poll_s": "re-read the index pointer this often and roll to a newly published version (0: never)",
@@ -177,12 +184,16 @@ SERVE_HELP = {
 def check_startup(cfg: AppConfig, port_of: tuple[str, int] | None = None) -> dict:
     """What a deployment would fail on at start, found before Serve starts, each in one line: the
     API key, the index's live (or pinned) version, the checkpoint it names (every checksum), the
-    pair (model id, image size, resize mode), enough index shards for ``index_shards``, and the
+    pair (model id, image size, resize mode), the runtime, enough index shards for ``index_shards``, and the
     address to listen on (``port_of``: (host, port)). Raises ConfigError, IndexMismatch or
     CheckpointError; returns what it found, for the start-up line."""
     import socket
 
     _, auth = load_api_key(cfg)  # first: it needs nothing heavy
+    from msc_dist.runtime import resolve
+
+    # The runtime: installed, and not a CPU runtime on a GPU device (device auto: the replica decides).
+    resolve(cfg.runtime, "cpu" if cfg.device == "auto" else cfg.device)
 
     from msc_dist import checkpoint as ckpt
     from msc_dist.card import preprocess_of

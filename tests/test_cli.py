@@ -86,7 +86,7 @@ def test_bad_values_name_the_valid_choices(tmp_path, capsys):
         main(["predict", "--config", str(y), "x.png"])
     assert e.value.code == 2 and "valid keys" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"), "--format", "tflite"]) == 2
-    assert "valid: ['onnx', 'torchscript']" in capsys.readouterr().err
+    assert "valid: ['onnx', 'openvino', 'torchscript']" in capsys.readouterr().err
     assert main(["predict", "--index", str(tmp_path), str(tmp_path)]) == 2  # no manifest there
     assert "manifest.json" in capsys.readouterr().err
 

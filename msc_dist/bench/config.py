@@ -10,6 +10,7 @@ from typing import ClassVar
 from msc_dist.config import BATCH_RANGE, COUNT_RANGE, Range, borrow
 from msc_dist.embed.config import HELP as EMBED_HELP
 from msc_dist.embed.config import EmbedConfig
+from msc_dist.runtime import HELP as RUNTIME_HELP
 from msc_dist.train.config import HELP as TRAIN_HELP
 from msc_dist.train.config import TrainConfig
 
@@ -49,6 +50,8 @@ class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "l
     device: str = "auto"
     images: int = 2048
     random_init: bool = False
+    runtime: list[str] = field(default_factory=lambda: ["torch"])
+    rounds: int = 1
 
     RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "images": Range(1, 10_000_000)}
 
@@ -56,7 +59,9 @@ class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "l
 EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers", "decode_on_device")},
          "data": "shards to read (default: generated demo JPEGs)", "batch_size": "images per forward pass",
          "device": DEVICE_HELP, "images": "demo images to generate when --data is absent",
-         "random_init": "random weights (throughput only; no weights needed)"}
+         "random_init": "random weights (throughput only; no weights needed)",
+         "runtime": "one or more runtimes, timed in turn in each round (one JSON line each): " + RUNTIME_HELP,
+         "rounds": "timed passes over the images per runtime (the median is reported)"}
 
 
 @dataclass
@@ -106,6 +111,7 @@ class BenchServeConfig:
     replicas: int = 1
     device: str = "auto"
     index_shards: int = 0
+    runtime: str = "torch"
 
     RANGES: ClassVar[dict[str, Range]] = {"concurrency": Range(1, 10_000), "seconds": Range(0, 86_400, lo_open=True),
                                           "files_per_request": Range(1, 1024), "replicas": COUNT_RANGE,
@@ -115,6 +121,7 @@ class BenchServeConfig:
 SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the embedding job's --out)",
          "concurrency": "client concurrencies to measure", "seconds": "seconds per measurement",
          "files_per_request": "images per multi-image request", "replicas": "Model replicas", "device": DEVICE_HELP,
+         "runtime": "the Model replicas' runtime, and the offline embedding's: " + RUNTIME_HELP,
          "index_shards": "0: one Model deployment holding the whole index; N: the index spread over N IndexShard "
                          "deployments (max_score_diff against one unsharded index is reported)"}
 

@@ -12,34 +12,84 @@ import torch
 from msc_dist.backbones import build_model
 from msc_dist.bench.train import device_name, shard_counts
 from msc_dist.data.loader import LabelFilter
-from msc_dist.features import embed_batches, place
 
 
 def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_images: int, loader_workers: int,
-                data: str | None = None, pretrained: bool = True, decode_on_device: str = "auto") -> dict:
+                data: str | None = None, pretrained: bool = True, decode_on_device: str = "auto",
+                runtimes: list[str] | None = None, rounds: int = 1, cache: str | None = None) -> dict | list[dict]:
     """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU); JPEGs
-    decode on the GPU there (``decode_on_device`` auto)."""
+    decode on the GPU there (``decode_on_device`` auto). The model is written as a checkpoint and
+    loaded as the jobs load it (``load_card``), once per runtime (``msc_dist.runtime``); with
+    several runtimes each round times them in turn (alternated: a shared machine's load falls on
+    all alike) and each gets one row (medians over ``rounds``), with ``model_images_per_s``: the
+    forward alone on one in-memory batch, the rate the end-to-end path can at most reach. The
+    graphs go to a temporary cache unless ``cache`` or $MSC_RUNTIME_CACHE names one.
+    One runtime: one dict; several: one dict each."""
+    from msc_dist import checkpoint as ckpt
+    from msc_dist.card import load_card
+    from msc_dist.runtime import driver_cache
     from msc_dist.train.config import TrainConfig
     from msc_dist.train.loop import loader_for
 
+    runtimes = list(runtimes or ["torch"])
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
     dev = torch.device(device)
     cfg = TrainConfig(image_size=image_size, batch_size=batch_size, loader_workers=loader_workers,
                       decode_on_device=decode_on_device)
     with tempfile.TemporaryDirectory() as tmp:
         counts, keep = shard_counts(tmp, data, n_images, image_size), LabelFilter(None)
-        model = place(build_model(backbone, pretrained=pretrained), dev).eval()
+        model = build_model(backbone, pretrained=pretrained)
+        ck = os.path.join(tmp, "checkpoint")
+        ckpt.save(ck, model.state_dict(), torch.nn.functional.normalize(torch.ones(model.dim), dim=0),
+                  {"backbone": backbone, "image_size": image_size, "resize_mode": cfg.resize_mode}, {"epoch": 0})
+        cards, load_s = {}, {}
+        for r in runtimes:
+            t0 = time.perf_counter()
+            cards[r] = load_card(ck, dev, r, cache=cache or driver_cache() or os.path.join(tmp, "runtimes"))
+            load_s[r] = time.perf_counter() - t0
         torch.backends.cudnn.benchmark = True
+        x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch_size, 3, image_size, image_size),
+                                                               dtype=np.uint8)).to(dev)
 
-        def run():
-            return embed_batches(model, loader_for(cfg, counts, keep, dev, train=False), dev)
+        def run(card) -> int:
+            n = 0
+            for batch in loader_for(cfg, counts, keep, dev, train=False):
+                if batch["images"].shape[0]:
+                    card.embed(batch["images"])
+                    n += int(batch["images"].shape[0])
+            return n
 
-        run()  # warm-up: cudnn autotuning, page cache
-        t0 = time.perf_counter()
-        emb = run()
-        dt = time.perf_counter() - t0
-    return {"bench": "embed", "backbone": backbone, "image_size": image_size, "batch_size": batch_size,
-            "device": device_name(dev), "loader_workers": loader_workers, "images": int(emb.z.shape[0]),
-            "images_per_s": emb.z.shape[0] / dt, "pretrained": pretrained, "torch": torch.__version__}
+        def raw(card, reps: int = 3) -> float:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                card.embed(x)
+            return reps * batch_size / (time.perf_counter() - t0)
+
+        for card in cards.values():  # warm-up: cudnn autotuning, page cache, the runtimes' first calls
+            run(card)
+            raw(card, 1)
+        rates = {r: [] for r in runtimes}
+        model_rates = {r: [] for r in runtimes}
+        n = 0
+        for _ in range(rounds):
+            for r, card in cards.items():
+                t0 = time.perf_counter()
+                n = run(card)
+                rates[r].append(n / (time.perf_counter() - t0))
+                model_rates[r].append(raw(card))
+    rows = []
+    for r, card in cards.items():
+        ips, mips = float(np.median(rates[r])), float(np.median(model_rates[r]))
+        rows.append({"bench": "embed", "runtime": r, "backbone": backbone, "image_size": image_size,
+                     "batch_size": batch_size, "device": device_name(dev), "loader_workers": loader_workers,
+                     "images": n, "images_per_s": ips, "model_images_per_s": mips, "path_over_model": ips / mips,
+                     "rounds": [round(v, 2) for v in rates[r]], "threads": card.threads or torch.get_num_threads(),
+                     "load_s": load_s[r], "pretrained": pretrained, "torch": torch.__version__})
+    if "torch" in rates:
+        for row in rows:
+            row["over_torch"] = row["images_per_s"] / float(np.median(rates["torch"]))
+    return rows[0] if len(rows) == 1 else rows
 
 
 def _unit_rows(rng, n: int, d: int) -> np.ndarray:

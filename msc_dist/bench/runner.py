@@ -19,7 +19,8 @@ def run(name: str, cfg) -> dict:
         from msc_dist.bench.embed_search import bench_embed
 
         return bench_embed(cfg.backbone, cfg.image_size, cfg.batch_size, device, cfg.images, cfg.loader_workers,
-                           cfg.data, pretrained=not cfg.random_init, decode_on_device=cfg.decode_on_device)
+                           cfg.data, pretrained=not cfg.random_init, decode_on_device=cfg.decode_on_device,
+                           runtimes=cfg.runtime, rounds=cfg.rounds)
     if name == "load":
         from msc_dist.bench.embed_search import bench_load
 
@@ -37,7 +38,7 @@ def run(name: str, cfg) -> dict:
         from msc_dist.bench.serve import bench_serve
 
         return bench_serve(cfg.checkpoint, cfg.index, cfg.concurrency, cfg.seconds, cfg.files_per_request,
-                           cfg.replicas, device, cfg.index_shards)
+                           cfg.replicas, device, cfg.index_shards, cfg.runtime)
     if name == "train":
         from msc_dist.bench.train import bench_train
         from msc_dist.train.config import TrainConfig

@@ -88,7 +88,7 @@ def _resharded(index: str, n: int, workdir: str) -> str:
 
 
 def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: float, files_per_request: int,
-                replicas: int, device: str, index_shards: int = 0) -> dict:
+                replicas: int, device: str, index_shards: int = 0, runtime: str = "torch") -> dict:
     import ray
     from ray import serve
 
@@ -115,7 +115,8 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
     if index_shards > 0:
         index = _resharded(index, index_shards, tmp.name)
         sharding = {"index_shards": index_shards, "shard_options": {"ray_actor_options": {"num_cpus": 0.5}}}
-    serve.run(build_app({"checkpoint": checkpoint, "index": index, "device": device, "max_files": max(16, files_per_request),
+    serve.run(build_app({"checkpoint": checkpoint, "index": index, "device": device, "runtime": runtime,
+                         "max_files": max(16, files_per_request),
                          "allow_anonymous": True, **sharding,  # loopback only: throughput, not auth
                          "model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
                                            "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0}},
@@ -138,9 +139,9 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
            "multi": [_load(url, multi, c, seconds, exp_multi) for c in concurrencies]}
     serve.shutdown()
     tmp.cleanup()
-    offline = bench_embed(backbone, size, 64, device, 512, 2)
+    offline = bench_embed(backbone, size, 64, device, 512, 2, runtimes=[runtime])
     best = max(res["multi"], key=lambda r: r["images_per_s"])
-    out = {"bench": "serve", "backbone": backbone, "image_size": size, "device": offline["device"], "replicas": replicas,
+    out = {"bench": "serve", "runtime": runtime, "backbone": backbone, "image_size": size, "device": offline["device"], "replicas": replicas,
            "index_shards": index_shards, "files_per_request": files_per_request,
            "images_per_s": best["images_per_s"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"], **res,
            "offline_embed_images_per_s": offline["images_per_s"], "multi_over_offline": best["images_per_s"] / offline["images_per_s"]}

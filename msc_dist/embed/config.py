@@ -5,6 +5,8 @@ from typing import ClassVar
 
 from msc_dist.config import BATCH_RANGE, COUNT_RANGE, CPUS_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, SEED_RANGE, Range
 
+from msc_dist.runtime import HELP as RUNTIME_HELP
+
 
 @dataclass
 class EmbedConfig:
@@ -32,6 +34,7 @@ class EmbedConfig:
     max_pixels: int = 64_000_000
     max_bytes: int = 64 * 1024 * 1024
     ray_address: str | None = None
+    runtime: str = "torch"
 
     RANGES: ClassVar[dict[str, Range]] = {
         "calibration_fraction": Range(0, 1, hi_open=True), "target_fpr": Range(0, 1, lo_open=True, hi_open=True),
@@ -67,4 +70,5 @@ HELP = {
     "max_pixels": "larger images are skipped as corrupt",
     "max_bytes": "tar members larger than this are not read (skipped as corrupt)",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
 }

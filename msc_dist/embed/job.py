@@ -37,6 +37,7 @@ from msc_dist.index import (MAX_TRAIN_ROWS, IndexManifest, ShardEntry, assign_pa
                             version_root)
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
+from msc_dist.runtime import actor_threads, driver_cache, resolve as resolve_runtime
 
 log = logging.getLogger("msc_dist.embed")
 
@@ -79,7 +80,8 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
         .map_batches(read_shards, batch_size=1, batch_format="numpy", fn_kwargs=limits)
         .map_batches(
             EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "preprocess": preprocess, "use_gpu": cfg.use_gpu,
-                                               "max_pixels": cfg.max_pixels},
+                                               "max_pixels": cfg.max_pixels, "runtime": cfg.runtime,
+                                               "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache()},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
             batch_size=cfg.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
         )
@@ -188,6 +190,7 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     info = describe(data, scan=False)
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
     pre = preprocess_of(tcfg)  # the model card's preprocessing: every image of both passes
+    resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
     init_ray(cfg.ray_address)
     check_capacity("embedding job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 

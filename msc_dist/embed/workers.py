@@ -38,16 +38,18 @@ def usable(batch: dict) -> np.ndarray:
 
 class EmbedActor:
     """Ray Data actor: loads the model card once; image rows -> embedding rows (image dropped).
-    ``preprocess``: what the driver's read tasks decoded with, which must be this card's."""
+    ``preprocess``: what the driver's read tasks decoded with, which must be this card's;
+    ``runtime``/``threads``: what runs its forward (``msc_dist.runtime``), on the actor's CPUs."""
 
-    def __init__(self, checkpoint: str, preprocess, use_gpu: bool = False, max_pixels: int = 64_000_000):
+    def __init__(self, checkpoint: str, preprocess, use_gpu: bool = False, max_pixels: int = 64_000_000,
+                 runtime: str = "torch", threads: int | None = None, cache: str | None = None):
         import torch
 
         from msc_dist.card import load_card
 
         self.max_pixels = max_pixels
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.card = load_card(checkpoint, device)
+        self.card = load_card(checkpoint, device, runtime, cache=cache, threads=threads)
         if self.card.preprocess != preprocess:
             raise ValueError(f"the read tasks decode with {preprocess}, the checkpoint's card is {self.card.preprocess}")
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 from msc_dist.config import BATCH_RANGE, MAX_PIXELS_RANGE, Range
 
 from msc_dist.config import borrow
+from msc_dist.runtime import HELP as RUNTIME_HELP
 from msc_dist.train.config import HELP as TRAIN_HELP
 from msc_dist.train.config import TrainConfig
 
@@ -74,6 +75,7 @@ class TestConfig:
     device: str = "auto"
     max_pixels: int = 64_000_000
     gallery_k: int = 6
+    runtime: str = "torch"
 
     RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "max_pixels": MAX_PIXELS_RANGE,
                                           "gallery_k": Range(0, 1000)}
@@ -90,4 +92,5 @@ TEST_HELP = {
     "device": "auto (cuda when available) | cpu | cuda | cuda:N",
     "max_pixels": "images above this many pixels are not decoded (error)",
     "gallery_k": "images in each half of the highest/lowest-scored gallery",
+    "runtime": RUNTIME_HELP,
 }

@@ -80,7 +80,7 @@ def main(cfg: TestConfig) -> dict:
         raise ConfigError("--index and --data are required")
     if cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {cfg.batch_size}")
-    scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels)
+    scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels, runtime=cfg.runtime)
     info = describe(cfg.data)
     labels = info.label_counts()
     if None in labels:

@@ -5,6 +5,8 @@ from typing import ClassVar
 
 from msc_dist.config import BATCH_RANGE, COUNT_RANGE, CPUS_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, Range
 
+from msc_dist.runtime import HELP as RUNTIME_HELP
+
 INPUT_FORMATS = ("auto", "objects", "shards")
 
 
@@ -26,6 +28,7 @@ class ScoreConfig:
     max_pixels: int = 64_000_000
     max_error_fraction: float = 0.1
     ray_address: str | None = None
+    runtime: str = "torch"
 
     RANGES: ClassVar[dict[str, Range]] = {
         "batch_size": BATCH_RANGE, "pool_size": COUNT_RANGE, "min_pool_size": COUNT_RANGE, "cpus_per_actor": CPUS_RANGE,
@@ -51,4 +54,5 @@ HELP = {
     "max_pixels": "images above this many pixels are not decoded (error row)",
     "max_error_fraction": "a run with a larger share of error rows exits non-zero and publishes nothing",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
+    "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
 }

@@ -34,6 +34,7 @@ from msc_dist.embed.workers import content_name
 from msc_dist.index import IndexMismatch, read_manifest
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
+from msc_dist.runtime import actor_threads, driver_cache, resolve as resolve_runtime
 from msc_dist.score.config import INPUT_FORMATS, ScoreConfig
 from msc_dist.scorer import check_pair, checkpoint_of
 
@@ -92,13 +93,15 @@ class ScoreActor:
     rows. ``index`` is the version folder the driver planned with (pinned: a version published
     during the run is not mixed in), ``preprocess`` what its read tasks decoded with."""
 
-    def __init__(self, checkpoint: str, index: str, preprocess, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, index: str, preprocess, use_gpu: bool = False, runtime: str = "torch",
+                 threads: int | None = None, cache: str | None = None):
         import torch
 
         from msc_dist.scorer import open_scorer
 
         dev = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.scorer = open_scorer(index, checkpoint, dev, use_gpu_index=use_gpu)
+        self.scorer = open_scorer(index, checkpoint, dev, use_gpu_index=use_gpu, runtime=runtime, threads=threads,
+                                  cache=cache)
         if self.scorer.preprocess != preprocess:
             raise IndexMismatch(f"the read tasks decode with {preprocess}, the checkpoint's card is "
                                 f"{self.scorer.preprocess}")
@@ -170,6 +173,7 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     check_pair(man, ck.model_id, pre)  # refuses a manifest that disagrees with its checkpoint
     model_id, threshold, version = man.model_id, man.threshold, man.version
     fmt = input_format(cfg.input, cfg.input_format)
+    resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
     init_ray(cfg.ray_address)
     check_capacity("scoring job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
@@ -190,7 +194,8 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
         total = None
     ds = ds.map_batches(
         ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "index": folder, "preprocess": pre,
-                                           "use_gpu": cfg.use_gpu},
+                                           "use_gpu": cfg.use_gpu, "runtime": cfg.runtime,
+                                           "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache()},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
         batch_size=cfg.batch_size, batch_format="numpy", num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
     )
