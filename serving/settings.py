@@ -8,9 +8,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from msc_dist.config import ConfigError, from_dict
+from msc_dist.config import ConfigError, Range, check_ranges, from_dict
 from msc_dist.runtime import HELP as RUNTIME_HELP
 
 DEFAULT_FORMATS = ["JPEG", "PNG", "WEBP"]
@@ -47,6 +47,25 @@ class AppConfig:
     shard_timeout_s: float = 5.0
     shard_load_timeout_s: float = 600.0
 
+    # Each numeric key's valid values (msc_dist.config.check_ranges; the README's threat model lists them).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "max_batch_size": Range(1, 4096),
+        "batch_wait_timeout_s": Range(0, 10),
+        "index_poll_s": Range(0, 86400),  # 0: never re-read the index pointer
+        "keep_versions": Range(1, 16),
+        "max_body_bytes": Range(1, 1 << 30),
+        "max_files": Range(1, 1024),
+        "max_pixels": Range(1, 1_000_000_000),
+        "max_request_pixels": Range(1, 4_000_000_000),
+        "max_inflight_bytes": Range(1, 64 << 30),
+        "decode_threads": Range(1, 256),
+        "request_timeout_s": Range(0, 3600, lo_open=True),
+        "retry_after_s": Range(0, 3600),
+        "index_shards": Range(0, 4096),
+        "shard_timeout_s": Range(0, 3600, lo_open=True),
+        "shard_load_timeout_s": Range(0, 86400, lo_open=True),
+    }
+
     @classmethod
     def from_args(cls, args: dict[str, Any] | None, source: str = "serving args") -> "AppConfig":
         cfg = from_dict(cls, dict(args or {}), source=source)
@@ -54,7 +73,7 @@ class AppConfig:
         return cfg
 
     def validate(self) -> "AppConfig":
-        check_ranges(self, RANGES)
+        check_ranges(self)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: unknown device {self.device!r}; valid: {DEVICES}")
         from msc_dist.runtime import RUNTIMES
@@ -75,24 +94,6 @@ class AppConfig:
         return dataclasses.asdict(self)
 
 
-# key -> (lowest, highest) valid value, both included; the README's threat model lists them.
-RANGES: dict[str, tuple[float, float]] = {
-    "max_batch_size": (1, 4096),
-    "batch_wait_timeout_s": (0, 10),
-    "index_poll_s": (0, 86400),  # 0: never re-read the index pointer
-    "keep_versions": (1, 16),
-    "max_body_bytes": (1, 1 << 30),
-    "max_files": (1, 1024),
-    "max_pixels": (1, 1_000_000_000),
-    "max_request_pixels": (1, 4_000_000_000),
-    "max_inflight_bytes": (1, 64 << 30),
-    "decode_threads": (1, 256),
-    "request_timeout_s": (0.001, 3600),
-    "retry_after_s": (0, 3600),
-    "index_shards": (0, 4096),
-    "shard_timeout_s": (0.001, 3600),
-    "shard_load_timeout_s": (0.001, 86400),
-}
 
 HELP = {
     "index": "index root (the embedding job's --out: serving follows its published versions) or one version "
@@ -147,14 +148,6 @@ def load_api_key(s: AppConfig) -> tuple[str | None, str]:
                       "or set allow_anonymous: true to serve without auth")
 
 
-def check_ranges(cfg: Any, ranges: dict[str, tuple[float, float]]) -> None:
-    """Every numeric field named in ``ranges`` within its (lowest, highest); the message names both."""
-    for name, (lo, hi) in ranges.items():
-        v = getattr(cfg, name)
-        if not lo <= v <= hi:
-            raise ConfigError(f"{name} must be in [{lo:g}, {hi:g}], got {v!r}")
-
-
 @dataclass
 class ServeConfig(AppConfig):
     """``msc serve``: the app's config plus where Serve listens and which Ray it joins."""
@@ -163,9 +156,10 @@ class ServeConfig(AppConfig):
     port: int = 8000
     ray_address: str | None = None
 
+    RANGES: ClassVar[dict[str, Range]] = {"port": Range(1, 65535)}
+
     def validate(self) -> "ServeConfig":
         super().validate()
-        check_ranges(self, {"port": (1, 65535)})
         return self
 
     def app_args(self) -> dict[str, Any]:
