@@ -42,8 +42,9 @@ class DemoConfig:
     size: int = 96
     seed: int = 0
 
-    RANGES: ClassVar[dict[str, Range]] = {"n_train": Range(1, 10_000_000), "n_test_normal": Range(1, 10_000_000),
-                                          "n_test_defect": Range(1, 10_000_000), "size": Range(16, 4096), "seed": SEED_RANGE}
+    # 0 is valid: a set with no test images (gpu-check's training data) or no training images.
+    RANGES: ClassVar[dict[str, Range]] = {"n_train": Range(0, 10_000_000), "n_test_normal": Range(0, 10_000_000),
+                                          "n_test_defect": Range(0, 10_000_000), "size": Range(16, 4096), "seed": SEED_RANGE}
 
 
 DEMO_HELP = {"out": "output folder (required): OUT/train and OUT/test", "n_train": "normal training images",
