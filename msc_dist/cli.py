@@ -359,7 +359,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
 # imported raised none of them, so the check imports nothing (msc serve fails in a second).
 USER_ERRORS = (("msc_dist.config", "ConfigError"), ("msc_dist.data.shards", "DataError"),
                ("msc_dist.index", "IndexMismatch"), ("msc_dist.checkpoint", "CheckpointError"),
-               ("msc_dist.export", "ExportError"))
+               ("msc_dist.graph", "ExportError"))
 
 
 def _user_error(e: Exception) -> bool:

@@ -154,7 +154,7 @@ def read_verified(folder: str, model_id: str, image_size: int, runtime: str) -> 
 
 
 def _files_of(runtime: str) -> tuple[str, ...]:
-    from msc_dist.export import MODEL_FILES
+    from msc_dist.graph import MODEL_FILES
 
     return MODEL_FILES[FORMAT[runtime]]
 
@@ -173,7 +173,7 @@ def build(card, runtime: str, folder: str) -> None:
     """Export and check the card's graph for ``runtime`` in a temporary folder beside ``folder``,
     record its sha256 sums, then rename it into place (if another process got there first, its
     graph is kept and ours dropped)."""
-    from msc_dist.export import write_checked
+    from msc_dist.graph import write_checked
 
     root = os.path.dirname(folder)
     os.makedirs(root, exist_ok=True)
@@ -238,7 +238,7 @@ def _onnxruntime(files: dict[str, bytes], threads: int) -> Forward:
 def _openvino(files: dict[str, bytes], threads: int) -> Forward:
     import openvino as ov
 
-    from msc_dist.export import OPENVINO_CPU
+    from msc_dist.graph import OPENVINO_CPU
 
     core = ov.Core()
     model = core.read_model(files["model.xml"], files["model.bin"])
