@@ -84,3 +84,75 @@ def summary(scores: np.ndarray, y: np.ndarray, threshold: float | None) -> dict:
     f1, thr = best_f1(scores, y)
     out.update(f1_max=f1, f1_max_threshold=thr)
     return out
+
+
+# Pixel metrics of anomaly maps against masks (evaluation with masks, ``msc test`` and ``bench
+# quality``): every map and its mask are the same shape (the card's S x S input), True = defect.
+
+def _pixel_arrays(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    maps, masks = list(maps), list(masks)
+    if len(maps) != len(masks):
+        raise ValueError(f"{len(maps)} maps but {len(masks)} masks")
+    for i, (a, m) in enumerate(zip(maps, masks)):
+        if np.shape(a) != np.shape(m) or np.ndim(a) != 2:
+            raise ValueError(f"map {i} is {np.shape(a)} but its mask is {np.shape(m)}; both must be the same (H, W)")
+    if not maps:
+        return np.zeros((0, 0, 0), np.float64), np.zeros((0, 0, 0), bool)
+    return np.asarray(maps, np.float64), np.asarray(masks).astype(bool)
+
+
+def pixel_roc_auc(maps, masks) -> float:
+    """ROC-AUC over every pixel of every image: the map's value scores the pixel, the mask labels it
+    (ties by average rank, as ``roc_auc``). nan when no pixel is a defect or none is normal."""
+    a, m = _pixel_arrays(maps, masks)
+    return roc_auc(a.ravel(), m.ravel())
+
+
+def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, pro): the per-region-overlap curve, a point per distinct map value (descending
+    thresholds, a pixel is flagged when its value is >= the threshold), from (0, 0) to (1, 1).
+    Regions are the 8-connected components of each mask; PRO at a threshold is the flagged
+    fraction of each region's pixels, averaged over every region of every image; FPR is the
+    flagged fraction of all normal pixels (MVTec AD's definition)."""
+    from scipy.ndimage import label
+
+    a, m = _pixel_arrays(maps, masks)
+    fp = (~m).astype(np.float64)  # each normal pixel adds 1 / (normal pixels) to the FPR when flagged
+    overlap = np.zeros(a.shape, np.float64)  # each defect pixel adds 1 / (its region's size)
+    n_regions = 0
+    for i in range(len(m)):
+        lab, n = label(m[i], structure=np.ones((3, 3), int))
+        if n:
+            sizes = np.bincount(lab.ravel())
+            inside = lab > 0
+            overlap[i][inside] = 1.0 / sizes[lab[inside]]
+            n_regions += n
+    n_normal = fp.sum()
+    if n_regions == 0 or n_normal == 0:
+        return np.array([0.0, 1.0]), np.array([np.nan, np.nan])
+    order = np.argsort(-a.ravel(), kind="mergesort")
+    s = a.ravel()[order]
+    fpr = np.cumsum(fp.ravel()[order]) / n_normal
+    pro = np.cumsum(overlap.ravel()[order]) / n_regions
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last pixel of each run of equal values
+    fpr, pro = np.clip(fpr[last], 0, 1), np.clip(pro[last], 0, 1)
+    return np.r_[0.0, fpr, 1.0], np.r_[0.0, pro, 1.0]
+
+
+def pro(maps, masks, max_fpr: float = 0.3) -> float:
+    """Area under the per-region-overlap curve (``pro_curve``) from FPR 0 to ``max_fpr``, divided
+    by ``max_fpr`` (1.0 = every region wholly found before any normal pixel is flagged), the curve
+    interpolated linearly at ``max_fpr`` (MVTec AD's and anomalib's PRO). nan without a defect
+    region or a normal pixel."""
+    if not 0 < max_fpr <= 1:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    fpr, ov = pro_curve(maps, masks)
+    if np.isnan(ov).any():
+        return float("nan")
+    keep = fpr <= max_fpr
+    x, y = fpr[keep], ov[keep]
+    if x[-1] < max_fpr:  # the segment that crosses max_fpr, cut there
+        j = int(np.argmax(fpr > max_fpr))
+        y_at = ov[j - 1] + (ov[j] - ov[j - 1]) * (max_fpr - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        x, y = np.r_[x, max_fpr], np.r_[y, y_at]
+    return float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)) / max_fpr)

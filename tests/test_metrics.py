@@ -69,3 +69,97 @@ def test_training_and_served_scores_are_one_path(tmp_path):
     assert np.allclose(served, trained, atol=1e-5) and trained[0] == pytest.approx(served[0], abs=1e-6)
     s, d = knn_from_similarities((q @ bank.T).topk(2, dim=1).values.numpy())
     assert np.allclose(s, served, atol=1e-5) and np.allclose(d, dists, atol=1e-5) and (d >= 0).all()
+
+
+# ---- pixel metrics (maps against masks) -----------------------------------------------------
+
+def _pro_brute(maps, masks, max_fpr):
+    """PRO written plainly: for every distinct threshold, flag pixels >= it, the mean overlap of
+    every 8-connected region and the FPR over normal pixels; trapezoids up to max_fpr."""
+    from scipy.ndimage import label
+
+    regions = []
+    for i, m in enumerate(masks):
+        lab, n = label(m, structure=np.ones((3, 3), int))
+        regions += [(i, lab == r) for r in range(1, n + 1)]
+    normal = sum(int((~m.astype(bool)).sum()) for m in masks)
+    pts = [(0.0, 0.0)]
+    for t in sorted({float(v) for a in maps for v in np.ravel(a)}, reverse=True):
+        flag = [a >= t for a in maps]
+        fp = sum(int((f & ~m.astype(bool)).sum()) for f, m in zip(flag, masks))
+        ov = np.mean([(flag[i] & r).sum() / r.sum() for i, r in regions])
+        pts.append((fp / normal, ov))
+    pts.append((1.0, 1.0))
+    area = 0.0
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 >= max_fpr:
+            break
+        if x1 > max_fpr:  # cut the crossing segment at max_fpr
+            y1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
+            x1 = max_fpr
+        area += 0.5 * (y0 + y1) * (x1 - x0)
+    return area / max_fpr
+
+
+def test_pixel_metrics_by_hand():
+    from msc_dist.metrics import pixel_roc_auc, pro, pro_curve
+
+    a = np.array([[3.0, 2.0, 1.0, 0.0]])
+    m = np.array([[1, 0, 1, 0]], bool)  # two one-pixel regions (not 8-adjacent), two normal pixels
+    # positives {3, 1} against negatives {2, 0}: 3 of the 4 pairs ordered right
+    assert pixel_roc_auc([a], [m]) == 0.75
+    fpr, ov = pro_curve([a], [m])
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1, 1] and ov.tolist() == [0, 0.5, 0.5, 1, 1, 1]
+    assert pro([a], [m]) == pytest.approx(0.5)  # PRO 0.5 all the way to FPR 0.3
+    assert pro([a], [m], max_fpr=1.0) == pytest.approx(0.75)  # 0.5 * 0.5 + 0.5 * 1
+    # a perfect map finds every region before any normal pixel
+    assert pro([m.astype(float)], [m]) == 1.0 and pixel_roc_auc([m.astype(float)], [m]) == 1.0
+
+
+def test_pro_averages_over_regions_not_pixels():
+    """A large region found whole and a small one missed: pixel recall near 1, PRO one half."""
+    from msc_dist.metrics import pixel_roc_auc, pro
+
+    m = np.zeros((20, 20), bool)
+    m[0:10, 0:10] = True  # 100 pixels
+    m[18, 18] = True  # 1 pixel, apart
+    a = np.where(m, 1.0, 0.5)
+    a[18, 18] = 0.0  # below every normal pixel
+    assert pro([a], [m]) == pytest.approx(0.5)
+    assert pixel_roc_auc([a], [m]) == pytest.approx(100 / 101)
+    # a pixel touching a pair at a corner joins it (8-connectivity): one region of 3, a third of it
+    # found (4-connectivity would make two regions, one found whole: 0.5)
+    m2 = np.zeros((4, 4), bool)
+    m2[0, 0] = m2[0, 1] = m2[1, 2] = True
+    a2 = np.full((4, 4), 0.5)  # the normal pixels, all flagged at once
+    a2[m2] = 0.0
+    a2[1, 2] = 1.0
+    assert pro([a2], [m2]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_metrics_equal_brute_force_on_random_maps(seed):
+    from scipy.ndimage import binary_dilation
+
+    from msc_dist.metrics import pixel_roc_auc, pro
+
+    rng = np.random.default_rng(seed)
+    masks = [binary_dilation(rng.random((12, 12)) < 0.04, iterations=int(rng.integers(0, 2))) for _ in range(5)]
+    masks[0][:] = False  # a normal image: only normal pixels
+    # quantised maps (many ties), higher on the defects
+    maps = [np.round(rng.normal(size=(12, 12)) + 1.5 * mk, 1) for mk in masks]
+    auc = skm.roc_auc_score(np.concatenate([mk.ravel() for mk in masks]), np.concatenate([a.ravel() for a in maps]))
+    assert pixel_roc_auc(maps, masks) == pytest.approx(auc, abs=1e-12)
+    for max_fpr in (0.05, 0.3, 1.0):
+        assert pro(maps, masks, max_fpr) == pytest.approx(_pro_brute(maps, masks, max_fpr), abs=1e-9)
+
+
+def test_pixel_metrics_refuse_mismatched_shapes_and_say_nan_without_regions():
+    from msc_dist.metrics import pixel_roc_auc, pro
+
+    with pytest.raises(ValueError, match="same"):
+        pixel_roc_auc([np.zeros((4, 4))], [np.zeros((4, 5), bool)])
+    with pytest.raises(ValueError, match="max_fpr"):
+        pro([np.zeros((4, 4))], [np.zeros((4, 4), bool)], max_fpr=0)
+    assert np.isnan(pro([np.zeros((4, 4))], [np.zeros((4, 4), bool)]))
+    assert np.isnan(pixel_roc_auc([np.zeros((4, 4))], [np.zeros((4, 4), bool)]))
