@@ -14,8 +14,10 @@ def run(cmd: str, cfg) -> dict:
 
         if not cfg.src or not cfg.out:
             raise ConfigError("--from and --out are required")
-        res = make_shards(cfg.src, cfg.out, cfg.exts, cfg.per_shard, cfg.normal_class, cfg.train_fraction, cfg.seed)
-        return {k: {"samples": v.count, "shards": len(v.shards), "labels": _labels(v)} for k, v in res.items()}
+        res = make_shards(cfg.src, cfg.out, cfg.exts, cfg.per_shard, cfg.normal_class, cfg.train_fraction, cfg.seed,
+                          cfg.masks)
+        return {k: {"samples": v.count, "shards": len(v.shards), "labels": _labels(v), "masks": v.mask_count}
+                for k, v in res.items()}
     if cmd == "demo":
         from msc_dist.data.demo import make_demo
 
@@ -28,7 +30,8 @@ def run(cmd: str, cfg) -> dict:
     if not cfg.data:
         raise ConfigError("give the shards to describe")
     info = describe(cfg.data)
-    return {"samples": info.count, "shards": len(info.shards), "classes": info.classes, "labels": _labels(info)}
+    return {"samples": info.count, "shards": len(info.shards), "classes": info.classes, "labels": _labels(info),
+            "masks": info.mask_count}
 
 
 def main(argv: list[str] | None = None) -> int:

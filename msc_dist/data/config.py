@@ -17,6 +17,7 @@ class MakeShardsConfig:
     normal_class: str | None = None
     train_fraction: float = 0.7
     seed: int = 0
+    masks: bool = True
 
     RANGES: ClassVar[dict[str, Range]] = {"per_shard": Range(1, 10_000_000),
                                           "train_fraction": Range(0, 1, lo_open=True, hi_open=True), "seed": SEED_RANGE}
@@ -25,11 +26,12 @@ class MakeShardsConfig:
 MAKE_SHARDS_HELP = {
     "src": "DIR with class subfolders, or an MNIST-format .npz (required)",
     "out": "DIR or s3://bucket/prefix (required)",
-    "exts": "image extensions to take (e.g. jpg to skip .png masks); default: jpg jpeg png webp",
+    "exts": "image extensions to take; default: jpg jpeg png webp (a NAME.png beside NAME.jpg is a mask, never an image)",
     "per_shard": "samples per shard",
     "normal_class": "write OUT/train (normal only) and OUT/test; folders get a seeded split",
     "train_fraction": "fraction of the normal class that trains, for folders",
     "seed": "seed of the split",
+    "masks": "pack NAME.png beside an image NAME.jpg|jpeg|webp as its pixel mask (KEY.mask.png, white = defect)",
 }
 
 

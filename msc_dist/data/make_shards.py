@@ -1,4 +1,10 @@
-"""Convert an image folder (subfolders = classes) or the MNIST npz into WebDataset shards."""
+"""Convert an image folder (subfolders = classes) or the MNIST npz into WebDataset shards.
+
+Masks: in a folder, ``NAME.png`` beside an image ``NAME.jpg`` (or .jpeg/.webp) of the same name
+is that image's pixel mask (white = defect), as in the magnetic tiles (MT_*/Imgs). It is packed
+as the sample's ``KEY.mask.png`` and is never taken as an image of its own; ``masks=False``
+leaves masks out. The tiles' normal images (MT_Free) have all-black masks beside them, so their
+samples carry all-black masks."""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from PIL import Image
 from msc_dist import storage
 from msc_dist.data.labels import resolve_label
 from msc_dist.data.shards import IMAGE_EXTS, DataError, DatasetInfo, ShardWriter
+
+MASK_SOURCE_EXT = "png"  # NAME.png beside NAME.jpg|jpeg|webp: the image's mask
 from msc_dist.progress import bar
 
 
@@ -43,8 +51,28 @@ def _split(items: list, normal: int | None, fraction: float, seed: int) -> tuple
     return train, test
 
 
+def _folder_items(folder: str, src: str, exts: list[str], label: int, masks: bool) -> list[tuple]:
+    """(relative image path, ext, relative mask path or None, label) of every image under ``folder``."""
+    items = []
+    for root, _, files in os.walk(folder):
+        stems: dict[str, dict[str, str]] = {}
+        for f in files:
+            stem, dot, ext = f.rpartition(".")
+            if dot:
+                stems.setdefault(stem, {})[ext.lower()] = f
+        for stem, by_ext in stems.items():
+            others = [e for e in by_ext if e in IMAGE_EXTS and e != MASK_SOURCE_EXT]
+            mask = by_ext.get(MASK_SOURCE_EXT) if others else None  # a .png beside another image: its mask
+            for ext, f in by_ext.items():
+                if ext not in exts or (mask is not None and f == mask):
+                    continue
+                m = os.path.relpath(os.path.join(root, mask), src) if masks and mask is not None else None
+                items.append((os.path.relpath(os.path.join(root, f), src), ext, m, label))
+    return items
+
+
 def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_class: str | None,
-                train_fraction: float, seed: int) -> dict[str, DatasetInfo]:
+                train_fraction: float, seed: int, masks: bool = True) -> dict[str, DatasetInfo]:
     if not os.path.isdir(src):
         raise DataError(f"{src!r} is not a folder")
     classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
@@ -52,11 +80,7 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
         raise DataError(f"{src!r} has no class subfolders")
     items = []
     for ci, c in enumerate(classes):
-        for root, _, files in os.walk(os.path.join(src, c)):
-            for f in files:
-                ext = f.rsplit(".", 1)[-1].lower()
-                if ext in exts:
-                    items.append((os.path.relpath(os.path.join(root, f), src), ext, ci))
+        items.extend(_folder_items(os.path.join(src, c), src, exts, ci, masks))
     items.sort()
     if not items:
         raise DataError(f"no images with extensions {exts} under {src!r}")
@@ -65,9 +89,14 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
     out_info = {}
     for name, its in splits.items():
         with ShardWriter(storage.join(out, name) if name else out, per_shard, classes) as w:
-            for rel, ext, label in bar(its, desc=f"make-shards {name or 'all'}", unit="img", leave=False):
+            for rel, ext, mask, label in bar(its, desc=f"make-shards {name or 'all'}", unit="img", leave=False):
                 with open(os.path.join(src, rel), "rb") as f:
-                    w.write(sample_key(rel), f.read(), "jpg" if ext == "jpeg" else ext, label)
+                    image = f.read()
+                m = None
+                if mask is not None:
+                    with open(os.path.join(src, mask), "rb") as f:
+                        m = f.read()
+                w.write(sample_key(rel), image, "jpg" if ext == "jpeg" else ext, label, m)
         out_info[name or "all"] = w.close()
     if normal is not None:
         _write_split_record(out, normal_class, train_fraction, seed, splits)
@@ -102,7 +131,9 @@ def from_npz(src: str, out: str, per_shard: int, normal_class: str | None) -> di
 
 
 def make_shards(src: str, out: str, exts: list[str] | None = None, per_shard: int = 1000,
-                normal_class: str | None = None, train_fraction: float = 0.7, seed: int = 0) -> dict[str, DatasetInfo]:
+                normal_class: str | None = None, train_fraction: float = 0.7, seed: int = 0,
+                masks: bool = True) -> dict[str, DatasetInfo]:
     if src.endswith(".npz"):
         return from_npz(src, out, per_shard, normal_class)
-    return from_folder(src, out, [e.lower() for e in (exts or IMAGE_EXTS)], per_shard, normal_class, train_fraction, seed)
+    return from_folder(src, out, [e.lower() for e in (exts or IMAGE_EXTS)], per_shard, normal_class, train_fraction,
+                       seed, masks)

@@ -1,4 +1,8 @@
-"""WebDataset shard I/O: ``KEY.jpg|png|webp`` (+ optional ``KEY.cls``) inside tar files.
+"""WebDataset shard I/O: ``KEY.jpg|png|webp`` (+ optional ``KEY.cls`` and ``KEY.mask.png``) inside tar files.
+
+``KEY.mask.png`` is the sample's pixel mask (white = defect; black = normal), the size of its
+image. Only readers that ask for masks (``iter_samples(..., masks=True)``) read that member; the
+others skip it unread, as any other member that is neither an image nor a label.
 
 A shard folder may hold ``shards.json`` (written by our writers): per-shard sample counts and
 per-label counts, so that the driver can plan an exact split without reading the data. Shards
@@ -24,6 +28,7 @@ from msc_dist import storage
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MASK_EXT = "mask.png"  # KEY.mask.png: the sample's pixel mask
 MANIFEST = "shards.json"
 FORMAT = "msc-shards/1"
 
@@ -38,6 +43,7 @@ class ShardInfo:
     count: int | None  # None: not known without reading the shard (no shards.json, not scanned)
     # label -> count; None key (str "null" in JSON) for samples without a .cls member.
     labels: dict[int | None, int] = field(default_factory=dict)
+    masks: int | None = 0  # samples with a KEY.mask.png member (None: not known, as for count)
 
     def count_where(self, keep) -> int | None:
         if self.count is None:
@@ -57,6 +63,13 @@ class DatasetInfo:
             return None
         return sum(s.count for s in self.shards)
 
+    @property
+    def mask_count(self) -> int | None:
+        """Samples that carry a mask (None: not known without reading the shards)."""
+        if any(s.masks is None for s in self.shards):
+            return None
+        return sum(s.masks for s in self.shards)
+
     def label_counts(self) -> dict[int | None, int]:
         out: dict[int | None, int] = {}
         for s in self.shards:
@@ -73,6 +86,8 @@ class Sample:
     label: int | None
     source: str  # shard URL
     error: str | None = None  # why ``data`` is None, where known (e.g. a member above the size limit)
+    mask: bytes | None = None  # the KEY.mask.png bytes, read only by readers that ask for masks
+    has_mask: bool = False  # the sample has a KEY.mask.png member (read or not)
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -103,48 +118,60 @@ class _Counting:
         return b
 
 
-def _iter_tar(url: str, max_member_bytes: int, counter: ByteCounter | None) -> Iterator[Sample]:
+def _iter_tar(url: str, max_member_bytes: int, counter: ByteCounter | None, masks: bool) -> Iterator[Sample]:
     with storage.open_file(url, "rb") as raw:
         f = _Counting(raw, counter) if counter is not None else raw
         with tarfile.open(fileobj=f, mode="r|") as tar:
-            cur_key, img, ext, label, err = None, None, None, None, None
+            cur: Sample | None = None
             for m in tar:
                 if not m.isfile():
                     continue
                 key, e = _split_key(m.name)
-                if key != cur_key:
-                    if cur_key is not None:
-                        yield Sample(cur_key, img, ext, label, url, err)
-                    cur_key, img, ext, label, err = key, None, None, None, None
+                if cur is None or key != cur.key:
+                    if cur is not None:
+                        yield cur
+                    cur = Sample(key, None, None, None, url)
+                if e == MASK_EXT:
+                    cur.has_mask = True
+                    if not masks:
+                        continue  # readers that do not use masks skip them unread
+                    if m.size > max_member_bytes:
+                        log.warning("%s: key %s: mask member is %d bytes, above the limit of %d; not read", url, key,
+                                    m.size, max_member_bytes)
+                        continue
+                    cur.mask = tar.extractfile(m).read()
+                    continue
                 if e not in IMAGE_EXTS and e != "cls":
                     continue  # other members are skipped unread (the stream moves past them)
                 if m.size > max_member_bytes:
-                    err = f"tar member {m.name!r} is {m.size} bytes, above the limit of {max_member_bytes}"
+                    cur.error = f"tar member {m.name!r} is {m.size} bytes, above the limit of {max_member_bytes}"
                     continue
                 data = tar.extractfile(m).read()
                 if e in IMAGE_EXTS:
-                    img, ext = data, e
+                    cur.data, cur.ext = data, e
                 else:
                     try:
-                        label = int(data.strip())
+                        cur.label = int(data.strip())
                     except ValueError:
                         log.warning("%s: key %s has a non-integer .cls %r; treated as unlabelled", url, key, data[:20])
-            if cur_key is not None:
-                yield Sample(cur_key, img, ext, label, url, err)
+            if cur is not None:
+                yield cur
 
 
 def iter_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, counter: ByteCounter | None = None,
-                 attempts: int = 4) -> Iterator[Sample]:
+                 attempts: int = 4, masks: bool = False) -> Iterator[Sample]:
     """Stream one shard once, grouping consecutive members by key. Members that are neither an
     image nor a label are skipped unread; a sample with no image member (or one above
     ``max_member_bytes``) yields data=None, with ``error`` saying why where there is a reason.
+    ``masks``: also read each ``KEY.mask.png`` into ``Sample.mask`` (else it is skipped unread;
+    ``has_mask`` says it is there either way).
 
     A transient storage error (dropped connection, throttling, 5xx) reopens the shard after a
     back-off and skips the samples already yielded; other errors raise at once."""
     done, attempt = 0, 0
     while True:
         try:
-            for i, s in enumerate(_iter_tar(url, max_member_bytes, counter)):
+            for i, s in enumerate(_iter_tar(url, max_member_bytes, counter, masks)):
                 if i >= done:
                     done += 1
                     yield s
@@ -160,16 +187,17 @@ def iter_samples(url: str, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES, cou
 
 
 def scan_shard(url: str) -> ShardInfo:
-    """Count samples and labels by reading the tar stream (no decode)."""
+    """Count samples, labels and masks by reading the tar stream (no decode; masks skipped unread)."""
     labels: dict[int | None, int] = {}
-    n = 0
+    n = n_masks = 0
     try:
         for s in iter_samples(url):
             n += 1
+            n_masks += s.has_mask
             labels[s.label] = labels.get(s.label, 0) + 1
     except storage.NotRegularFile as e:
         raise DataError(f"shard {url!r}: {e.strerror}") from None
-    return ShardInfo(url, n, labels)
+    return ShardInfo(url, n, labels, n_masks)
 
 
 def expand(spec: str) -> list[str]:
@@ -222,7 +250,8 @@ def describe(spec: str, scan_workers: int = 8, scan: bool = True) -> DatasetInfo
         if man is not None:
             shards = [
                 ShardInfo(storage.join(spec, storage.safe_name(s["name"], MANIFEST, DataError)), int(s["count"]),
-                          {_label_key(k): int(v) for k, v in s["labels"].items()})
+                          {_label_key(k): int(v) for k, v in s["labels"].items()},
+                          int(s.get("masks", 0)))  # manifests written before masks: none
                 for s in man["shards"]
             ]
             return DatasetInfo(spec, shards, man.get("classes"))
@@ -230,7 +259,7 @@ def describe(spec: str, scan_workers: int = 8, scan: bool = True) -> DatasetInfo
     if not urls:
         raise DataError(f"data {spec!r} holds no .tar shards")
     if not scan:
-        return DatasetInfo(spec, [ShardInfo(u, None) for u in urls], None)
+        return DatasetInfo(spec, [ShardInfo(u, None, {}, None) for u in urls], None)
     log.info("no %s beside %s: scanning %d shard(s) for counts", MANIFEST, spec, len(urls))
     from msc_dist.progress import bar
 
@@ -250,6 +279,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._n = 0
         self._labels: dict[str, int] = {}
+        self._masks = 0
         if not storage.is_remote(out):
             import os
 
@@ -261,7 +291,9 @@ class ShardWriter:
         info.mode = 0o444
         tar.addfile(info, io.BytesIO(data))
 
-    def write(self, key: str, image: bytes, ext: str, label: int | None = None) -> None:
+    def write(self, key: str, image: bytes, ext: str, label: int | None = None, mask: bytes | None = None) -> None:
+        """One sample: its encoded image, label and, where given, its mask (PNG bytes, white =
+        defect, the image's size), written as ``KEY.mask.png``."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key must not contain '.' or '/': {key!r}")
         if self._tar is None:
@@ -270,6 +302,9 @@ class ShardWriter:
         self._add(self._tar, f"{key}.{ext}", image)
         if label is not None:
             self._add(self._tar, f"{key}.cls", str(int(label)).encode())
+        if mask is not None:
+            self._add(self._tar, f"{key}.{MASK_EXT}", mask)
+            self._masks += 1
         lk = "null" if label is None else str(int(label))
         self._labels[lk] = self._labels.get(lk, 0) + 1
         self._n += 1
@@ -282,8 +317,8 @@ class ShardWriter:
         self._tar.close()
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         storage.write_bytes_atomic(storage.join(self.out, name), self._buf.getvalue())
-        self.shards.append({"name": name, "count": self._n, "labels": self._labels})
-        self._tar, self._buf, self._n, self._labels = None, None, 0, {}
+        self.shards.append({"name": name, "count": self._n, "labels": self._labels, "masks": self._masks})
+        self._tar, self._buf, self._n, self._labels, self._masks = None, None, 0, {}, 0
 
     def close(self) -> DatasetInfo:
         self._flush()

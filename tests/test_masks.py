@@ -1,0 +1,141 @@
+"""Masks in shards (``KEY.mask.png``, white = defect): packed by make-shards from the magnetic
+tiles, counted by describe, read only by the readers that ask, skipped unread by the others, and
+brought onto the model's S x S input with the image's own geometry; a bad mask is a counted skip."""
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared_dataset
+from msc_dist.data.decode import Preprocess
+from msc_dist.data.make_shards import make_shards
+from msc_dist.data.masks import MaskSkip, MaskSkips, mask_array, sample_mask
+from msc_dist.data.shards import MANIFEST, ShardWriter, describe, iter_samples
+
+PRE = (0.5,) * 3
+
+
+def _tiles(tmp_path, n_free=6, n_crack=3):
+    """A few real magnetic tiles (image NAME.jpg with its mask NAME.png beside it), two classes."""
+    src = shared_dataset("magnetic-tile")
+    sub = tmp_path / "src"
+    for cls, n in (("MT_Free", n_free), ("MT_Crack", n_crack)):
+        (sub / cls / "Imgs").mkdir(parents=True)
+        for j in sorted((src / cls / "Imgs").glob("*.jpg"))[:n]:
+            shutil.copy(j, sub / cls / "Imgs" / j.name)
+            shutil.copy(j.with_suffix(".png"), sub / cls / "Imgs" / j.with_suffix(".png").name)
+    return sub
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_make_shards_packs_the_tiles_masks_and_readers_skip_them(tmp_path):
+    """Default extensions (png included): each NAME.png beside NAME.jpg is that image's mask, not
+    an image of its own; the shards carry it as KEY.mask.png, describe counts it (from shards.json
+    and by scanning), and readers that do not ask for masks leave it unread."""
+    sub = _tiles(tmp_path)
+    res = make_shards(str(sub), str(tmp_path / "out"), normal_class="MT_Free", train_fraction=0.5, seed=0)
+    assert res["train"].label_counts() == {1: 3}  # MT_Crack = 0, MT_Free = 1: one sample per image
+    assert res["test"].label_counts() == {0: 3, 1: 3}
+    assert res["train"].mask_count == 3 and res["test"].mask_count == 6
+    man = json.loads((tmp_path / "out" / "test" / MANIFEST).read_text())
+    assert sum(s["masks"] for s in man["shards"]) == 6
+    os.remove(tmp_path / "out" / "test" / MANIFEST)  # the scan counts the same
+    assert describe(str(tmp_path / "out" / "test")).mask_count == 6
+
+    url = res["test"].shards[0].url
+    plain = list(iter_samples(url))
+    assert all(s.has_mask and s.mask is None and s.ext == "jpg" for s in plain)
+    with_masks = list(iter_samples(url, masks=True))
+    assert [s.key for s in with_masks] == [s.key for s in plain]
+    split = json.loads((tmp_path / "out" / "split.json").read_text())
+    by_key = {os.path.splitext(r)[0].replace("/", "_"): r for r in split["test"]}
+    for s in with_masks:  # the mask is the source PNG, byte for byte; MT_Free's are all black
+        src_png = (sub / by_key[s.key]).with_suffix(".png").read_bytes()
+        assert s.mask == src_png and s.data == (sub / by_key[s.key]).read_bytes()
+        black = not np.asarray(Image.open(io.BytesIO(s.mask))).any()
+        assert black == (s.label == 1)
+
+    # the shard readers of the jobs decode every image and never see the masks
+    from msc_dist.data.loader import LabelFilter, ShardStream, kept_counts, make_loader
+    from msc_dist.data.rows import read_shards
+
+    pre = Preprocess(32, "center_crop", PRE, PRE)
+    batch = {"url": np.array([url], dtype=object), "keep": np.array(["null"], dtype=object)}
+    blocks = list(read_shards(batch, pre, 10**8, 10**8, 100))
+    assert sum(len(b["id"]) for b in blocks) == 6 and all(e == "" for b in blocks for e in b["error"])
+    stream = ShardStream(kept_counts(describe(str(tmp_path / "out" / "test")), LabelFilter(None)), LabelFilter(None),
+                         32, 6, resize_mode="center_crop")
+    got = next(iter(make_loader(stream, 0)))
+    assert got["images"].shape[0] == 6 and not any(got["corrupt"])
+
+    # --no-masks: the same samples without masks
+    bare = make_shards(str(sub), str(tmp_path / "bare"), normal_class="MT_Free", train_fraction=0.5, seed=0, masks=False)
+    assert bare["test"].label_counts() == {0: 3, 1: 3} and bare["test"].mask_count == 0
+
+
+def test_mask_lines_up_with_the_image_through_its_preprocess():
+    """A bright square on an odd-sized image and the same square in its mask: after the image's
+    own resize (and center crop), nearest-neighbour, the mask marks where the decoded image is
+    bright, and it stays binary."""
+    h, w = 150, 90
+    img = np.zeros((h, w), np.uint8)
+    img[60:100, 20:50] = 255
+    mask = np.where(img > 0, 255, 0).astype(np.uint8)
+    mask[70, 30] = 200  # grey above 127 is defect too
+    for mode in ("center_crop", "squash"):
+        pre = Preprocess(32, mode, PRE, PRE)
+        m = mask_array(_png(mask), pre, (w, h))
+        assert m.shape == (32, 32) and m.dtype == bool and m.any()
+        x = pre(_png(img))[..., 0]
+        sure = (x > 200) | (x < 50)  # away from the bilinear edge
+        assert np.array_equal(m[sure], x[sure] > 200)
+    # a long, thin image takes the crop-box path: the mask follows it
+    thin = np.zeros((20, 400), np.uint8)
+    thin[:, 190:210] = 255
+    pre = Preprocess(16, "center_crop", PRE, PRE)
+    m = mask_array(_png(thin), pre, (400, 20))
+    x = pre(_png(thin))[..., 0]
+    sure = (x > 200) | (x < 50)
+    assert m.any() and np.array_equal(m[sure], x[sure] > 200)
+
+
+def _sample(tmp_path, image: bytes | None, mask: bytes | None, label=1):
+    folder = tmp_path / f"s{len(os.listdir(tmp_path))}"
+    with ShardWriter(str(folder)) as w:
+        if image is None:  # a mask member alone: no image for its key
+            w.write("k", mask, "mask.png", label)
+        else:
+            w.write("k", image, "png", label, mask)
+    return next(iter_samples(describe(str(folder)).shards[0].url, masks=True))
+
+
+def test_bad_masks_are_counted_skips(tmp_path, caplog):
+    pre = Preprocess(16, "squash", PRE, PRE)
+    img = _png(np.zeros((20, 30), np.uint8))
+    good = _sample(tmp_path, img, _png(np.full((20, 30), 255, np.uint8)))
+    assert sample_mask(good, pre, True).all()
+    normal_without = _sample(tmp_path, img, None, label=0)
+    assert not sample_mask(normal_without, pre, False).any()  # a normal image without a mask: all normal
+    skips = MaskSkips()
+    cases = {"wrong_size": _sample(tmp_path, img, _png(np.zeros((30, 20), np.uint8))),
+             "undecodable": _sample(tmp_path, img, b"\x89PNG\r\n\x1a\n not really"),
+             "orphan": _sample(tmp_path, None, _png(np.zeros((20, 30), np.uint8))),
+             "missing": _sample(tmp_path, img, None)}
+    assert cases["orphan"].data is None and cases["orphan"].has_mask
+    for kind, smp in cases.items():
+        with pytest.raises(MaskSkip) as e:
+            sample_mask(smp, pre, True)
+        assert e.value.kind == kind, (kind, str(e.value))
+        skips.add(smp.key, e.value)
+    assert skips.counts == {"orphan": 1, "undecodable": 1, "wrong_size": 1, "missing": 1} and skips.total == 4
+    assert sum("mask of k skipped" in r.getMessage() for r in caplog.records) == 4
