@@ -218,3 +218,14 @@ def summary(m, map_threshold: float, encode: bool = False) -> dict:
     if encode:
         out["map"] = encode_map(m, map_threshold)
     return out
+
+
+def map_file_name(sample_id: str, suffix: str = ".png") -> str:
+    """The file name of one image's map picture, by its id: the id's last 60 safe characters and a
+    hash of the whole id (unique, the same on every run and every worker, never a path)."""
+    import hashlib
+    import re
+
+    sid = str(sample_id)
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", sid)[-60:].strip("._") or "image"
+    return f"{tail}-{hashlib.sha256(sid.encode()).hexdigest()[:12]}{suffix}"

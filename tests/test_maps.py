@@ -145,3 +145,11 @@ def test_components_equal_scipy_labelling_on_noise(p):
     ref = sorted([s[1].start, s[0].start, s[1].stop, s[0].stop, int(a)]
                  for s, a in zip(ndimage.find_objects(lab), areas))
     assert sorted(c["box"] + [c["area"]] for c in maps.components(m)) == ref
+
+
+def test_map_file_names_are_unique_safe_and_stable():
+    a = maps.map_file_name("s3://b/x/shard-000001.tar#000017")
+    assert a == maps.map_file_name("s3://b/x/shard-000001.tar#000017") and a.endswith(".png")
+    assert "/" not in a and ":" not in a and "#" not in a and a.startswith("s3_b_x_shard-000001.tar_000017-")
+    assert maps.map_file_name("a/b.jpg") != maps.map_file_name("a_b.jpg")  # same tail, other ids
+    assert maps.map_file_name("../..").startswith("image-")
