@@ -139,3 +139,109 @@ def test_bad_masks_are_counted_skips(tmp_path, caplog):
         skips.add(smp.key, e.value)
     assert skips.counts == {"orphan": 1, "undecodable": 1, "wrong_size": 1, "missing": 1} and skips.total == 4
     assert sum("mask of k skipped" in r.getMessage() for r in caplog.records) == 4
+
+
+# ---- msc test with masks: a real version with a patch bank (the embedding job on a local Ray) --
+
+@pytest.fixture(scope="module")
+def tile_version(local_ray, tmp_path_factory):
+    """Real tiles in shards (masks packed), a 32 px tiny_cnn checkpoint, and its version with a
+    2-shard patch bank (score mode patch) built by the embedding job."""
+    from conftest import tiny_checkpoint
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.embed.job import main as embed_main
+
+    root = tmp_path_factory.mktemp("tiles")
+    src = shared_dataset("magnetic-tile")
+    sub = root / "src"
+    for cls, n in (("MT_Free", 14), ("MT_Crack", 3), ("MT_Blowhole", 3)):
+        (sub / cls / "Imgs").mkdir(parents=True)
+        for j in sorted((src / cls / "Imgs").glob("*.jpg"))[:n]:
+            shutil.copy(j, sub / cls / "Imgs" / j.name)
+            shutil.copy(j.with_suffix(".png"), sub / cls / "Imgs" / j.with_suffix(".png").name)
+    make_shards(str(sub), str(root / "shards"), normal_class="MT_Free", train_fraction=0.7, seed=0)
+    ck = tiny_checkpoint(root / "ck", image_size=32, resize_mode="squash", data=str(root / "shards" / "train"))
+    embed_main(EmbedConfig(checkpoint=ck, out=str(root / "bank"), num_shards=2, batch_size=8, rows_per_task=8,
+                           calibration_fraction=0.3, target_fpr=0.2, score_mode="patch", patch_budget=8,
+                           normal_classes=["MT_Free"]))
+    return {"root": root, "ck": ck, "bank": str(root / "bank"), "test": str(root / "shards" / "test")}
+
+
+def _with_bad_masks(test: str, out: str) -> dict:
+    """The test shards again, plus three samples whose masks cannot be used: one of another size,
+    one that does not decode, one without an image (orphan). Returns their keys by kind."""
+    samples = [s for sh in describe(test).shards for s in iter_samples(sh.url, masks=True)]
+    crack = next(s for s in samples if np.asarray(Image.open(io.BytesIO(s.mask))).any())
+    w, h = Image.open(io.BytesIO(crack.data)).size
+    bad = {"wrong_size": "bad_size", "undecodable": "bad_png", "orphan": "bad_orphan"}
+    with ShardWriter(out, classes=describe(test).classes) as wr:
+        for s in samples:
+            wr.write(s.key, s.data, s.ext, s.label, s.mask)
+        wr.write(bad["wrong_size"], crack.data, crack.ext, crack.label, _png(np.zeros((h + 3, w), np.uint8)))
+        wr.write(bad["undecodable"], crack.data, crack.ext, crack.label, crack.mask[: len(crack.mask) // 2])
+        wr.write(bad["orphan"], crack.mask, "mask.png", crack.label)  # a mask member alone
+    return bad
+
+
+def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_path, capsys):
+    """msc test on tiles with masks and a version with a patch bank: results.json keeps roc_auc
+    and adds image_roc_auc, pixel_roc_auc and pro, equal to the metrics of the Scorer's own maps
+    against the masks brought onto the 32 px input; each bad mask is a counted, logged skip (its
+    image still counts for the image metrics, the orphan is an error row); the gallery shows each
+    image, its overlay and its mask."""
+    from msc_dist.cli import main
+    from msc_dist.metrics import pixel_roc_auc, pro, summary
+    from msc_dist.scorer import open_scorer
+    from msc_dist.scoring import roc_auc
+
+    data = str(tmp_path / "test")
+    bad = _with_bad_masks(tile_version["test"], data)
+    out = tmp_path / "t"
+    rc = main(["test", "--index", tile_version["bank"], "--data", data, "--out", str(out), "--gallery-k", "2",
+               "--normal-classes", "MT_Free", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["mask_skips"] == {"orphan": 1, "undecodable": 1, "wrong_size": 1, "missing": 0}
+    assert [e["key"] for e in res["errors"]] == [bad["orphan"]]
+    for kind, key in bad.items():
+        assert f"mask of {key} skipped ({kind})" in err
+
+    scorer = open_scorer(tile_version["bank"], device="cpu")
+    assert scorer.score_mode == "patch"
+    samples = [s for sh in describe(data).shards for s in iter_samples(sh.url, masks=True) if s.data is not None]
+    got = scorer.score_bytes([s.data for s in samples], maps=True)
+    y = np.array([s.label != 2 for s in samples])  # classes sorted: MT_Blowhole, MT_Crack, MT_Free
+    assert res["test_samples"] == len(samples) == 6 + 3 + 2 and res["pixel_samples"] == len(samples) - 2
+    good = [(r.map, mask_array(s.mask, scorer.preprocess, Image.open(io.BytesIO(s.data)).size))
+            for s, r in zip(samples, got) if s.key not in bad.values()]
+    assert any(m.any() for _, m in good) and all(m.shape == (32, 32) for _, m in good)
+    m = res["metrics"]
+    want = summary(np.array([r.score for r in got]), y, scorer.threshold)
+    assert m["roc_auc"] == pytest.approx(want["roc_auc"], abs=1e-12)
+    assert m["image_roc_auc"] == pytest.approx(roc_auc(np.array([r.patch_score for r in got]), y), abs=1e-12)
+    assert m["pixel_roc_auc"] == pytest.approx(pixel_roc_auc(*zip(*good)), abs=1e-12)
+    assert m["pro"] == pytest.approx(pro(*zip(*good)), abs=1e-12)
+    assert 0 <= m["pro"] <= 1 and 0 <= m["pixel_roc_auc"] <= 1
+    md = (out / "results.md").read_text()
+    assert "| pixel_roc_auc |" in md and "| pro |" in md and "1 orphan, 1 undecodable, 1 wrong_size" in md
+    with Image.open(out / "plots" / "gallery-msc.png") as im:  # 2 x (image, overlay, mask) rows of 2
+        assert im.size == (480, 1550)
+
+
+def test_msc_test_without_a_bank_or_without_masks_has_no_pixel_metrics(tile_version, tmp_path):
+    """The same tiles on a version without a bank (same checkpoint, in-process), and a version
+    with a bank on shards without masks: image metrics only, as before."""
+    from conftest import tiny_index
+    from msc_dist.evaluate.config import TestConfig
+    from msc_dist.evaluate.tester import main as test_main
+
+    train = [s for sh in describe(str(tile_version["root"] / "shards" / "train")).shards for s in iter_samples(sh.url)]
+    tiny_index(tmp_path / "plain", tile_version["ck"], {s.key: s.data for s in train})
+    bare = tmp_path / "bare"
+    make_shards(str(tile_version["root"] / "src"), str(bare), normal_class="MT_Free", seed=0, masks=False)
+    for index, data in ((str(tmp_path / "plain"), tile_version["test"]), (tile_version["bank"], str(bare / "test"))):
+        res = test_main(TestConfig(index=index, data=data, out=str(tmp_path / "t"), gallery_k=1, device="cpu",
+                                   normal_classes=["MT_Free"]))
+        assert "roc_auc" in res["metrics"] and not {"image_roc_auc", "pixel_roc_auc", "pro"} & set(res["metrics"])
+        assert "mask_skips" not in res

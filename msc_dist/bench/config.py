@@ -144,8 +144,14 @@ class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
     max_test: int | None = None
     exts: list[str] | None = None
     plot_dir: str | None = None
+    patch_stages: list[int] | None = None
+    patch_pool: int | None = None
+    patch_budget: int | None = None
+    patch_sigma: float | None = None
 
     RANGES: ClassVar[dict[str, Range]] = {"eval_every": Range(0, 10_000),  # 0: final metrics only
+                                          "patch_pool": Range(1, 15), "patch_budget": Range(1, 100_000),
+                                          "patch_sigma": Range(0, 100),
                                           "time_budget": Range(0, None, lo_open=True), "seeds": Range(0, 2**32 - 1),
                                           "max_train": Range(1, None), "max_test": Range(1, None)}
 
@@ -154,7 +160,13 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "eval_every": "ROC-AUC every N epochs; 0: final metrics only",
            "data": "MNIST-format npz, or an image folder with a subfolder per class (required)",
            "classes": "normal classes to run in turn (default: all)",
-           "methods": "knn | msc | msc-fast | msc-noangular (msc-fast: the fast preset's values over these settings)",
+           "methods": "knn | msc | msc-fast | msc-noangular | patch | msc-patch (msc-fast: the fast preset's values "
+                      "over these settings; patch / msc-patch: anomaly maps from the frozen / the msc trunk's patch "
+                      "features, with pixel_roc_auc and pro where the data has masks)",
+           "patch_stages": "trunk stages of the patch methods' features (default: the backbone's)",
+           "patch_pool": "odd neighbourhood averaged around each patch (default: PatchSpec's, 3)",
+           "patch_budget": "bank patches per normal image (default: PatchSpec's)",
+           "patch_sigma": "Gaussian smoothing of the upsampled map, px (default: PatchSpec's)",
            "device": DEVICE_HELP,
            "seeds": "train each method once per seed; mean and spread reported (default: --seed alone)",
            "max_train": "seeded subset of the normal training images per class (npz only)",
@@ -189,7 +201,8 @@ BENCHES = {
     "search": (BenchSearchConfig, SEARCH, "queries/s of exact k-NN search against N vectors"),
     "serve": (BenchServeConfig, SERVE, "HTTP throughput and latency of the Serve app vs offline embedding"),
     "quality": (BenchQualityConfig, QUALITY,
-                "one-class ROC-AUC etc. of knn / msc / msc-fast / msc-noangular in one process, per seed"),
+                "one-class ROC-AUC etc. of knn / msc / msc-fast / msc-noangular / patch / msc-patch in one process, "
+                "per seed (pixel ROC-AUC and PRO of the patch methods on data with masks)"),
     "embed-scale": (BenchEmbedScaleConfig, SCALE,
                     "the embedding job + index build on N tiny images: rows/s, driver peak RSS, bytes read ratio"),
 }

@@ -12,7 +12,14 @@ Data: an MNIST-format npz (each digit in turn) or an image folder with a class p
 ``max_train`` / ``max_test`` take seeded subsets (a CPU-sized run). Every method and seed of a
 class runs on the same shards; ``--seeds`` repeats the training per seed and reports the mean and
 the spread. ``--loop reference`` trains with the paper's loop written plainly (bench/reference.py)
-on the same shards, hold-out, bank and metrics."""
+on the same shards, hold-out, bank and metrics.
+
+Patch methods (issue 27): ``patch`` takes the patch features of the frozen ImageNet trunk,
+``msc-patch`` those of the fine-tuned MSC model (trained once with ``msc`` when both run). The
+bank is each non-held-out normal image's ``budget`` patches (msc_dist.patches: per image, seeded),
+the image score is the anomaly map's maximum, its threshold calibrated on the same hold-out; where
+the test shards carry masks (the magnetic tiles: make-shards packs them), ``pixel_roc_auc`` and
+``pro`` measure the maps against them (a bad mask is a counted skip, ``mask_skips``)."""
 
 from __future__ import annotations
 
@@ -30,18 +37,21 @@ from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.make_shards import from_npz, make_shards
 from msc_dist.data.shards import DatasetInfo, iter_samples
 from msc_dist.embed.workers import held_out
-from msc_dist.features import place
+from msc_dist.features import autocast, place, unit_input
 from msc_dist.index import threshold_at_fpr
-from msc_dist.metrics import summary
+from msc_dist.metrics import pixel_roc_auc, pro, summary
 from msc_dist.scoring import knn_score
 from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, embed_counts, format_epoch, run_worker
 
 # msc-fast: TrainConfig.PRESETS["fast"] over the given settings (its keys win over the flags).
-METHODS = ("knn", "msc", "msc-fast", "msc-noangular")
+# patch / msc-patch: anomaly maps from the frozen / the fine-tuned (msc) trunk's patch features.
+METHODS = ("knn", "msc", "msc-fast", "msc-noangular", "patch", "msc-patch")
+PATCH_METHODS = {"patch": "frozen", "msc-patch": "msc"}  # method -> PatchSpec.source
 LOOPS = ("ours", "reference")
 METRICS = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr")
+PIXEL_METRICS = ("pixel_roc_auc", "pro")  # patch methods on data with masks
 
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
@@ -155,15 +165,113 @@ def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_
     return _metrics_from(tr.z, tr.keys, te.z, te.labels.numpy(), normal, cfg, calibration_fraction, target_fpr)
 
 
+def _patch_batches(ext, pre, info: DatasetInfo, keep: LabelFilter, device, masks: bool, batch: int = 32):
+    """(samples, (b, h, w, C) patches) of the kept samples, decoded by ``pre``, ``batch`` at a time
+    (undecodable ones are left out: the global methods count them the same way)."""
+    from msc_dist.data.decode import BadImage
+
+    pending: list = []
+
+    def run():
+        x = torch.from_numpy(np.stack([a for _, a in pending])).permute(0, 3, 1, 2)
+        with torch.no_grad(), autocast(device):
+            _, p = ext(unit_input(x, device))
+        out = ([s for s, _ in pending], p.float().cpu().numpy())
+        pending.clear()
+        return out
+
+    for sh in info.shards:
+        for s in iter_samples(sh.url, masks=masks):
+            if not keep(s.label):
+                continue
+            try:
+                pending.append((s, pre(s.data)))
+            except BadImage:
+                continue
+            if len(pending) == batch:
+                yield run()
+    if pending:
+        yield run()
+
+
+def patch_metrics(cfg: TrainConfig, model, prep: Prepared, device, spec, calibration_fraction: float,
+                  target_fpr: float) -> dict:
+    """One patch method: the bank of the non-held-out normal training images' patches (``spec``'s
+    budget per image), the maps of the held-out normals set the threshold of the image score (the
+    map's maximum), then the test set's image metrics and, where it has masks, the pixel metrics."""
+    from msc_dist.card import preprocess_of
+    from msc_dist.data.masks import MaskSkip, MaskSkips, sample_mask
+    from msc_dist.patches import PatchExtractor, anomaly_map, bank_rows, nearest, new_bank_index, patch_scores
+
+    model.eval()
+    pre = preprocess_of({"backbone": cfg.backbone, "image_size": cfg.image_size, "resize_mode": cfg.resize_mode})
+    ext = PatchExtractor(model, spec)
+    t0 = time.perf_counter()
+    try:
+        rows, cal_p, grid = [], [], None
+        for smp, p in _patch_batches(ext, pre, prep.train, LabelFilter(frozenset([prep.label])), device, False):
+            b, h, w, c = p.shape
+            grid = (h, w)
+            cal = held_out([s.key for s in smp], calibration_fraction, cfg.seed)
+            if (~cal).any():
+                rows.append(bank_rows(p[~cal], spec, [s.key for s, k in zip(smp, cal) if not k]).reshape(-1, c))
+            if cal.any():
+                cal_p.append(p[cal].reshape(int(cal.sum()), h * w, c))
+        if not rows:
+            raise ValueError(f"class {prep.normal}: no normal training image left for the patch bank")
+        index = new_bank_index(rows[0].shape[1])
+        index.add(np.ascontiguousarray(np.concatenate(rows)))
+        bank_s = time.perf_counter() - t0
+
+        def maps_of(p):
+            return anomaly_map(nearest(index, p).reshape(len(p), *grid), cfg.image_size, spec.sigma)
+
+        thr = (threshold_at_fpr(np.concatenate([patch_scores(maps_of(p)) for p in cal_p]), target_fpr)
+               if cal_p else None)
+        scores, y, maps, masks, skips = [], [], [], [], MaskSkips()
+        has_masks = bool(prep.test.mask_count)
+        for smp, p in _patch_batches(ext, pre, prep.test, LabelFilter(None), device, has_masks):
+            m = maps_of(p.reshape(len(p), -1, p.shape[-1]))
+            scores.append(patch_scores(m))
+            for s, mm in zip(smp, m):
+                y.append(s.label != prep.label)
+                if has_masks:
+                    try:
+                        masks.append(sample_mask(s, pre, s.label != prep.label))
+                        maps.append(mm)
+                    except MaskSkip as e:
+                        skips.add(s.key, e)
+        s_all, y = np.concatenate(scores), np.asarray(y)
+        out = summary(s_all, y, thr) | {"test_samples": int(len(s_all)), "index_size": int(index.ntotal),
+                                        "bank_bytes_per_image": int(spec.budget * index.d * 4),
+                                        "bank_seconds": bank_s, "patch": spec.to_dict()}
+        if has_masks:
+            out |= {"pixel_roc_auc": pixel_roc_auc(maps, masks), "pro": pro(maps, masks, 0.3),
+                    "pixel_samples": len(masks), "mask_skips": dict(skips.counts)}
+        return out | {"seconds": time.perf_counter() - t0}
+    finally:
+        ext.close()
+
+
 def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: torch.device,
-              calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None) -> dict:
+              calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None, patch=None) -> dict:
+    """``patch``: the PatchSpec fields of the patch methods over the backbone's defaults
+    (``PatchSpec.default``; its ``source`` is the method's)."""
+    from msc_dist.patches import PatchSpec
+
     out: dict = {}
     label = prep.label
+    spec_of = {m: PatchSpec.default(base.backbone, **(patch or {}), source=src) for m, src in PATCH_METHODS.items()
+               if m in methods}
     plan = DataPlan(kept_counts(prep.train, LabelFilter(frozenset([label]))), [label],
                     kept_counts(prep.test, LabelFilter(None)))
     # eval_every <= 0: no ROC-AUC per epoch (each costs a pass over the test set), final metrics only
     train_plan = plan if base.eval_every > 0 else dataclasses.replace(plan, eval_counts=None)
-    for m in [m for m in methods if m != "knn"]:
+    # msc-patch takes the msc model: trained once for both (and for msc-patch alone)
+    trained = [m for m in methods if m not in ("knn", *PATCH_METHODS)]
+    if "msc-patch" in methods and "msc" not in trained:
+        trained.append("msc")
+    for m in trained:
         cfg = dataclasses.replace(method_config(base, m), eval_every=max(1, base.eval_every))
         epochs, last = [], {}
         t0 = time.perf_counter()
@@ -179,17 +287,25 @@ def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: tor
         run_worker(cfg, train_plan, report, None, device)
         model = place(build_model(cfg.backbone, cfg.weights), device)
         model.load_state_dict(last["state"])
-        out[m] = _final_metrics(cfg, model, plan, device, calibration_fraction, target_fpr) | {
-            "epoch_auc": [(e["epoch"], e.get("roc_auc")) for e in epochs],
-            "epochs": epochs,
-            "train_images_per_s": [e["images_per_s"] for e in epochs if "images_per_s" in e],
-            "seconds": time.perf_counter() - t0,
-            "train_seconds": sum(e.get("center_seconds", 0.0) + e.get("epoch_seconds", 0.0) for e in epochs)}
-    if "knn" in methods:
+        train_s = sum(e.get("center_seconds", 0.0) + e.get("epoch_seconds", 0.0) for e in epochs)
+        if m in methods:
+            out[m] = _final_metrics(cfg, model, plan, device, calibration_fraction, target_fpr) | {
+                "epoch_auc": [(e["epoch"], e.get("roc_auc")) for e in epochs],
+                "epochs": epochs,
+                "train_images_per_s": [e["images_per_s"] for e in epochs if "images_per_s" in e],
+                "seconds": time.perf_counter() - t0,
+                "train_seconds": train_s}
+        if m == "msc" and "msc-patch" in methods:
+            out["msc-patch"] = patch_metrics(cfg, model, prep, device, spec_of["msc-patch"], calibration_fraction,
+                                             target_fpr) | {"train_seconds": train_s}
+    if "knn" in methods or "patch" in methods:
         t0 = time.perf_counter()
         model = place(build_model(base.backbone, base.weights), device)
-        out["knn"] = _final_metrics(base, model, plan, device, calibration_fraction, target_fpr) | {
-            "seconds": time.perf_counter() - t0}
+        if "knn" in methods:
+            out["knn"] = _final_metrics(base, model, plan, device, calibration_fraction, target_fpr) | {
+                "seconds": time.perf_counter() - t0}
+        if "patch" in methods:
+            out["patch"] = patch_metrics(base, model, prep, device, spec_of["patch"], calibration_fraction, target_fpr)
     return out
 
 
@@ -197,11 +313,12 @@ def _over_seeds(runs: list[dict]) -> dict:
     """One method on one class over seeds: the mean of each metric, its standard deviation
     (``<metric>_std``), the mean ROC-AUC per epoch, and every seed's own result."""
     out: dict = {}
-    for k in METRICS + ("seconds", "train_seconds", "test_samples", "index_size"):
+    for k in METRICS + PIXEL_METRICS + ("seconds", "train_seconds", "bank_seconds", "test_samples", "index_size",
+                                        "pixel_samples", "bank_bytes_per_image"):
         vals = [r[k] for r in runs if r.get(k) is not None]
         if vals:
             out[k] = float(np.mean(vals))
-            if k in METRICS:
+            if k in METRICS + PIXEL_METRICS:
                 out[k + "_std"] = float(np.std(vals))
     curves = [r.get("epoch_auc") or [] for r in runs]
     if curves and curves[0]:
@@ -216,16 +333,19 @@ def _over_seeds(runs: list[dict]) -> dict:
 def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: list[str], device: str,
                   time_budget_s: float | None = None, log=print, on_class=None, loop: str = "ours",
                   seeds: list[int] | None = None, max_train: int | None = None, max_test: int | None = None,
-                  exts: list[str] | None = None, plot_dir: str | None = None) -> dict:
+                  exts: list[str] | None = None, plot_dir: str | None = None, patch: dict | None = None) -> dict:
     """Each class in turn as the normal one; stops starting new classes once the budget is spent.
     ``on_class(partial_result)`` runs after every class, so a killed run keeps what it finished.
     ``loop``: ours (the product's training loop) or reference (the paper's, written plainly).
-    ``seeds``: train each method once per seed (default: the config's seed)."""
+    ``seeds``: train each method once per seed (default: the config's seed). ``patch``: PatchSpec
+    fields (stages, pool, budget, sigma) of the patch methods over the backbone's defaults."""
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; valid: {list(METHODS)}")
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; valid: {list(LOOPS)}")
+    if loop == "reference" and any(m in PATCH_METHODS for m in methods):
+        raise ValueError(f"the patch methods {list(PATCH_METHODS)} run with --loop ours only")
     run = run_class if loop == "ours" else run_class_reference
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -240,7 +360,8 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
             break
         with tempfile.TemporaryDirectory(prefix="msc-quality-") as tmp:
             prep = prepare(data, c, tmp, max_train, max_test, exts)
-            runs = [run(prep, dataclasses.replace(base, seed=s), methods, dev, log=log) for s in seeds]
+            extra_kw = {"patch": patch} if loop == "ours" else {}
+            runs = [run(prep, dataclasses.replace(base, seed=s), methods, dev, log=log, **extra_kw) for s in seeds]
         per_class[c] = {m: _over_seeds([r[m] for r in runs]) for m in methods}
         log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" for m in methods))
         if plot_dir:
@@ -269,7 +390,8 @@ def _result(data, per_class, methods, base, device, t0) -> dict:
     mean: dict = {}
     if per_class:
         for m in methods:
-            mean[m] = {k: float(np.mean([per_class[c][m][k] for c in per_class])) for k in METRICS}
+            mean[m] = {k: float(np.mean([per_class[c][m][k] for c in per_class])) for k in METRICS + PIXEL_METRICS
+                       if all(k in per_class[c][m] for c in per_class)}
             # the spread of the class-mean over seeds
             n_seeds = min(len(per_class[c][m]["seeds"]) for c in per_class)
             by_seed = [np.mean([per_class[c][m]["seeds"][i]["roc_auc"] for c in per_class]) for i in range(n_seeds)]

@@ -1,7 +1,7 @@
 """Convert an image folder (subfolders = classes) or the MNIST npz into WebDataset shards.
 
-Masks: in a folder, ``NAME.png`` beside an image ``NAME.jpg`` (or .jpeg/.webp) of the same name
-is that image's pixel mask (white = defect), as in the magnetic tiles (MT_*/Imgs). It is packed
+Masks: in a folder, ``NAME.png`` beside an image ``NAME.jpg`` (or .jpeg/.webp, among the
+extensions taken) of the same name is that image's pixel mask (white = defect), as in the magnetic tiles (MT_*/Imgs). It is packed
 as the sample's ``KEY.mask.png`` and is never taken as an image of its own; ``masks=False``
 leaves masks out. The tiles' normal images (MT_Free) have all-black masks beside them, so their
 samples carry all-black masks."""
@@ -61,8 +61,8 @@ def _folder_items(folder: str, src: str, exts: list[str], label: int, masks: boo
             if dot:
                 stems.setdefault(stem, {})[ext.lower()] = f
         for stem, by_ext in stems.items():
-            others = [e for e in by_ext if e in IMAGE_EXTS and e != MASK_SOURCE_EXT]
-            mask = by_ext.get(MASK_SOURCE_EXT) if others else None  # a .png beside another image: its mask
+            others = [e for e in by_ext if e in exts and e != MASK_SOURCE_EXT]
+            mask = by_ext.get(MASK_SOURCE_EXT) if others else None  # a .png beside an image taken: its mask
             for ext, f in by_ext.items():
                 if ext not in exts or (mask is not None and f == mask):
                     continue

@@ -89,26 +89,36 @@ def auc_per_epoch(path: str, series: dict[str, list[tuple[int, float]]], title: 
 GALLERY_CELL = (2.4, 2.5)  # inches per image panel (width, height incl. its caption)
 
 
-def gallery(path: str, highest: list[tuple[str, float, bool, bytes, bytes | None]],
-            lowest: list[tuple[str, float, bool, bytes, bytes | None]], title: str) -> None:
-    """Each list: (caption, score, is_anomaly, image bytes, mask bytes or None), in score order.
-    One row of the highest-scored images, one of the lowest; where the data set has masks, each
-    image's mask sits right under it. Size: (2.4 * k) x (2.5 * rows + 0.5) inches at 100 dpi."""
+def gallery(path: str, highest: list[tuple], lowest: list[tuple], title: str) -> None:
+    """Each list: (caption, score, is_anomaly, image bytes, mask bytes or None[, overlay or None]),
+    in score order; an overlay is the (S, S, 3) uint8 model input with its anomaly map blended in
+    (``msc_dist.maps.overlay``). One row of the highest-scored images, one of the lowest; under
+    each image its overlay, where there are maps, and its mask, where the data set has masks
+    (the overlay next to the mask). Size: (2.4 * k) x (2.5 * rows + 0.5) inches at 100 dpi."""
     groups = [("highest", highest), ("lowest", lowest)]
-    masks = any(r[4] is not None for r in highest + lowest)
-    per = 2 if masks else 1  # panel rows per group: the images, then their masks
+    rows = highest + lowest
+    masks = any(r[4] is not None for r in rows)
+    overlays = any(len(r) > 5 and r[5] is not None for r in rows)
+    per = 1 + overlays + masks  # panel rows per group: the images, their overlays, their masks
     ncols = max(1, len(highest), len(lowest))
     w, h = GALLERY_CELL
     fig, axes = plt.subplots(2 * per, ncols, figsize=(w * ncols, h * 2 * per + 0.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for g, (name, items) in enumerate(groups):
-        for j, (cap, score, anom, img, mask) in enumerate(items):
+        for j, (cap, score, anom, img, mask, *rest) in enumerate(items):
             ax = axes[g * per][j]
             ax.imshow(Image.open(io.BytesIO(img)).convert("RGB"))
             ax.set_title(f"{name} #{j + 1}: {cap}\nscore {score:.3f} {'ANOMALY' if anom else 'normal'}", fontsize=7)
+            if overlays:
+                o = axes[g * per + 1][j]
+                if rest and rest[0] is not None:
+                    o.imshow(rest[0])
+                    o.set_title("anomaly map (model input)", fontsize=7)
+                else:
+                    o.text(0.5, 0.5, "no map", ha="center", va="center", fontsize=7, transform=o.transAxes)
             if masks:
-                m = axes[g * per + 1][j]
+                m = axes[g * per + 1 + overlays][j]
                 if mask is not None:
                     m.imshow(Image.open(io.BytesIO(mask)).convert("L"), cmap="gray", vmin=0, vmax=255)
                     m.set_title("defect mask", fontsize=7)
