@@ -183,7 +183,7 @@ def _with_bad_masks(test: str, out: str) -> dict:
     return bad
 
 
-def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_path, capsys):
+def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_path, capsys, caplog):
     """msc test on tiles with masks and a version with a patch bank: results.json keeps roc_auc
     and adds image_roc_auc, pixel_roc_auc and pro, equal to the metrics of the Scorer's own maps
     against the masks brought onto the 32 px input; each bad mask is a counted, logged skip (its
@@ -204,15 +204,17 @@ def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_pa
     res = json.loads((out / "results.json").read_text())
     assert res["mask_skips"] == {"orphan": 1, "undecodable": 1, "wrong_size": 1, "missing": 0}
     assert [e["key"] for e in res["errors"]] == [bad["orphan"]]
+    logged = [r.getMessage() for r in caplog.records]
     for kind, key in bad.items():
-        assert f"mask of {key} skipped ({kind})" in err
+        assert sum(m.startswith(f"mask of {key} skipped ({kind})") for m in logged) == 1, logged
+    assert "3 mask(s) skipped: 1 orphan, 1 undecodable, 1 wrong_size" in logged
 
     scorer = open_scorer(tile_version["bank"], device="cpu")
     assert scorer.score_mode == "patch"
     samples = [s for sh in describe(data).shards for s in iter_samples(sh.url, masks=True) if s.data is not None]
     got = scorer.score_bytes([s.data for s in samples], maps=True)
     y = np.array([s.label != 2 for s in samples])  # classes sorted: MT_Blowhole, MT_Crack, MT_Free
-    assert res["test_samples"] == len(samples) == 6 + 3 + 2 and res["pixel_samples"] == len(samples) - 2
+    assert res["test_samples"] == len(samples) == 4 + 6 + 2 and res["pixel_samples"] == len(samples) - 2
     good = [(r.map, mask_array(s.mask, scorer.preprocess, Image.open(io.BytesIO(s.data)).size))
             for s, r in zip(samples, got) if s.key not in bad.values()]
     assert any(m.any() for _, m in good) and all(m.shape == (32, 32) for _, m in good)
@@ -245,3 +247,32 @@ def test_msc_test_without_a_bank_or_without_masks_has_no_pixel_metrics(tile_vers
                                    normal_classes=["MT_Free"]))
         assert "roc_auc" in res["metrics"] and not {"image_roc_auc", "pixel_roc_auc", "pro"} & set(res["metrics"])
         assert "mask_skips" not in res
+
+
+def test_bench_quality_patch_method_finds_the_defects_in_their_masks(tmp_path):
+    """bench quality's patch method (frozen trunk) on an image folder whose defects (a bright
+    square at a random place on grey noise) have masks beside them: the maps light up inside the
+    masks (pixel ROC-AUC and PRO high), the bank holds the budget per banked image, no mask skipped."""
+    from msc_dist.bench.quality import bench_quality
+    from msc_dist.train.config import TrainConfig
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("good", 20), ("bad", 8)):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(60, 120, (48, 64), dtype=np.uint8)
+            mask = np.zeros_like(a)
+            if cls == "bad":
+                y, x = rng.integers(4, 30), rng.integers(12, 40)
+                a[y:y + 12, x:x + 12] = 255
+                mask[y:y + 12, x:x + 12] = 255
+            Image.fromarray(a).save(tmp_path / "src" / cls / f"{i}.jpg", quality=95)
+            Image.fromarray(mask).save(tmp_path / "src" / cls / f"{i}.png")
+    base = TrainConfig(backbone="tiny_cnn", image_size=32, batch_size=8, epochs=0, loader_workers=0, eval_every=0)
+    res = bench_quality(str(tmp_path / "src"), ["good"], base, ["knn", "patch"], "cpu", log=lambda m: None,
+                        patch={"budget": 5})
+    r = res["classes"]["good"]["patch"]["seeds"][0]
+    assert r["test_samples"] == 8 + 6 and r["pixel_samples"] == 14 and sum(r["mask_skips"].values()) == 0
+    assert r["index_size"] % 5 == 0 and 0 < r["index_size"] <= 5 * 14
+    assert r["roc_auc"] > 0.9 and r["pixel_roc_auc"] > 0.9 and r["pro"] > 0.5, r
+    assert "pixel_roc_auc" not in res["classes"]["good"]["knn"] and res["mean"]["patch"]["pro"] == r["pro"]
