@@ -188,8 +188,7 @@ class Model:
                 continue
             x = np.stack([images[i] for i in idx])
             scorer.preprocess.check(x)  # decoded for this version's card, or refused: never resized
-            z = await asyncio.to_thread(scorer.card.embed_arrays, x)
-            for i, r in zip(idx, await scorer.ascore_embeddings(z)):
+            for i, r in zip(idx, await scorer.ascore_arrays(x)):  # the version's score mode
                 out[i] = r.to_dict()
         return out
 

@@ -142,3 +142,33 @@ def test_anomaly_map_is_at_the_image_size_and_peaks_where_the_distance_does():
     y, x = np.unravel_index(np.argmax(m[0]), (32, 32))
     assert 8 <= y < 16 and 16 <= x < 24
     assert patch_scores(m)[0] == m.max()
+
+
+def test_the_single_serving_layout_scores_a_version_with_a_bank_by_its_score_mode(banked):
+    """Served over real HTTP, a combined-mode version gives open_scorer's combined scores (not
+    the global kNN with the combined threshold)."""
+    import httpx
+    from ray import serve
+
+    from conftest import free_port
+    from serving.app import build_app
+
+    items = _test_images(banked["test"])[:4]
+    want = open_scorer(banked["bank"]).score_bytes(items)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"index": banked["bank"], "allow_anonymous": True,
+                             "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+                             "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}),
+                  name="banked", route_prefix="/")
+        with httpx.Client(timeout=60) as c:
+            got = [c.post(f"http://127.0.0.1:{port}/v1/score", content=b, headers={"content-type": "image/jpeg"})
+                   for b in items]
+    finally:
+        serve.shutdown()
+    assert [r.status_code for r in got] == [200] * len(items)
+    rows = [r.json()[0] for r in got]
+    assert [r["score"] for r in rows] == pytest.approx([w.score for w in want], rel=1e-4)  # batch of 1 vs 4
+    assert [r["patch_score"] for r in rows] == pytest.approx([w.patch_score for w in want], rel=1e-4)
+    assert [r["is_anomaly"] for r in rows] == [w.is_anomaly for w in want]
