@@ -47,7 +47,7 @@ HELP = {
     "all_classes": "each class in turn as the normal one (the one-class protocol)",
     "methods": "knn (frozen features) | msc | msc-noangular",
     "out": "run folder: results.md, results.json, split files, plots/",
-    "exts": "image extensions to take from a folder (e.g. jpg to skip .png masks)",
+    "exts": "image extensions to take from a folder (e.g. jpg: the tiles' .png masks are never images)",
     "train_fraction": "fraction of the normal class that trains, for sets without a split",
     "seed": "seed of the split (written to the run folder) and of training",
     "calibration_fraction": "normal training samples held out of the index to set the threshold",
