@@ -98,7 +98,8 @@ def _pixel_arrays(maps, masks) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"map {i} is {np.shape(a)} but its mask is {np.shape(m)}; both must be the same (H, W)")
     if not maps:
         return np.zeros((0, 0, 0), np.float64), np.zeros((0, 0, 0), bool)
-    return np.asarray(maps, np.float64), np.asarray(masks).astype(bool)
+    a = np.asarray(maps)  # float32 maps stay float32 (the contract's): half the memory of a copy
+    return (a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)), np.asarray(masks).astype(bool)
 
 
 def pixel_roc_auc(maps, masks) -> float:
@@ -117,7 +118,7 @@ def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray]:
     from scipy.ndimage import label
 
     a, m = _pixel_arrays(maps, masks)
-    fp = (~m).astype(np.float64)  # each normal pixel adds 1 / (normal pixels) to the FPR when flagged
+    normal = ~m  # each normal pixel adds 1 / (normal pixels) to the FPR when flagged
     overlap = np.zeros(a.shape, np.float64)  # each defect pixel adds 1 / (its region's size)
     n_regions = 0
     for i in range(len(m)):
@@ -127,12 +128,12 @@ def pro_curve(maps, masks) -> tuple[np.ndarray, np.ndarray]:
             inside = lab > 0
             overlap[i][inside] = 1.0 / sizes[lab[inside]]
             n_regions += n
-    n_normal = fp.sum()
+    n_normal = int(normal.sum())
     if n_regions == 0 or n_normal == 0:
         return np.array([0.0, 1.0]), np.array([np.nan, np.nan])
     order = np.argsort(-a.ravel(), kind="mergesort")
     s = a.ravel()[order]
-    fpr = np.cumsum(fp.ravel()[order]) / n_normal
+    fpr = np.cumsum(normal.ravel()[order]) / n_normal
     pro = np.cumsum(overlap.ravel()[order]) / n_regions
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last pixel of each run of equal values
     fpr, pro = np.clip(fpr[last], 0, 1), np.clip(pro[last], 0, 1)
