@@ -363,7 +363,9 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
             extra_kw = {"patch": patch} if loop == "ours" else {}
             runs = [run(prep, dataclasses.replace(base, seed=s), methods, dev, log=log, **extra_kw) for s in seeds]
         per_class[c] = {m: _over_seeds([r[m] for r in runs]) for m in methods}
-        log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" for m in methods))
+        log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" + (
+            f" (pixel {per_class[c][m]['pixel_roc_auc']:.4f}, PRO {per_class[c][m]['pro']:.4f})"
+            if "pro" in per_class[c][m] else "") for m in methods))
         if plot_dir:
             plot_class(plot_dir, c, per_class[c], loop, base)
         res = _result(data, per_class, methods, base, device, t0) | extra
