@@ -8,7 +8,8 @@ they appear on every Ray node's Prometheus endpoint (``ray_`` prefixed; counters
     ray_msc_request_latency_s{detector}              histogram: seconds from arrival to answer
     ray_msc_images_scored_total{detector}            images that got a score
     ray_msc_images_over_threshold_total{detector}    of them, above the detector's threshold
-    ray_msc_image_score{detector}                    histogram of the scores
+    ray_msc_image_score{detector}                    histogram of the scores (Ray exports the
+                                                     bucket counts exactly, the _sum from midpoints)
 
 Beside them, ``recent(detector)``: this replica's share of its last ``window`` scored images
 over the threshold, which ``GET /v1/model`` (and a registry's ``GET /v1/detectors/{name}``)
