@@ -2,7 +2,8 @@
 the Model deployment (serving/model.py), in both layouts.
 
     POST /v1/score   one image body (image/jpeg|png|webp) or multipart/form-data with several
-    GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold
+    GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold, and the
+                     share of recent images over the threshold (serving/metrics.py)
     GET  /healthz
     GET  /docs, /openapi.json
 
@@ -30,6 +31,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from msc_dist.data.decode import BadImage, Preprocess, TooManyPixels, UnsupportedFormat
 from serving.errors import Unavailable
+from serving.metrics import DEFAULT, DetectorMetrics
 from serving.settings import AppConfig, load_api_key
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines reach the replica logs
@@ -118,6 +120,7 @@ class Gateway:
         self.inflight = InflightBytes(self.s.max_inflight_bytes, self.s.retry_after_s)
         self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="msc-decode")
         self._card = None  # (fetched at, version, Preprocess) of the live version's model card
+        self.metrics = DetectorMetrics()  # this app serves one detector: "default"
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -148,6 +151,24 @@ class Gateway:
         except Exception as e:
             log.exception("request failed")
             raise ApiError(503, f"scoring failed ({type(e).__name__}), retry later", retry) from None
+
+    async def _observed(self, detector, coro):
+        """Awaits one scoring request's answer, counted in the detector's metrics (serving/metrics.py):
+        its status and latency, and the scores it returns. ``detector`` None: not a served detector."""
+        t0, status = time.perf_counter(), 500
+        try:
+            out = await coro
+            status = 200
+            self.metrics.scored(detector, out)
+            return out
+        except ApiError as e:
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        finally:
+            self.metrics.request(detector, status, time.perf_counter() - t0)
 
     async def _live_card(self, refresh: bool = False) -> tuple[str, Preprocess]:
         """(version, Preprocess) of the live index version's model card, asked of the Model at most
@@ -225,11 +246,17 @@ class Gateway:
 
     @api.get("/v1/model")
     async def model_info(self, request: Request):
+        """The live version's card and index, and ``recent``: the share of this replica's recent
+        images over the threshold, next to the calibrated false-positive rate."""
         self._auth(request)
-        return await self._guarded(self.model.info.remote())
+        info = await self._guarded(self.model.info.remote())
+        return {**info, "recent": {**self.metrics.recent(DEFAULT), "target_fpr": info.get("target_fpr")}}
 
     @api.post("/v1/score")
     async def score(self, request: Request):
+        return await self._observed(DEFAULT, self._score(request))
+
+    async def _score(self, request: Request):
         self._auth(request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
