@@ -48,6 +48,11 @@ class BackboneSpec:
     build: Callable[[str | None, bool], nn.Module]
     # the side (px) its ImageNet weights were trained and evaluated at; None: no such size
     native_size: int | None = None
+    # Patch features (msc_dist.patches): the default trunk stages and how a stage is named in the
+    # trunk (``patch_layer.format(stage)``). Lite: blocks 3 + 4 (stride 16), measured better than
+    # 2 + 3 (issue 27's probe); ResNets: layer2 + layer3 as in PatchCore; tiny_cnn: its two convs.
+    patch_stages: tuple[int, ...] = ()
+    patch_layer: str = ""
 
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
@@ -162,14 +167,15 @@ def _tiny_cnn(weights: str | None, pretrained: bool = True) -> nn.Module:
 
 
 REGISTRY: dict[str, BackboneSpec] = {
-    "tiny_cnn": BackboneSpec("tiny_cnn", 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ("0.",), _tiny_cnn),
+    "tiny_cnn": BackboneSpec("tiny_cnn", 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ("0.",), _tiny_cnn,
+                             patch_stages=(1, 2), patch_layer="{}"),
     # EfficientNet-Lite0/1/2: 1280-d, inputs scaled to [-1, 1]; frozen: the stem + the first three
     # block stages (of seven), as for the ResNets' first half. Lite1/2 are wider and deeper.
     **{
         f"efficientnet_lite{n}": BackboneSpec(
             f"efficientnet_lite{n}", 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
             ("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2."),
-            _efficientnet_lite(n), native_size=size,
+            _efficientnet_lite(n), native_size=size, patch_stages=(3, 4), patch_layer="blocks.{}",
         )
         for n, size in ((0, 224), (1, 240), (2, 260))
     },
@@ -177,7 +183,7 @@ REGISTRY: dict[str, BackboneSpec] = {
         arch: BackboneSpec(
             arch, dim, IMAGENET_MEAN, IMAGENET_STD,
             ("conv1.", "bn1.", "layer1.", "layer2."),  # as the paper's freeze_parameters
-            _torchvision_resnet(arch), native_size=224,
+            _torchvision_resnet(arch), native_size=224, patch_stages=(2, 3), patch_layer="layer{}",
         )
         for arch, dim in (("resnet18", 512), ("resnet50", 2048), ("resnet152", 2048))
     },

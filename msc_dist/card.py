@@ -18,7 +18,8 @@ here), or on a CPU the checkpoint's checked export in ONNX Runtime or OpenVINO
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch
 from msc_dist import checkpoint as ckpt
 from msc_dist.backbones import FeatureModel, build_model, get_spec
 from msc_dist.data.decode import Preprocess
-from msc_dist.features import embed_images, place
+from msc_dist.features import autocast, embed_images, place, unit_input
+from msc_dist.patches import PatchExtractor, PatchSpec
 
 # Checkpoints written before ``resize_mode`` existed were trained and embedded on squashed
 # images: the one place where that history is written down.
@@ -62,6 +64,8 @@ class ModelCard:
     forward: Callable[[np.ndarray], np.ndarray] | None = None  # a CPU runtime's forward; None: PyTorch
     threads: int | None = None  # a CPU runtime's threads
     graph: Any = None  # a CPU runtime's ``runtime.Loaded`` (its cache folder; built or reused)
+    _patch: dict = field(default_factory=dict, repr=False)  # PatchSpec -> its PatchExtractor
+    _patch_lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @property
     def backbone(self) -> str:
@@ -73,13 +77,51 @@ class ModelCard:
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
         """The batch forward: (B, 3, S, S) uint8 at this card's size -> (B, D) float32 unit vectors."""
-        if images.shape[-2:] != (self.preprocess.image_size, self.preprocess.image_size):
-            raise ValueError(f"images of {tuple(images.shape[-2:])} given to a model that takes "
-                             f"{self.preprocess.image_size} px ({self.preprocess.resize_mode}): decode with its card")
+        self._check_size(images)
         if self.forward is not None:
             x = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
             return self.forward(np.ascontiguousarray(x, dtype=np.uint8))
         return embed_images(self.model, images, self.device).numpy()
+
+    def patch_extractor(self, spec: PatchSpec | None = None) -> PatchExtractor:
+        """The extractor of ``spec`` (default: the backbone's ``PatchSpec.default``): hooks on this
+        card's model (source msc) or on the backbone's ImageNet model (source frozen), built once."""
+        spec = spec or PatchSpec.default(self.backbone)
+        with self._patch_lock:
+            if spec not in self._patch:
+                if spec.source == "msc":
+                    model = self.model
+                else:
+                    model = place(build_model(self.backbone), self.device).eval()
+                self._patch[spec] = PatchExtractor(model, spec)
+            return self._patch[spec]
+
+    @torch.no_grad()
+    def embed_with_patches(self, images, spec: PatchSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) uint8 -> (z (B, D) float32 unit vectors, patches (B, h, w, C) float32).
+        Source msc in the torch runtime: ONE forward gives both (hooks on the trunk's stages), and
+        z is exactly ``embed``'s. Source frozen (or a CPU runtime): z is ``embed``'s, the patches
+        come from one forward of the frozen ImageNet trunk in PyTorch."""
+        self._check_size(images)
+        ext = self.patch_extractor(spec)
+        x = torch.as_tensor(images)
+        with autocast(self.device):
+            if ext.model is self.model and self.forward is None:
+                z, p = ext(unit_input(x, self.device))
+                return z.float().cpu().numpy(), p.cpu().numpy()
+            z = self.embed(x)
+            _, p = ext(unit_input(x, self.device))
+        return z, p.cpu().numpy()
+
+    def embed_arrays_with_patches(self, arrays, spec: PatchSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, S, S, 3) uint8 rows -> ``embed_with_patches``."""
+        x = np.stack(arrays) if isinstance(arrays, list) else np.asarray(arrays)
+        return self.embed_with_patches(torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2), spec)
+
+    def _check_size(self, images) -> None:
+        if images.shape[-2:] != (self.preprocess.image_size, self.preprocess.image_size):
+            raise ValueError(f"images of {tuple(images.shape[-2:])} given to a model that takes "
+                             f"{self.preprocess.image_size} px ({self.preprocess.resize_mode}): decode with its card")
 
     def embed_arrays(self, arrays: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(B, S, S, 3) uint8 rows, as ``preprocess`` and the Ray Data jobs hold them -> (B, D)."""

@@ -20,6 +20,7 @@ from msc_dist.card import ModelCard, load_card
 from msc_dist.config import ConfigError
 from msc_dist.data.decode import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, BadImage, Preprocess
 from msc_dist.index import IndexManifest, IndexMismatch, ShardedIndex, load_index
+from msc_dist.patches import PatchSpec, anomaly_map, combined_scores, patch_scores
 from msc_dist.storage import expand
 
 
@@ -31,10 +32,14 @@ class ScoreResult:
     neighbors: list[dict]  # [{"id": str, "distance": float}] nearest first (squared L2)
     error: str | None = None
     version: str | None = None  # the index version that scored it
+    patch_score: float | None = None  # the anomaly map's maximum (a version with a patch bank)
+    map: np.ndarray | None = None  # (S, S) float32 anomaly map when asked for (not in to_dict)
 
     def to_dict(self) -> dict:
         return {"score": self.score, "is_anomaly": self.is_anomaly, "threshold": self.threshold,
-                "neighbors": self.neighbors, "index_version": self.version, **({"error": self.error} if self.error else {})}
+                "neighbors": self.neighbors, "index_version": self.version,
+                **({"patch_score": self.patch_score} if self.patch_score is not None else {}),
+                **({"error": self.error} if self.error else {})}
 
 
 class Searcher(Protocol):
@@ -42,6 +47,9 @@ class Searcher(Protocol):
 
     def search(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(B, D) -> (scores (B,), squared distances (B, k), sample ids (B, k) object, None = none)."""
+
+    # A version with a patch bank: ``search_patches(p (B, n, C)) -> (B, n)`` squared distances to
+    # the nearest bank patch (optional; ``LocalSearcher`` has it).
 
 
 class LocalSearcher:
@@ -55,6 +63,9 @@ class LocalSearcher:
         ids = self.index.ids[np.maximum(rows, 0)].astype(object)
         ids[rows < 0] = None
         return scores, d, ids
+
+    def search_patches(self, p: np.ndarray) -> np.ndarray:
+        return self.index.search_patches(p)
 
 
 def check_pair(manifest: IndexManifest, model_id: str, preprocess: Preprocess) -> None:
@@ -90,6 +101,9 @@ class Scorer:
         check_pair(searcher.manifest, card.model_id, card.preprocess)
         self.card, self.searcher = card, searcher
         self.max_pixels, self.formats = max_pixels, tuple(formats)
+        patch = searcher.manifest.patch
+        self.patch_spec = PatchSpec.from_dict(patch) if patch else None  # None: no bank, global scores only
+        self.score_mode = patch["score_mode"] if patch else "global"
 
     # What callers read of the pair.
     manifest = property(lambda self: self.searcher.manifest)
@@ -129,14 +143,43 @@ class Scorer:
         found = await asearch(z) if asearch is not None else await asyncio.to_thread(self.searcher.search, z)
         return self.results(*found)
 
-    def score_arrays(self, arrays: np.ndarray | list[np.ndarray]) -> list[ScoreResult]:
-        """(B, S, S, 3) uint8 made by this card's ``preprocess`` -> one result each."""
-        return self.score_embeddings(self.card.embed_arrays(arrays))
+    map_threshold = property(lambda self: (self.manifest.patch or {}).get("map_threshold"))
+
+    def score_arrays(self, arrays: np.ndarray | list[np.ndarray], maps: bool = False) -> list[ScoreResult]:
+        """(B, S, S, 3) uint8 made by this card's ``preprocess`` -> one result each. A version
+        with a patch bank: ``maps`` fills each result's ``map`` (and ``patch_score``); score mode
+        patch or combined always computes them. Without a bank: the global kNN score only."""
+        if self.patch_spec is None or (self.score_mode == "global" and not maps):
+            return self.score_embeddings(self.card.embed_arrays(arrays))
+        z, p = self.card.embed_arrays_with_patches(arrays, self.patch_spec)
+        m = self.maps_of(p)
+        return self.patch_results(self.searcher.search(z), m, maps)
+
+    def maps_of(self, p: np.ndarray) -> np.ndarray:
+        """(B, h, w, C) patch features -> (B, S, S) float32 anomaly maps over this version's bank."""
+        b, h, w, c = p.shape
+        d = self.searcher.search_patches(p.reshape(b, h * w, c))
+        return anomaly_map(d.reshape(b, h, w), self.image_size, self.patch_spec.sigma)
+
+    def patch_results(self, found, m: np.ndarray, maps: bool) -> list[ScoreResult]:
+        """Global search results + maps -> results scored by this version's score mode."""
+        scores, d, ids = found
+        ps = patch_scores(m)
+        if self.score_mode == "patch":
+            scores = ps
+        elif self.score_mode == "combined":
+            t = self.manifest.patch["thresholds"]
+            scores = combined_scores(scores, ps, t["global"], t["patch"])
+        out = self.results(scores, d, ids)
+        for r, s, mm in zip(out, ps, m):
+            r.patch_score = float(s)
+            r.map = mm if maps else None
+        return out
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.card.preprocess(data, self.max_pixels, self.formats)
 
-    def score_bytes(self, items: list[bytes]) -> list[ScoreResult]:
+    def score_bytes(self, items: list[bytes], maps: bool = False) -> list[ScoreResult]:
         """Encoded images -> one result each; undecodable ones get an error, never an exception."""
         arrays, ok, results = [], [], [None] * len(items)
         for i, data in enumerate(items):
@@ -146,7 +189,7 @@ class Scorer:
             except BadImage as e:
                 results[i] = ScoreResult(None, None, self.threshold, [], str(e), self.version)
         if arrays:
-            for i, r in zip(ok, self.score_arrays(arrays)):
+            for i, r in zip(ok, self.score_arrays(arrays, maps)):
                 results[i] = r
         return results
 

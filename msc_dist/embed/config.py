@@ -35,6 +35,13 @@ class EmbedConfig:
     max_bytes: int = 64 * 1024 * 1024
     ray_address: str | None = None
     runtime: str = "torch"
+    score_mode: str = "global"
+    patch_bank: bool = False
+    patch_source: str = "frozen"
+    patch_stages: list[int] | None = None
+    patch_pool: int = 3
+    patch_budget: int = 32
+    patch_sigma: float = 4.0
 
     RANGES: ClassVar[dict[str, Range]] = {
         "calibration_fraction": Range(0, 1, hi_open=True), "target_fpr": Range(0, 1, lo_open=True, hi_open=True),
@@ -42,6 +49,7 @@ class EmbedConfig:
         "rows_per_task": Range(1, 1_000_000), "rows_per_file": Range(1, 100_000_000),
         "max_calibration": Range(1, 100_000_000), "num_shards": Range(1, 10_000), "keep_versions": Range(1, 1000),
         "k": Range(1, 1000), "seed": SEED_RANGE, "max_pixels": MAX_PIXELS_RANGE, "max_bytes": MAX_BYTES_RANGE,
+        "patch_pool": Range(1, 15), "patch_budget": Range(1, 100_000), "patch_sigma": Range(0, 100),
     }
 
 
@@ -71,4 +79,13 @@ HELP = {
     "max_bytes": "tar members larger than this are not read (skipped as corrupt)",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
     "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
+    "score_mode": "global | patch | combined: the image score of the version (global: the kNN of the pooled feature, "
+                  "as before; patch: the anomaly map's maximum; combined: each divided by its calibrated threshold, "
+                  "summed); patch and combined build the patch bank",
+    "patch_bank": "build the patch bank (anomaly maps) even with --score-mode global",
+    "patch_source": "frozen | msc: patch features from the ImageNet trunk or from the fine-tuned checkpoint",
+    "patch_stages": "trunk stages of the patch features (default: the backbone's, e.g. 3 4 for EfficientNet-Lite)",
+    "patch_pool": "odd neighbourhood (patches) averaged around each patch",
+    "patch_budget": "bank patches kept per normal image (greedy coreset within the image)",
+    "patch_sigma": "Gaussian smoothing of the upsampled anomaly map, in pixels",
 }

@@ -35,6 +35,8 @@ from msc_dist.embed.workers import EmbedActor, write_part
 from msc_dist.index import (MAX_TRAIN_ROWS, IndexManifest, ShardEntry, assign_parts, build_shard_from_parts,
                             needs_training, new_version, publish, threshold_from_shards, train_from_parts,
                             version_root)
+from msc_dist.index.build import build_bank_shard_from_parts, patch_thresholds
+from msc_dist.patches import SCORE_MODES, SOURCES, PatchError, PatchSpec
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
 from msc_dist.runtime import actor_threads, driver_cache, resolve as resolve_runtime
@@ -48,6 +50,7 @@ class PassStats:
 
     parts: list[tuple[str, int]]  # (path relative to the version folder, rows)
     cal: list[tuple[str, int]]
+    patch_grid: list[int] | None = None  # [h, w, C] of the patch features (a pass with a patch bank)
     rows: int = 0
     corrupt: int = 0
     bytes_read: int = 0
@@ -60,7 +63,8 @@ class PassStats:
 
 
 def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str, preprocess: Preprocess,
-               cfg: EmbedConfig, root: str, cal_fraction: float, role: str = "index", progress: str = "embed") -> PassStats:
+               cfg: EmbedConfig, root: str, cal_fraction: float, role: str = "index", progress: str = "embed",
+               patch_spec: dict | None = None) -> PassStats:
     """Embed every kept sample of ``data`` into Parquet parts under <root>/embeddings/, each
     image decoded by the checkpoint's ``preprocess`` (its model card)."""
     import ray.data
@@ -81,12 +85,14 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
         .map_batches(
             EmbedActor, fn_constructor_kwargs={"checkpoint": checkpoint, "preprocess": preprocess, "use_gpu": cfg.use_gpu,
                                                "max_pixels": cfg.max_pixels, "runtime": cfg.runtime,
-                                               "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache()},
+                                               "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache(),
+                                               "patch_spec": patch_spec},
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
             batch_size=cfg.batch_size, batch_format="numpy", num_gpus=gpus, num_cpus=cfg.cpus_per_actor,
         )
         .map_batches(write_part, fn_kwargs={"out": root, "folder": "embeddings", "model_id": model_id,
-                                            "cal_fraction": cal_fraction, "seed": cfg.seed, "role": role},
+                                            "cal_fraction": cal_fraction, "seed": cfg.seed, "role": role,
+                                            "patch_spec": patch_spec},
                      batch_size=cfg.rows_per_file, batch_format="numpy")
     )
     st = PassStats([], [])
@@ -99,6 +105,8 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
                 st.cal.append((r["cal"], int(r["cal_rows"])))
             n = int(r["part_rows"]) + int(r["cal_rows"])
             st.rows += n
+            if r.get("patch_grid") and json.loads(r["patch_grid"]):
+                st.patch_grid = json.loads(r["patch_grid"])
             st.corrupt += int(r["corrupt"])
             st.bytes_read += int(r["bytes_read"])
             st.bytes_stored += int(r["bytes_stored"])
@@ -125,10 +133,28 @@ def _calibration_fraction(cfg: EmbedConfig, total: int | None) -> float:
     return cfg.calibration_fraction
 
 
+def patch_spec_of(cfg: EmbedConfig, backbone: str) -> PatchSpec | None:
+    """The version's PatchSpec: None (no bank) with --score-mode global and no --patch-bank."""
+    if cfg.score_mode not in SCORE_MODES:
+        raise ConfigError(f"score_mode must be one of {list(SCORE_MODES)}, got {cfg.score_mode!r}")
+    if cfg.patch_source not in SOURCES:
+        raise ConfigError(f"patch_source must be one of {list(SOURCES)}, got {cfg.patch_source!r}")
+    if cfg.score_mode == "global" and not cfg.patch_bank:
+        return None
+    try:
+        return PatchSpec.default(backbone, stages=tuple(cfg.patch_stages) if cfg.patch_stages else None,
+                                 pool=cfg.patch_pool, budget=cfg.patch_budget, seed=cfg.seed, sigma=cfg.patch_sigma,
+                                 source=cfg.patch_source)
+    except PatchError as e:
+        raise ConfigError(str(e)) from None
+
+
 def build_index(root: str, version: str, parts: list[tuple[str, int]], cal: list[tuple[str, int]], cfg: EmbedConfig,
-                dimension: int, model_id: str, extra: dict) -> IndexManifest:
-    """Parallel build: one task per index shard, one training task for trained factories, one
-    task for the threshold. The driver holds object references and the shard entries."""
+                dimension: int, model_id: str, extra: dict, patch: dict | None = None) -> IndexManifest:
+    """Parallel build: one task per index shard (and its patch-bank shard, from the same parts),
+    one training task for trained factories, one task for the thresholds. The driver holds
+    object references and the shard entries. ``patch``: the PatchSpec dict + grid [h, w, C] and
+    image size of a version with a patch bank."""
     import ray
 
     urls = [(storage.join(root, f), n) for f, n in parts]
@@ -149,20 +175,46 @@ def build_index(root: str, version: str, parts: list[tuple[str, int]], cal: list
         r = build_shard_from_parts(root, i, group, cal_urls, cfg.factory, trained_index, cfg.k)
         return r["entry"], r["cal"]
 
+    @ray.remote(num_returns=2)
+    def bank_task(i: int, group: list[str]):
+        r = build_bank_shard_from_parts(root, i, group, cal_urls, patch["grid"][2])
+        return r["entry"], r["cal"]
+
     @ray.remote
     def threshold_task(*per_shard):
         return threshold_from_shards(list(per_shard), cfg.k, cfg.target_fpr)
 
+    @ray.remote
+    def patch_threshold_task(n: int, *per_shard):
+        return patch_thresholds(list(per_shard[:n]), list(per_shard[n:]), cfg.k, cfg.target_fpr,
+                                tuple(patch["grid"][:2]), patch["image_size"], patch["sigma"])
+
     refs = [shard_task.remote(i, g, trained) for i, g in enumerate(groups)]
+    bank_refs = [bank_task.remote(i, g) for i, g in enumerate(groups)] if patch else []
     threshold_ref = threshold_task.remote(*[c for _, c in refs]) if cal else None
+    patch_ref = (patch_threshold_task.remote(len(refs), *[c for _, c in refs], *[c for _, c in bank_refs])
+                 if cal and patch else None)
     entries = [ShardEntry(**e) for e in ray.get([e for e, _ in refs])]
     log.info("index: %d shard(s) built, %d vectors", len(entries), sum(e.count for e in entries))
     cal_rows = sum(n for _, n in cal)
     threshold = ray.get(threshold_ref) if threshold_ref is not None else None
+    patch_record = None
+    if patch:
+        bank = ray.get([e for e, _ in bank_refs])
+        t = ray.get(patch_ref) if patch_ref is not None else None
+        h, w, c = patch["grid"]
+        spec = {k: v for k, v in patch.items() if k not in ("grid", "image_size")}
+        patch_record = {**spec, "score_mode": cfg.score_mode, "map_threshold": t and t["map_threshold"],
+                        "thresholds": t, "grid": [h, w], "dimension": c, "count": sum(e["count"] for e in bank),
+                        "selection": "coreset", "shards": bank}
+        log.info("patch bank: %d shard(s), %d patches of %d dimensions (%d per image), score mode %s",
+                 len(bank), patch_record["count"], c, min(patch["budget"], h * w), cfg.score_mode)
+        if cfg.score_mode != "global":
+            threshold = t and t[cfg.score_mode]
     man = IndexManifest(dimension, sum(e.count for e in entries), entries, model_id, version=version, k=cfg.k,
                         factory=cfg.factory, threshold=threshold,
                         target_fpr=cfg.target_fpr if threshold is not None else None,
-                        calibration_samples=cal_rows, extra=extra)
+                        calibration_samples=cal_rows, extra=extra, patch=patch_record)
     return man
 
 
@@ -191,6 +243,7 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
     pre = preprocess_of(tcfg)  # the model card's preprocessing: every image of both passes
     resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
+    pspec = patch_spec_of(cfg, tcfg["backbone"])  # so does a bad patch option
     init_ray(cfg.ray_address)
     check_capacity("embedding job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)
 
@@ -199,10 +252,11 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     keep = LabelFilter(frozenset(normal))
     total = None if info.count is None else sum(s.count_where(keep) for s in info.shards)
     own_cal = 0.0 if cfg.calibration_data else _calibration_fraction(cfg, total)
-    st = embed_pass(data, normal, ck_url, ck.model_id, pre, cfg, root, own_cal, "index", "embed")
+    pdict = pspec.to_dict() if pspec else None
+    st = embed_pass(data, normal, ck_url, ck.model_id, pre, cfg, root, own_cal, "index", "embed", pdict)
     if cfg.calibration_data:
         cst = embed_pass(cfg.calibration_data, normal, ck_url, ck.model_id, pre, cfg, root, 1.0, "calibration",
-                         "calibrate")
+                         "calibrate", pdict)
         st.cal += cst.cal
     index_rows = sum(n for _, n in st.parts)
     if index_rows < cfg.k:
@@ -213,7 +267,8 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
              "corrupt": st.corrupt, "epoch": ck.meta.get("epoch"), "bytes_read": st.bytes_read,
              "bytes_stored": st.bytes_stored}
     dim = _dimension(tcfg["backbone"])
-    man = build_index(root, version, st.parts, st.cal, cfg, dim, ck.model_id, extra)
+    patch = {**pdict, "grid": st.patch_grid, "image_size": pre.image_size} if pdict else None
+    man = build_index(root, version, st.parts, st.cal, cfg, dim, ck.model_id, extra, patch)
     publish(cfg.out, man, cfg.keep_versions)
     ratio = st.bytes_read_ratio
     log.info("published index %s: %d vectors in %d shard(s), threshold %s; read %.2fx the stored bytes",

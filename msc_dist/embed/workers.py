@@ -42,8 +42,11 @@ class EmbedActor:
     ``runtime``/``threads``: what runs its forward (``msc_dist.runtime``), on the actor's CPUs."""
 
     def __init__(self, checkpoint: str, preprocess, use_gpu: bool = False, max_pixels: int = 64_000_000,
-                 runtime: str = "torch", threads: int | None = None, cache: str | None = None):
+                 runtime: str = "torch", threads: int | None = None, cache: str | None = None,
+                 patch_spec: dict | None = None):
         import torch
+
+        from msc_dist.patches import PatchSpec
 
         from msc_dist.card import load_card
 
@@ -52,11 +55,30 @@ class EmbedActor:
         self.card = load_card(checkpoint, device, runtime, cache=cache, threads=threads)
         if self.card.preprocess != preprocess:
             raise ValueError(f"the read tasks decode with {preprocess}, the checkpoint's card is {self.card.preprocess}")
+        self.patch_spec = PatchSpec.from_dict(patch_spec) if patch_spec else None  # None: no patch bank
+
+    def _embed(self, x, arrays: bool):
+        """-> (z, flattened patches (B, h*w*C) or None, the patch grid (h, w, C) or None)."""
+        card = self.card
+        if self.patch_spec is None:
+            return (card.embed_arrays(x) if arrays else card.embed(x)), None, None
+        z, p = (card.embed_arrays_with_patches if arrays else card.embed_with_patches)(x, self.patch_spec)
+        return z, p.reshape(len(p), -1), p.shape[1:]
 
     def __call__(self, batch: dict) -> dict:
         card = self.card
         ok = usable(batch)
         emb = np.full((len(batch["id"]), card.dim), np.nan, dtype=np.float32)
+        pat, grid = None, None
+
+        def put(rows, x, arrays):
+            nonlocal pat, grid
+            z, p, g = self._embed(x, arrays)
+            emb[rows] = z
+            if p is not None:
+                if pat is None:
+                    pat, grid = np.full((len(emb), p.shape[1]), np.nan, np.float32), g
+                pat[rows] = p
         if "encoded" in batch:  # bytes from the read tasks: decode the batch on this actor's device
             from msc_dist.data.device_decode import decode_batch
 
@@ -68,20 +90,31 @@ class EmbedActor:
             for j, e in errors.items():
                 batch["error"][rows[j]] = e
             if got:
-                emb[rows[got]] = card.embed(x)
+                put(rows[got], x, False)
         elif ok.any():
-            emb[ok] = card.embed_arrays(batch["image"][ok])
+            put(ok, batch["image"][ok], True)
         out = {k: v for k, v in batch.items() if k not in ("image", "encoded")}
         out["embedding"] = emb
+        if self.patch_spec is not None:
+            if pat is None:  # no decodable image in this batch: the grid from one blank image
+                h = card.preprocess.image_size
+                _, p, grid = self._embed(np.zeros((1, h, h, 3), np.uint8), True)
+                pat = np.full((len(emb), p.shape[1]), np.nan, np.float32)
+            out["patches"] = pat
+            out["patch_grid"] = np.array([list(grid)] * len(emb), dtype=np.int64)
         return out
 
 
-def _table(batch: dict, rows: np.ndarray, model_id: str, calibration: bool):
+def _table(batch: dict, rows: np.ndarray, model_id: str, calibration: bool, patches: np.ndarray | None = None):
     import pyarrow as pa
 
     z = np.ascontiguousarray(batch["embedding"][rows], dtype=np.float32)
     lab = np.asarray(batch["label"][rows], dtype=np.int64)
     n, d = z.shape
+    extra = {}
+    if patches is not None:  # (n, m, C): the bank rows of index rows, every patch of calibration rows
+        flat = np.ascontiguousarray(patches, np.float32).reshape(n, -1)
+        extra["patches"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float32()), flat.shape[1])
     return pa.table({
         "id": pa.array([str(x) for x in batch["id"][rows]], pa.string()),
         "source": pa.array([str(x) for x in batch["source"][rows]], pa.string()),
@@ -89,11 +122,26 @@ def _table(batch: dict, rows: np.ndarray, model_id: str, calibration: bool):
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(z.reshape(-1), pa.float32()), d),
         "model_id": pa.array([model_id] * n, pa.string()),
         "calibration": pa.array([calibration] * n, pa.bool_()),
+        **extra,
     })
 
 
+def _patch_rows(batch: dict, rows: np.ndarray, kind: str, patch_spec: dict | None, grid: list[int]):
+    """The patches a part stores: each index image's bank rows (``patches.bank_rows``), each
+    calibration image's every patch; None without a patch bank."""
+    if not patch_spec:
+        return None
+    from msc_dist.patches import PatchSpec, bank_rows
+
+    h, w, c = grid
+    p = np.asarray(batch["patches"][rows], np.float32).reshape(len(rows), h, w, c)
+    if kind == "cal":
+        return p.reshape(len(rows), h * w, c)
+    return bank_rows(p, PatchSpec.from_dict(patch_spec), [str(i) for i in batch["id"][rows]])
+
+
 def write_part(batch: dict, out: str, folder: str, model_id: str, cal_fraction: float, seed: int,
-               role: str = "index") -> dict:
+               role: str = "index", patch_spec: dict | None = None) -> dict:
     """Ray Data fn (a task): embedding rows -> Parquet under OUT/<folder>/: ``part-*`` for the
     index rows and ``cal-*`` for the calibration hold-out (by hashed id; ``role="calibration"``
     makes every row a calibration row). Returns one stats row: files, row counts, corrupt
@@ -104,12 +152,14 @@ def write_part(batch: dict, out: str, folder: str, model_id: str, cal_fraction: 
     is_cal = np.ones(len(ids), bool) if role == "calibration" else held_out(ids, cal_fraction, seed)
     idx_rows, cal_rows = np.flatnonzero(ok)[~is_cal], np.flatnonzero(ok)[is_cal]
     files = {"part": "", "cal": ""}
+    grid = [int(v) for v in batch["patch_grid"][0]] if patch_spec and len(batch["id"]) else []
     for kind, rows in (("part", idx_rows), ("cal", cal_rows)):
         if len(rows):
             name = f"{folder}/{kind}-{content_name(batch['id'][rows])}.parquet"
-            storage.write_table(storage.join(out, name), _table(batch, rows, model_id, kind == "cal"))
+            storage.write_table(storage.join(out, name), _table(batch, rows, model_id, kind == "cal",
+                                                                _patch_rows(batch, rows, kind, patch_spec, grid)))
             files[kind] = name
-    return {
+    return {"patch_grid": [json.dumps(grid)], 
         "part": [files["part"]], "part_rows": [len(idx_rows)],
         "cal": [files["cal"]], "cal_rows": [len(cal_rows)],
         "corrupt": [len(corrupt)], "corrupt_keys": [json.dumps(corrupt[:20])],

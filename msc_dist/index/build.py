@@ -193,3 +193,67 @@ def write_index(out: str, z: np.ndarray, ids: list[str], model_id: str, *, num_s
     publish(out, man)
     return man
 
+
+
+# --- The patch bank (msc_dist.patches): one bank shard per index shard, from the same parts ----
+
+PATCH_COLUMN = "patches"
+
+
+def iter_patch_parts(urls: list[str], dim: int, batch_rows: int = 1024) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, (n, m, dim) float32) batches of the ``patches`` column of Parquet parts, streamed."""
+    import pyarrow.parquet as pq
+
+    for url in urls:
+        with storage.open_file(url, "rb") as f:
+            pf = pq.ParquetFile(f)
+            for rb in pf.iter_batches(batch_size=batch_rows, columns=["id", PATCH_COLUMN]):
+                col = rb.column(1)
+                z = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                yield rb.column(0).to_pylist(), z.reshape(len(rb), -1, dim)
+
+
+def write_bank_shard(root: str, shard_no: int, index, ids: list[str]) -> ShardEntry:
+    """A bank shard's files (FAISS + the image id of each patch row) under the version folder."""
+    import faiss
+    import pyarrow as pa
+
+    name = f"bank/shard-{shard_no:04d}"
+    data = faiss.serialize_index(index).tobytes()
+    storage.write_bytes_atomic(storage.join(root, name + ".faiss"), data)
+    ids_sha = storage.write_table(storage.join(root, name + ".ids.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
+    return ShardEntry(name + ".faiss", int(index.ntotal), storage.sha256(data), name + ".ids.parquet", ids_sha)
+
+
+def build_bank_shard_from_parts(root: str, shard_no: int, part_urls: list[str], cal_urls: list[str], dim: int) -> dict:
+    """Build, write and calibrate one bank shard from the bank rows of its Parquet parts (each
+    image's selected patches, chosen by the part writer). Returns its manifest entry and the
+    (M, h*w) squared distances of the calibration images' patches to their nearest in it."""
+    from msc_dist.patches import nearest, new_bank_index
+
+    index, ids = new_bank_index(dim), []
+    for batch_ids, p in iter_patch_parts(part_urls, dim):
+        index.add(np.ascontiguousarray(p.reshape(-1, dim)))
+        ids += [i for i in batch_ids for _ in range(p.shape[1])]
+    entry = write_bank_shard(root, shard_no, index, ids)
+    cal = [nearest(index, p) for _, p in iter_patch_parts(cal_urls, dim)]
+    return {"entry": asdict(entry), "cal": np.concatenate(cal) if cal else np.zeros((0, 0), np.float32)}
+
+
+def patch_thresholds(global_cal: list[np.ndarray], bank_cal: list[np.ndarray], k: int, target_fpr: float,
+                     grid: tuple[int, int], size: int, sigma: float) -> dict | None:
+    """The calibrated thresholds of the three score modes from the per-shard calibration distances
+    (merged exactly: k smallest / the minimum over shards). ``map_threshold`` = the patch score's
+    threshold: a pixel counts as defective above the value that a fraction ``target_fpr`` of
+    normal images' map maxima exceed, so a normal image has no region at that rate."""
+    from msc_dist.patches import anomaly_map, combined_scores, patch_scores
+
+    if not bank_cal or bank_cal[0].shape[0] == 0:
+        return None
+    g = merged_scores(global_cal, k)
+    d = np.minimum.reduce(bank_cal).reshape(-1, *grid)
+    ps = np.concatenate([patch_scores(anomaly_map(d[s:s + 256], size, sigma)) for s in range(0, len(d), 256)])
+    tg, tp = threshold_at_fpr(g, target_fpr), threshold_at_fpr(ps, target_fpr)
+    tg, tp = max(tg, 1e-12), max(tp, 1e-12)
+    tc = threshold_at_fpr(combined_scores(g, ps, tg, tp), target_fpr)
+    return {"global": tg, "patch": tp, "combined": tc, "map_threshold": tp}

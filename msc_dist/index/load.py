@@ -36,6 +36,18 @@ class ShardedIndex:
         score, d = knn_from_similarities(sims)  # the one kNN formula: training's evaluation uses it too
         return score, d, rows
 
+    bank: list = []  # the patch bank's FAISS shards (IndexFlatL2), paired with the index shards loaded
+
+    def search_patches(self, p: np.ndarray) -> np.ndarray:
+        """(B, n, C) patch features -> (B, n) squared L2 distances to the nearest bank patch: the
+        minimum over the bank shards, exactly one search of the whole bank."""
+        from msc_dist.patches import nearest
+
+        if not self.bank:
+            raise IndexMismatch(f"index version {self.manifest.version or '?'} has no patch bank: rebuild it with "
+                                "msc embed --score-mode patch (or --patch-bank)")
+        return np.minimum.reduce([nearest(b, p) for b in self.bank])
+
     def vectors(self) -> np.ndarray:
         """(count, dimension) float32: every stored vector in row order, read back from the CPU
         sub-indexes (exact for Flat; the codes' reconstruction for IVF/PQ)."""
@@ -70,6 +82,26 @@ def _load_subs(man: IndexManifest, folder: str, numbers: list[int]) -> tuple[lis
         subs.append(sub)
         ids.append(sub_ids)
     return subs, ids
+
+
+def _load_bank(man: IndexManifest, folder: str, numbers: list[int]) -> list:
+    """The patch-bank shards paired with index shards ``numbers``, each checked against the manifest."""
+    import faiss
+
+    if not man.patch:
+        return []
+    entries = man.bank_shards()
+    if len(entries) != len(man.shards):
+        raise IndexMismatch(f"the manifest lists {len(entries)} patch-bank shards for {len(man.shards)} index shards")
+    dim, out = int(man.patch["dimension"]), []
+    for i in numbers:
+        e = entries[i]
+        sub = faiss.deserialize_index(np.frombuffer(_read_checked(folder, e.file, e.sha256), dtype=np.uint8))
+        if sub.d != dim or sub.ntotal != e.count:
+            raise IndexMismatch(f"{e.file}: count/dimension mismatch: the file holds {sub.ntotal} patches of dimension "
+                                f"{sub.d}, the manifest says {e.count} x {dim}")
+        out.append(sub)
+    return out
 
 
 def _read_checked(folder: str, name: str, digest: str) -> bytes:
@@ -110,6 +142,7 @@ def load_shards(path: str, shards: list[int] | None = None, expected_model_id: s
     index, keep = place_subs(man, subs, use_gpu)
     out = ShardedIndex(man, index, np.concatenate(ids), folder)
     out._subs, out._gpu = subs, keep
+    out.bank = _load_bank(man, folder, numbers)
     out.shard_numbers = numbers
     return out
 

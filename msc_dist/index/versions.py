@@ -54,6 +54,10 @@ class IndexManifest:
     created: float = field(default_factory=time.time)
     extra: dict = field(default_factory=dict)  # backbone, image size, checkpoint, embeddings files, ...
     format: str = FORMAT
+    # A version with a patch bank (msc_dist.patches): the PatchSpec dict + score_mode, map_threshold,
+    # thresholds {global, patch, combined}, grid [h, w], dimension, count and the bank's shards
+    # (one per index shard, same entries as the index's). None: no bank (global scores only).
+    patch: dict | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "IndexManifest":
@@ -63,6 +67,9 @@ class IndexManifest:
                                 "with python -m msc_dist.embed")
         d["shards"] = [ShardEntry(**s) for s in d["shards"]]
         return cls(**d)
+
+    def bank_shards(self) -> list[ShardEntry]:
+        return [ShardEntry(**s) for s in (self.patch or {}).get("shards", [])]
 
 
 def new_version() -> str:
