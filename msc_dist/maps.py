@@ -230,10 +230,3 @@ def map_file_name(sample_id: str, suffix: str = ".png") -> str:
     tail = re.sub(r"[^A-Za-z0-9._-]+", "_", sid)[-60:].strip("._") or "image"
     return f"{tail}-{hashlib.sha256(sid.encode()).hexdigest()[:12]}{suffix}"
 
-
-def map_threshold_of(manifest) -> float | None:
-    """The per-pixel ``map_threshold`` an index manifest records for its patch bank; None when
-    the version has no bank (no maps)."""
-    rec = getattr(manifest, "patch", None) or (getattr(manifest, "extra", None) or {}).get("patch")
-    thr = (rec or {}).get("map_threshold")
-    return None if thr is None else float(thr)

@@ -106,10 +106,11 @@ def predict(cfg: PredictConfig, scorer=None, progress: bool = False) -> list[dic
         if not cfg.index:
             raise ConfigError("--index is required (the embedding job's --out, e.g. ~/msc_runs/msc/serving)")
         scorer = open_scorer(cfg.index, cfg.checkpoint, cfg.device, max_pixels=cfg.max_pixels, runtime=cfg.runtime)
-    map_thr = map_threshold(scorer)
+    map_thr = scorer.map_threshold  # None: the version has no patch bank (or no calibrated map threshold)
     if cfg.maps and map_thr is None:
-        raise ConfigError(f"--maps: index version {scorer.version} has no patch bank, so no anomaly maps: "
-                          "rebuild it with python -m msc_dist.embed --patch-bank (or --score-mode patch)")
+        raise ConfigError(f"--maps: index version {scorer.version} has no patch bank with a calibrated map threshold, so "
+                          "no anomaly maps: rebuild it with python -m msc_dist.embed --patch-bank (and a calibration "
+                          "hold-out)")
     files = list_files(cfg.paths)
     rows: list[dict] = []
     bar = None
@@ -137,20 +138,13 @@ def predict(cfg: PredictConfig, scorer=None, progress: bool = False) -> list[dic
                 row = {"path": p, "score": None, "is_anomaly": None, "threshold": scorer.threshold,
                        "neighbors": [], "error": read[i][1]}
                 if map_thr is not None:
-                    row.update(_map_fields(None, map_thr, None, None, p))
+                    row.update(_map_fields(None, map_thr, None, cfg.maps, p))
             rows.append(row)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return rows
-
-
-def map_threshold(scorer) -> float | None:
-    """The version's per-pixel map threshold; None when it has no patch bank (no maps)."""
-    from msc_dist.maps import map_threshold_of
-
-    return map_threshold_of(scorer.manifest)
 
 
 def _map_fields(m, map_thr: float, image, maps_dir: str | None, path: str) -> dict:

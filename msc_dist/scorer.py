@@ -176,6 +176,23 @@ class Scorer:
             r.map = mm if maps else None
         return out
 
+    async def ascore_arrays(self, arrays: np.ndarray | list[np.ndarray], maps: bool = False) -> list[ScoreResult]:
+        """``score_arrays`` for an event loop (serving): the forward and the map in threads, the
+        searches through the searcher's own ``asearch`` / ``asearch_patches`` when it has them
+        (the sharded layout's fan-out), else its ``search`` / ``search_patches`` in a thread."""
+        if self.patch_spec is None or (self.score_mode == "global" and not maps):
+            return await self.ascore_embeddings(await asyncio.to_thread(self.card.embed_arrays, arrays))
+        z, p = await asyncio.to_thread(self.card.embed_arrays_with_patches, arrays, self.patch_spec)
+        b, h, w, c = p.shape
+
+        def run(name: str, x: np.ndarray):
+            fn = getattr(self.searcher, "a" + name, None)
+            return fn(x) if fn is not None else asyncio.to_thread(getattr(self.searcher, name), x)
+
+        found, d = await asyncio.gather(run("search", z), run("search_patches", p.reshape(b, h * w, c)))
+        m = await asyncio.to_thread(anomaly_map, d.reshape(b, h, w), self.image_size, self.patch_spec.sigma)
+        return self.patch_results(found, m, maps)
+
     def decode(self, data: bytes) -> np.ndarray:
         return self.card.preprocess(data, self.max_pixels, self.formats)
 

@@ -37,7 +37,6 @@ from msc_dist.data.rows import expand_listing, iter_listing, object_ext, read_ob
 from msc_dist.data.shards import MANIFEST as SHARDS_MANIFEST, DataError, describe
 from msc_dist.embed.workers import content_name
 from msc_dist.index import IndexMismatch, read_manifest
-from msc_dist.maps import map_threshold_of
 from msc_dist.progress import bar
 from msc_dist.ray_env import init_ray
 from msc_dist.runtime import actor_threads, driver_cache, resolve as resolve_runtime
@@ -111,7 +110,7 @@ class ScoreActor:
         if self.scorer.preprocess != preprocess:
             raise IndexMismatch(f"the read tasks decode with {preprocess}, the checkpoint's card is "
                                 f"{self.scorer.preprocess}")
-        self.map_thr, self.maps = map_threshold_of(self.scorer.manifest), maps
+        self.map_thr, self.maps = self.scorer.map_threshold, maps  # map_thr None: no maps
 
     def __call__(self, batch: dict) -> dict:
         keep = ~np.asarray(batch["stats_only"], dtype=bool)
@@ -211,9 +210,9 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     pre = preprocess_of(ck.config)  # the model card's preprocessing: every image is decoded by it
     check_pair(man, ck.model_id, pre)  # refuses a manifest that disagrees with its checkpoint
     model_id, threshold, version = man.model_id, man.threshold, man.version
-    if cfg.maps and map_threshold_of(man) is None:
-        raise ConfigError(f"--maps: index version {version} has no patch bank, so no anomaly maps: rebuild it with "
-                          "python -m msc_dist.embed --patch-bank (or --score-mode patch)")
+    if cfg.maps and (man.patch or {}).get("map_threshold") is None:
+        raise ConfigError(f"--maps: index version {version} has no patch bank with a calibrated map threshold, so no "
+                          "anomaly maps: rebuild it with python -m msc_dist.embed --patch-bank (and a calibration hold-out)")
     fmt = input_format(cfg.input, cfg.input_format)
     resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
     init_ray(cfg.ray_address)
