@@ -122,7 +122,8 @@ class Scorer:
         m = self.manifest
         return {**self.card.info(), "version": m.version, "index_version": m.version, "index_size": m.count,
                 "dimension": m.dimension, "k": m.k, "threshold": m.threshold, "target_fpr": m.target_fpr,
-                "index_shards": len(m.shards)}
+                "index_shards": len(m.shards),
+                **({"score_mode": self.score_mode, "map_threshold": self.map_threshold} if m.patch else {})}
 
     def embed(self, images) -> np.ndarray:
         """(B, 3, S, S) uint8 -> (B, D) float32 unit vectors (the card's batch forward)."""
@@ -158,8 +159,27 @@ class Scorer:
     def maps_of(self, p: np.ndarray) -> np.ndarray:
         """(B, h, w, C) patch features -> (B, S, S) float32 anomaly maps over this version's bank."""
         b, h, w, c = p.shape
-        d = self.searcher.search_patches(p.reshape(b, h * w, c))
-        return anomaly_map(d.reshape(b, h, w), self.image_size, self.patch_spec.sigma)
+        return self.maps_from(self.searcher.search_patches(p.reshape(b, h * w, c)), p.shape)
+
+    def maps_from(self, d: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """(B, h*w) squared nearest-bank distances of patches of ``shape`` (B, h, w, C) -> (B, S, S) maps."""
+        b, h, w, _ = shape
+        return anomaly_map(np.asarray(d).reshape(b, h, w), self.image_size, self.patch_spec.sigma)
+
+    async def ascore_arrays(self, arrays: np.ndarray | list[np.ndarray], maps: bool = False) -> list[ScoreResult]:
+        """``score_arrays`` off the event loop (serving): the forward in a thread, the searches by
+        the searcher's own ``asearch`` / ``asearch_patches`` (a fan-out), else in a thread."""
+        if self.patch_spec is None or (self.score_mode == "global" and not maps):
+            z = await asyncio.to_thread(self.card.embed_arrays, arrays)
+            return await self.ascore_embeddings(z)
+        z, p = await asyncio.to_thread(self.card.embed_arrays_with_patches, arrays, self.patch_spec)
+        asearch = getattr(self.searcher, "asearch", None)
+        found = await asearch(z) if asearch is not None else await asyncio.to_thread(self.searcher.search, z)
+        b, h, w, c = p.shape
+        q = p.reshape(b, h * w, c)
+        apatches = getattr(self.searcher, "asearch_patches", None)
+        d = await apatches(q) if apatches is not None else await asyncio.to_thread(self.searcher.search_patches, q)
+        return self.patch_results(found, await asyncio.to_thread(self.maps_from, d, p.shape), maps)
 
     def patch_results(self, found, m: np.ndarray, maps: bool) -> list[ScoreResult]:
         """Global search results + maps -> results scored by this version's score mode."""
@@ -175,23 +195,6 @@ class Scorer:
             r.patch_score = float(s)
             r.map = mm if maps else None
         return out
-
-    async def ascore_arrays(self, arrays: np.ndarray | list[np.ndarray], maps: bool = False) -> list[ScoreResult]:
-        """``score_arrays`` for an event loop (serving): the forward and the map in threads, the
-        searches through the searcher's own ``asearch`` / ``asearch_patches`` when it has them
-        (the sharded layout's fan-out), else its ``search`` / ``search_patches`` in a thread."""
-        if self.patch_spec is None or (self.score_mode == "global" and not maps):
-            return await self.ascore_embeddings(await asyncio.to_thread(self.card.embed_arrays, arrays))
-        z, p = await asyncio.to_thread(self.card.embed_arrays_with_patches, arrays, self.patch_spec)
-        b, h, w, c = p.shape
-
-        def run(name: str, x: np.ndarray):
-            fn = getattr(self.searcher, "a" + name, None)
-            return fn(x) if fn is not None else asyncio.to_thread(getattr(self.searcher, name), x)
-
-        found, d = await asyncio.gather(run("search", z), run("search_patches", p.reshape(b, h * w, c)))
-        m = await asyncio.to_thread(anomaly_map, d.reshape(b, h, w), self.image_size, self.patch_spec.sigma)
-        return self.patch_results(found, m, maps)
 
     def decode(self, data: bytes) -> np.ndarray:
         return self.card.preprocess(data, self.max_pixels, self.formats)

@@ -192,3 +192,18 @@ def test_gpu_check_smoke_writes_each_row_and_the_profile_to_out_as_measured(tmp_
     text = (out / "profile.txt").read_text()
     assert "loader_wait_share:" in text and "top ops by self CPU time" in text and "Self CPU" in text
     assert "row train_lite0" in (out / "stages.log").read_text()
+
+
+def test_bench_embed_scale_with_the_patch_bank(tmp_path):
+    """--patch-bank: the same job also builds the patch bank in the index shards; its size per
+    image is the budget (tiny_cnn's 4 x 4 patches of an 8 px image, 6 kept of 16)."""
+    cmd = [sys.executable, "-m", "msc_dist.bench", "embed-scale", "--rows", "3000", "--per-shard", "1000",
+           "--num-shards", "2", "--rows-per-task", "100", "--patch-bank", "--patch-budget", "6",
+           "--workdir", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["rows"] == 3000 and res["corrupt"] == 0 and res["patch_bank"] is True
+    assert res["bank_shards"] == res["index_shards"] == 2
+    assert res["bank_patches"] == 6 * res["index_count"] and res["bank_patches_per_image"] == 6
+    assert res["bank_bytes_per_image"] == 6 * res["bank_dimension"] * 4 and res["driver_peak_rss_mb"] > 0

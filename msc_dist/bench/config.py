@@ -164,7 +164,7 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "time_budget": "seconds; no new class starts after it", "json_out": "also write the result here",
            "loop": "ours (the product's training loop) | reference (the paper's procedure written plainly)"}
 
-SCALE_KEYS = ("num_shards", "pool_size", "rows_per_task", "factory")
+SCALE_KEYS = ("num_shards", "pool_size", "rows_per_task", "factory", "patch_bank", "patch_budget")
 
 
 @dataclass

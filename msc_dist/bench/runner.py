@@ -73,5 +73,6 @@ def run(name: str, cfg) -> dict:
         from msc_dist.bench.scale import bench_embed_scale
 
         return bench_embed_scale(cfg.rows, os.path.expanduser(cfg.workdir), cfg.per_shard, cfg.num_shards,
-                                 cfg.pool_size, cfg.rows_per_task, cfg.rows_per_file, cfg.factory)
+                                 cfg.pool_size, cfg.rows_per_task, cfg.rows_per_file, cfg.factory,
+                                 cfg.patch_bank, cfg.patch_budget)
     raise ConfigError(f"unknown benchmark {name!r}")

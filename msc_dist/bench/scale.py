@@ -1,7 +1,8 @@
 """``bench embed-scale``: the real embedding job and index build on the local Ray over N tiny
 synthetic images, with a deliberately cheap model, so that the job's own overheads dominate.
 Reports what decides whether the job survives 100 M rows: the driver's peak RSS (from the OS)
-and the bytes read per byte stored."""
+and the bytes read per byte stored. ``patch_bank``: the job also builds the patch bank (tiny_cnn's
+patches of each 8 px image, ``patch_budget`` per image), in the same index shards."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def peak_rss_mb() -> float:
 
 
 def bench_embed_scale(rows: int, workdir: str, per_shard: int = 10_000, num_shards: int = 4, pool_size: int = 1,
-                      rows_per_task: int = 512, rows_per_file: int | None = None, factory: str = "Flat") -> dict:
+                      rows_per_task: int = 512, rows_per_file: int | None = None, factory: str = "Flat",
+                      patch_bank: bool = False, patch_budget: int = 32) -> dict:
     """``rows_per_file`` defaults to rows / 8: the same number of parts at every N, enough for
     ``num_shards`` index shards (a shard is built from whole parts)."""
     rows_per_file = rows_per_file or max(1000, rows // 8)
@@ -69,10 +71,22 @@ def bench_embed_scale(rows: int, workdir: str, per_shard: int = 10_000, num_shar
     t0 = time.perf_counter()
     res = embed_main(EmbedConfig(checkpoint=ck, data=data, out=os.path.join(workdir, f"out-{rows}"),
                                  num_shards=num_shards, pool_size=pool_size, rows_per_task=rows_per_task,
-                                 rows_per_file=rows_per_file, factory=factory, batch_size=1024))
+                                 rows_per_file=rows_per_file, factory=factory, batch_size=1024,
+                                 patch_bank=patch_bank, patch_budget=patch_budget))
     dt = time.perf_counter() - t0
     return {"bench": "embed-scale", "rows": res.rows, "rows_per_s": round(res.rows / dt, 1), "seconds": round(dt, 1),
             "driver_peak_rss_mb": round(peak_rss_mb(), 1), "driver_rss_before_job_mb": round(rss_before, 1),
             "bytes_read_ratio": None if res.bytes_read_ratio is None else round(res.bytes_read_ratio, 4),
             "index_shards": len(res.manifest.shards), "index_count": res.manifest.count,
-            "parts": len(res.manifest.extra["embeddings"]), "factory": factory, "corrupt": res.corrupt}
+            "parts": len(res.manifest.extra["embeddings"]), "factory": factory, "corrupt": res.corrupt,
+            **_bank_figures(res.manifest)}
+
+
+def _bank_figures(man) -> dict:
+    """The patch bank's size (a version with one), from its manifest."""
+    if not man.patch:
+        return {"patch_bank": False}
+    per_image = man.patch["count"] / max(man.count, 1)
+    return {"patch_bank": True, "bank_shards": len(man.patch["shards"]), "bank_patches": man.patch["count"],
+            "bank_patches_per_image": per_image, "bank_dimension": man.patch["dimension"],
+            "bank_bytes_per_image": round(per_image * man.patch["dimension"] * 4, 1)}
