@@ -112,7 +112,7 @@ def test_serving_and_the_scorer_import_neither_torch_distributed_nor_kornia(modu
 
 @pytest.mark.parametrize("module", ["msc_dist.loss", "msc_dist.backbones", "msc_dist.index", "msc_dist.scoring",
                                     "msc_dist.features", "msc_dist.checkpoint", "msc_dist.predict",
-                                    "msc_dist.runtime", "msc_dist.card", "msc_dist.export"])
+                                    "msc_dist.runtime", "msc_dist.card", "msc_dist.export", "msc_dist.patches"])
 def test_pure_modules_import_neither_torch_distributed_nor_ray(module):
     assert offenders(module, ("torch.distributed", "ray", "msc_dist.dist")) == []
 

@@ -4,6 +4,7 @@ Ray builds the bank in shards, the Scorer loads it through ``open_scorer``, real
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -172,3 +173,30 @@ def test_the_single_serving_layout_scores_a_version_with_a_bank_by_its_score_mod
     assert [r["score"] for r in rows] == pytest.approx([w.score for w in want], rel=1e-4)  # batch of 1 vs 4
     assert [r["patch_score"] for r in rows] == pytest.approx([w.patch_score for w in want], rel=1e-4)
     assert [r["is_anomaly"] for r in rows] == [w.is_anomaly for w in want]
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"score_mode": "pach"}, "score_mode must be one of ['global', 'patch', 'combined']"),
+    ({"score_mode": "patch", "patch_source": "imagenet"}, "patch_source must be one of ['frozen', 'msc']"),
+    ({"score_mode": "patch", "patch_pool": 2}, "PatchSpec.pool must be an odd number"),
+    ({"patch_bank": True, "patch_budget": 0}, "patch_budget"),
+    ({"score_mode": "combined", "calibration_fraction": 0.0}, "score_mode combined needs calibrated thresholds"),
+])
+def test_bad_patch_options_are_config_errors_before_ray_starts(tmp_path, monkeypatch, options, says):
+    from msc_dist.config import ConfigError
+    from msc_dist.embed import job
+
+    make_demo(str(tmp_path / "demo"), n_train=4, n_test_normal=0, n_test_defect=0, size=32, per_shard=4)
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="squash", data=str(tmp_path / "demo" / "train"))
+    monkeypatch.setattr(job, "init_ray", lambda *a: pytest.fail("Ray started before the options were checked"))
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        embed_main(EmbedConfig(checkpoint=ck, out=str(tmp_path / "o"), **options))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_patch_stage_names_the_backbone():
+    from msc_dist.backbones import build_model
+    from msc_dist.patches import PatchError, PatchExtractor
+
+    with pytest.raises(PatchError, match=re.escape("tiny_cnn has no trunk stage(s) ['7']")):
+        PatchExtractor(build_model("tiny_cnn"), PatchSpec((7,)))

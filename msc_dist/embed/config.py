@@ -68,7 +68,7 @@ HELP = {
     "decode_on_device": "auto | on | off: read tasks pass encoded bytes and the actors decode JPEGs in batches on their device (auto: with --use-gpu)",
     "cpus_per_actor": "CPUs reserved per embedding actor",
     "rows_per_task": "rows per block handed from the read tasks to the actors (each read task streams one whole shard once)",
-    "rows_per_file": "rows per Parquet part (each written by a worker)",
+    "rows_per_file": "rows per Parquet part (each written by a worker; at most 2048 with a patch bank)",
     "max_calibration": "at most this many held-out normal samples for the threshold (the hold-out fraction shrinks to fit)",
     "num_shards": "FAISS index shards (each built by its own task)",
     "keep_versions": "published index versions kept under OUT/versions (the live one and those before it)",

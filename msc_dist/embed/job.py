@@ -93,7 +93,7 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
         .map_batches(write_part, fn_kwargs={"out": root, "folder": "embeddings", "model_id": model_id,
                                             "cal_fraction": cal_fraction, "seed": cfg.seed, "role": role,
                                             "patch_spec": patch_spec},
-                     batch_size=cfg.rows_per_file, batch_format="numpy")
+                     batch_size=rows_per_file(cfg, patch_spec), batch_format="numpy")
     )
     st = PassStats([], [])
     t0 = time.perf_counter()
@@ -116,6 +116,15 @@ def embed_pass(data: str, keep: list[int] | None, checkpoint: str, model_id: str
                             json.loads(r["corrupt_keys"]))
     st.seconds = time.perf_counter() - t0
     return st
+
+
+# Rows per Parquet part with a patch bank: a writer task holds every patch of its rows (EfficientNet-
+# Lite0 at 224 px: 14 x 14 x 192 floats, 150 kB a row), so parts are cut at this many rows.
+PATCH_ROWS_PER_FILE = 2048
+
+
+def rows_per_file(cfg: EmbedConfig, patch_spec: dict | None) -> int:
+    return min(cfg.rows_per_file, PATCH_ROWS_PER_FILE) if patch_spec else cfg.rows_per_file
 
 
 def decode_on_device(cfg: EmbedConfig) -> bool:
@@ -141,6 +150,9 @@ def patch_spec_of(cfg: EmbedConfig, backbone: str) -> PatchSpec | None:
         raise ConfigError(f"patch_source must be one of {list(SOURCES)}, got {cfg.patch_source!r}")
     if cfg.score_mode == "global" and not cfg.patch_bank:
         return None
+    if cfg.score_mode == "combined" and not cfg.calibration_data and cfg.calibration_fraction == 0:
+        raise ConfigError("score_mode combined needs calibrated thresholds: give --calibration-data or a "
+                          "--calibration-fraction in (0, 1)")
     try:
         return PatchSpec.default(backbone, stages=tuple(cfg.patch_stages) if cfg.patch_stages else None,
                                  pool=cfg.patch_pool, budget=cfg.patch_budget, seed=cfg.seed, sigma=cfg.patch_sigma,

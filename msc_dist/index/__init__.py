@@ -8,6 +8,9 @@ Layout (a folder or s3:// prefix, the embedding job's --out):
     versions/<id>/index/shard-0000.faiss       FAISS indexes over unit vectors, inner-product metric
     versions/<id>/index/shard-0000.ids.parquet row i = the sample id of that shard's vector i
     versions/<id>/embeddings/part-*.parquet    the embedding rows (cal-*: the calibration hold-out)
+    versions/<id>/bank/shard-0000.faiss        with a patch bank (``manifest.patch``): IndexFlatL2 of
+                                               each normal image's kept patches, one per index shard
+    versions/<id>/bank/shard-0000.ids.parquet  row i = the sample id of that bank patch
 
 One module a concern, each importing only those above it in this list:
 
