@@ -121,16 +121,6 @@ def test_predict_json_and_overlays(banked, scorer, tmp_path, capsys):
     assert rc == 0 and "area" in out.splitlines()[0] and "regions" in out.splitlines()[0]
 
 
-def test_a_map_is_the_same_bits_in_any_batch(banked, scorer):
-    """What makes serving's map equal predict's: an image's map does not depend on the images
-    scored with it (FAISS rounds by the shape of the query block: patches.nearest searches each
-    image alone)."""
-    together = scorer.score_bytes(banked["images"], maps=True)
-    for data, t in zip(banked["images"], together):
-        (alone,) = scorer.score_bytes([data], maps=True)
-        assert np.array_equal(alone.map, t.map)
-
-
 def test_predict_maps_on_a_version_without_a_bank_is_a_one_line_error(banked, tmp_path, capsys):
     rc, out, err = _run(["predict", "--index", banked["plain"], "--maps", str(tmp_path / "o"), banked["files"][0]], capsys)
     assert rc == 2 and "has no patch bank" in err and len(err.strip().splitlines()) == 1
