@@ -196,16 +196,13 @@ def nearest(index, patches: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """(B, n, C) query patches -> (B, n) squared L2 distances to the nearest patch in ``index``
     (inf where the index is empty). Shards merge exactly by ``np.minimum``."""
     b, n, c = patches.shape
-    q = np.ascontiguousarray(patches, np.float32).reshape(b, n, c)
-    out = np.full((b, n), np.inf, np.float32)
+    q = np.ascontiguousarray(patches.reshape(-1, c), np.float32)
+    out = np.full(len(q), np.inf, np.float32)
     if index.ntotal:
-        # One image per search: FAISS's BLAS path rounds a query's distances by the shape of the
-        # query block, so an image's map is then the same bits in any batch (serving = predict).
-        for i in range(b):
-            for s in range(0, n, chunk):
-                d, _ = index.search(q[i, s:s + chunk], 1)
-                out[i, s:s + chunk] = d[:, 0]
-    return out
+        for s in range(0, len(q), chunk):
+            d, _ = index.search(q[s:s + chunk], 1)
+            out[s:s + chunk] = d[:, 0]
+    return out.reshape(b, n)
 
 
 def anomaly_map(sq_dist: np.ndarray, size: int, sigma: float) -> np.ndarray:
