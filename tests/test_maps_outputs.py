@@ -204,7 +204,9 @@ def apps(banked, local_ray):
 
 
 def test_serving_maps_equal_predict_in_both_layouts(apps, banked, capsys):
-    rc, out, err = _run(["predict", "--index", banked["index"], "--json", *banked["files"]], capsys)
+    # One image a forward on both sides: FAISS's BLAS search rounds by the shape of the query
+    # block, so an image scored beside others can differ by a grey level at a few pixels.
+    rc, out, err = _run(["predict", "--index", banked["index"], "--json", "--batch-size", "1", *banked["files"]], capsys)
     assert rc == 0, err
     rows = json.loads(out)
     with httpx.Client(timeout=120) as c:
@@ -212,19 +214,21 @@ def test_serving_maps_equal_predict_in_both_layouts(apps, banked, capsys):
             info = c.get(f"{apps}/{layout}/v1/model").json()
             assert info["index_version"] == banked["manifest"].version and info["index_shards"] == 3
             got = []
-            for data in banked["images"][:3]:  # one image a request
+            for data in banked["images"]:  # one image a request, one request at a time
                 r = c.post(f"{apps}/{layout}/v1/score?maps=1", content=data, headers={"content-type": "image/jpeg"})
                 assert r.status_code == 200, r.text
                 got += r.json()
-            r = c.post(f"{apps}/{layout}/v1/score", params={"maps": "1"},
-                       files=[("f", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(banked["images"][3:])])
-            assert r.status_code == 200, r.text
-            got += r.json()
             assert len(got) == len(rows)
             for g, row in zip(got, rows):
                 assert g["map"] == row["map"], layout  # the same PNG bytes, base64 for base64
                 assert g["boxes"] == row["boxes"] and g["area"] == row["area"] and g["patch_score"] == row["patch_score"]
                 assert g["score"] == pytest.approx(row["score"], abs=1e-5)
+            r = c.post(f"{apps}/{layout}/v1/score", params={"maps": "1"},
+                       files=[("f", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(banked["images"][:4])])
+            assert r.status_code == 200, r.text
+            for g, row in zip(r.json(), rows):  # several in one request: the same map within a grey level
+                a, b = maps.decode_map(g["map"])[0].astype(int), maps.decode_map(row["map"])[0].astype(int)
+                assert np.abs(a - b).max() <= 1, layout
             plain = c.post(f"{apps}/{layout}/v1/score", content=banked["images"][0],
                            headers={"content-type": "image/jpeg"}).json()[0]
             assert "map" not in plain and "boxes" not in plain  # no maps unless asked
