@@ -229,3 +229,4 @@ def map_file_name(sample_id: str, suffix: str = ".png") -> str:
     sid = str(sample_id)
     tail = re.sub(r"[^A-Za-z0-9._-]+", "_", sid)[-60:].strip("._") or "image"
     return f"{tail}-{hashlib.sha256(sid.encode()).hexdigest()[:12]}{suffix}"
+

@@ -1,7 +1,8 @@
 """The serving app's front: a FastAPI Gateway (auth, validation, limits, decoding) in front of
 the Model deployment (serving/model.py), in both layouts.
 
-    POST /v1/score   one image body (image/jpeg|png|webp) or multipart/form-data with several
+    POST /v1/score   one image body (image/jpeg|png|webp) or multipart/form-data with several;
+                     ?maps=1 adds each image's anomaly map, boxes and area (a version with a patch bank)
     GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold, and the
                      share of recent images over the threshold (serving/metrics.py)
     GET  /healthz
@@ -70,6 +71,18 @@ class InflightBytes:
             self.used -= held
 
 
+def maps_flag(value: str | None) -> bool:
+    """The ``maps`` query parameter: absent, 0 or false: no maps; 1 or true: maps."""
+    if value is None:
+        return False
+    v = value.strip().lower()
+    if v in ("1", "true"):
+        return True
+    if v in ("0", "false", ""):
+        return False
+    raise ApiError(400, f"maps must be 0 or 1 (or false/true), got {value[:40]!r}")
+
+
 def image_error(name: str, e: BadImage) -> ApiError:
     status = 415 if isinstance(e, UnsupportedFormat) else 413 if isinstance(e, TooManyPixels) else 422
     return ApiError(status, f"{name}: {e}")
@@ -102,6 +115,21 @@ def decode_request(files: list[tuple[str, bytes]], preprocess: Preprocess, max_p
 
 api = FastAPI(title="msc-dist anomaly scoring", version="1")
 
+SCORE_DOC = """Score one image (the body, image/jpeg, image/png or image/webp) or several (multipart/form-data
+file parts): a JSON list, one object per image, in order: `score`, `is_anomaly`, `threshold`,
+`neighbors` ([{`id`, `distance`}], nearest first), `index_version`.
+
+**`?maps=1`** (an index version with a patch bank; else 409): each object also holds
+`patch_score` (the anomaly map's maximum), `area` (the share of the map's pixels over the
+version's per-pixel `map_threshold`), `boxes` ([x0, y0, x1, y1] of the 8-connected regions over it,
+map pixels, x1 and y1 exclusive, the largest first, at most 32) and `map`:
+{`encoding`: "png-uint8", `width`, `height`, `scale`, `threshold`, `threshold_level`: 128, `png`}.
+`png` is a base64 8-bit grayscale PNG of the map at the model's input size (the preprocessed
+image, `GET /v1/model` `image_size`); grey level g = clip(round(map / (2 threshold) * 255), 0, 255),
+so 128 is the threshold, 255 twice it or more, and g * `scale` is the map within half a level.
+`msc predict --json` writes the same object, byte for byte, for an image scored alone (in a batch
+with others a few pixels may differ by one grey level)."""
+
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
@@ -119,7 +147,7 @@ class Gateway:
         self.formats = tuple(self.s.formats)
         self.inflight = InflightBytes(self.s.max_inflight_bytes, self.s.retry_after_s)
         self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="msc-decode")
-        self._card = None  # (fetched at, version, Preprocess) of the live version's model card
+        self._card = None  # (fetched at, version, Preprocess, has maps) of the live version's model card
         self.metrics = DetectorMetrics()  # this app serves one detector: "default"
 
     def _auth(self, request: Request) -> None:
@@ -170,15 +198,17 @@ class Gateway:
         finally:
             self.metrics.request(detector, status, time.perf_counter() - t0)
 
-    async def _live_card(self, refresh: bool = False) -> tuple[str, Preprocess]:
-        """(version, Preprocess) of the live index version's model card, asked of the Model at most
-        once per ``index_poll_s`` (10 s when it does not poll): requests are decoded for it, and
-        the Model scores each with the version it was decoded for."""
+    def _keep_card(self, card: dict) -> None:
+        self._card = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]), bool(card.get("maps")))
+
+    async def _live_card(self, refresh: bool = False) -> tuple[str, Preprocess, bool]:
+        """(version, Preprocess, whether it has maps) of the live index version's model card, asked
+        of the Model at most once per ``index_poll_s`` (10 s when it does not poll): requests are
+        decoded for it, and the Model scores each with the version it was decoded for."""
         ttl = self.s.index_poll_s or 10.0
         if refresh or self._card is None or time.monotonic() - self._card[0] > ttl:
-            card = await self.model.card.remote()
-            self._card = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]))
-        return self._card[1], self._card[2]
+            self._keep_card(await self.model.card.remote())
+        return self._card[1], self._card[2], self._card[3]
 
     async def _read(self, request: Request, take) -> bytes:
         limit = self.s.max_body_bytes
@@ -222,21 +252,29 @@ class Gateway:
             raise ApiError(400, "multipart body has no files: send the images as file parts")
         return files
 
-    async def _decode_and_score(self, files: list[tuple[str, bytes]]) -> list[dict]:
+    @staticmethod
+    def _no_maps(version: str) -> ApiError:
+        return ApiError(409, f"maps=1: index version {version} has no patch bank, so no anomaly maps; score "
+                             "without maps, or publish a version built with python -m msc_dist.embed --patch-bank")
+
+    async def _decode_and_score(self, files: list[tuple[str, bytes]], maps: bool = False) -> list[dict]:
         """Decode by the live card and score with that version. A version that rolled away while
         this request was decoded (the Model answers with the new card) is decoded once more for
-        the new one: never resized to fit, never scored by a model it was not made for."""
+        the new one: never resized to fit, never scored by a model it was not made for. ``maps``
+        on a version without a patch bank: 409, before any decoding."""
         loop = asyncio.get_running_loop()
-        version, pre = await self._live_card()
+        version, pre, has_maps = await self._live_card()
         for attempt in range(2):
+            if maps and not has_maps:
+                raise self._no_maps(version)
             arrays = await loop.run_in_executor(self.pool, decode_request, files, pre, self.s.max_pixels,
                                                 self.s.max_request_pixels, self.formats)
-            out = await self.model.score.remote(arrays, version)
+            out = await (self.model.score.remote(arrays, version, True) if maps else self.model.score.remote(arrays, version))
             if isinstance(out, list):
                 return out
-            # {"version": live version, "preprocess": its card}: ours is no longer served
-            self._card = (time.monotonic(), out["version"], Preprocess.from_dict(out["preprocess"]))
-            version, pre = self._card[1], self._card[2]
+            # {"version": live version, "preprocess": its card, "maps": ...}: ours is no longer served
+            self._keep_card(out)
+            version, pre, has_maps = self._card[1], self._card[2], self._card[3]
         raise ApiError(503, "the model rolled to a new version twice during this request, retry later",
                        {"Retry-After": str(self.s.retry_after_s)})
 
@@ -252,16 +290,17 @@ class Gateway:
         info = await self._guarded(self.model.info.remote())
         return {**info, "recent": {**self.metrics.recent(DEFAULT), "target_fpr": info.get("target_fpr")}}
 
-    @api.post("/v1/score")
+    @api.post("/v1/score", description=SCORE_DOC)
     async def score(self, request: Request):
         return await self._observed(DEFAULT, self._score(request))
 
     async def _score(self, request: Request):
         self._auth(request)
+        maps = maps_flag(request.query_params.get("maps"))
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
             raise ApiError(415, f"content type {ctype!r} is not accepted; use one of {', '.join(IMAGE_TYPES)} or multipart/form-data")
         with self.inflight.request() as take:
             body = await self._read(request, take)
             files = await self._files(request, ctype, body)
-            return await self._guarded(self._decode_and_score(files))
+            return await self._guarded(self._decode_and_score(files, maps))

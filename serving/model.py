@@ -36,6 +36,15 @@ _LOAD_KEYS = ("index", "checkpoint", "device", "runtime", "keep_versions")
 GONE = "__version_gone__"
 
 
+def with_maps(results: list, map_threshold: float) -> list[dict]:
+    """Score results with their maps -> answers: each result's dict + patch_score, area, boxes and
+    the map in the wire encoding (msc_dist.maps.encode_map, the bytes ``msc predict --json`` writes)."""
+    from msc_dist.maps import summary
+
+    return [{**r.to_dict(), **(summary(r.map, map_threshold, encode=True) if r.map is not None else {})}
+            for r in results]
+
+
 class Versions:
     """The index versions one replica holds, oldest first, the live one last: the roll policy of
     both layouts. ``load(manifest, folder)`` builds the Scorer of one version."""
@@ -176,36 +185,40 @@ class Model:
 
     # Two batches at once: one embeds (in a thread, off the event loop) while the other searches.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=2)
-    async def score_batch(self, images: list, versions: list) -> list:
+    async def score_batch(self, images: list, versions: list, maps: list) -> list:
         held = await self._versions()
         out = [None] * len(images)
-        for v in dict.fromkeys(versions):  # one version at a time: a batch never mixes two
-            idx = [i for i, u in enumerate(versions) if u == v]
+        for v, want in dict.fromkeys(zip(versions, maps)):  # one version at a time: a batch never mixes two
+            idx = [i for i, u in enumerate(zip(versions, maps)) if u == (v, want)]
             scorer = await held.get(v)
-            if scorer is None:
+            if scorer is None or (want and scorer.map_threshold is None):
                 for i in idx:
                     out[i] = GONE
                 continue
             x = np.stack([images[i] for i in idx])
             scorer.preprocess.check(x)  # decoded for this version's card, or refused: never resized
-            for i, r in zip(idx, await scorer.ascore_arrays(x)):  # the version's score mode
-                out[i] = r.to_dict()
+            results = await scorer.ascore_arrays(x, maps=want)
+            rows = await asyncio.to_thread(with_maps, results, scorer.map_threshold) if want else [r.to_dict() for r in results]
+            for i, r in zip(idx, rows):
+                out[i] = r
         return out
 
-    async def score(self, images: list, version: str):
-        """Results for images decoded for ``version``'s card; or, when this replica no longer holds
-        that version, the live card ({"version", "preprocess"}) to decode them for."""
+    async def score(self, images: list, version: str, maps: bool = False):
+        """Results for images decoded for ``version``'s card (with ``maps``: each with its anomaly
+        map, msc_dist.maps.summary); or, when this replica no longer holds that version (or it has
+        no maps to give), the live card ({"version", "preprocess", "maps"}) to decode them for."""
         held = await self._versions()
         await held.current()
-        res = list(await asyncio.gather(*(self.score_batch(im, version) for im in images)))
+        res = list(await asyncio.gather(*(self.score_batch(im, version, bool(maps)) for im in images)))
         if any(r is GONE or r == GONE for r in res):
             return await self.card()
         return res
 
     async def card(self) -> dict:
-        """The live version and its model card's preprocessing: what the Gateway decodes for."""
+        """The live version, its model card's preprocessing (what the Gateway decodes for) and
+        whether it gives anomaly maps (it has a patch bank)."""
         live = await (await self._versions()).current()
-        return {"version": live.version, "preprocess": live.preprocess.to_dict()}
+        return {"version": live.version, "preprocess": live.preprocess.to_dict(), "maps": live.map_threshold is not None}
 
     async def info(self) -> dict:
         live = await (await self._versions()).current()

@@ -9,7 +9,10 @@ serves the manifest shards i with i % N == g of an index version (checksums chec
 model id before any answer, on a GPU when the replica has one) and scales on its own load. The
 Model sends each batch of query vectors to every shard group concurrently and merges their top-k
 into the global top-k: the same scores and neighbours as one search of the unsharded index
-(``msc_dist.index.merged_scores``).
+(``msc_dist.index.merged_scores``). A version with a patch bank has one bank shard per index
+shard; each group searches the bank shards of its index shards, and the Model takes per patch the
+minimum of the groups' nearest distances (``merge_patch_answers``): the same anomaly maps as the
+single layout.
 
 No partial answers. A shard group that is missing, fails or does not answer within
 ``shard_timeout_s`` fails the whole batch with ``ShardUnavailable``, which the Gateway answers with
@@ -120,6 +123,18 @@ class IndexShard:
         ids[rows < 0] = None
         return {"group": self.group, "version": version, "shards": list(idx.shard_numbers), "d": d, "ids": ids}
 
+    async def search_patches(self, p: np.ndarray, version: str, model_id: str) -> dict:
+        """(B, n) squared distances of the patches ``p`` (B, n, C) to their nearest patch in this
+        group's patch-bank shards of ``version`` (the bank shard of each index shard it serves)."""
+        idx = self.versions.get(version)
+        if idx is None:
+            asyncio.ensure_future(self._ensure(version, model_id)).add_done_callback(
+                lambda t: t.cancelled() or t.exception())
+            raise ShardUnavailable(f"index shard group {self.group} has not loaded version {version} yet")
+        self._checked(idx, version, model_id)
+        d = await asyncio.to_thread(idx.search_patches, p)
+        return {"group": self.group, "version": version, "shards": list(idx.shard_numbers), "d": d}
+
     def versions_loaded(self) -> list[str]:
         return list(self.versions)
 
@@ -130,18 +145,30 @@ def merge_answers(answers: list[dict], k: int, version: str, num_shards: int) ->
     every shard exactly once."""
     from msc_dist.index import merged_scores
 
+    answers = _complete(answers, version, num_shards)
+    d = np.concatenate([a["d"] for a in answers], axis=1)
+    ids = np.concatenate([a["ids"] for a in answers], axis=1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return (merged_scores([a["d"] for a in answers], k), np.take_along_axis(d, order, axis=1),
+            np.take_along_axis(ids, order, axis=1))
+
+
+def _complete(answers: list[dict], version: str, num_shards: int) -> list[dict]:
+    """The answers of one version that cover every shard exactly once, in shard order; else
+    ShardUnavailable (a roll under way, a group missing): never a partial merge."""
     got = sorted({a["version"] for a in answers})
     if got != [version]:
         raise ShardUnavailable(f"index shards answered for versions {got}, not {version} alone (a roll is under way)")
     covered = sorted(s for a in answers for s in a["shards"])
     if covered != list(range(num_shards)):
         raise ShardUnavailable(f"index shards {covered} answered, not all {num_shards} of version {version}")
-    answers = sorted(answers, key=lambda a: min(a["shards"]))
-    d = np.concatenate([a["d"] for a in answers], axis=1)
-    ids = np.concatenate([a["ids"] for a in answers], axis=1)
-    order = np.argsort(d, axis=1, kind="stable")[:, :k]
-    return (merged_scores([a["d"] for a in answers], k), np.take_along_axis(d, order, axis=1),
-            np.take_along_axis(ids, order, axis=1))
+    return sorted(answers, key=lambda a: min(a["shards"]))
+
+
+def merge_patch_answers(answers: list[dict], version: str, num_shards: int) -> np.ndarray:
+    """Per-group nearest-bank distances -> (B, n): per patch the minimum over the groups, exactly
+    one search of the whole patch bank (as ``merge_answers`` is for the image index)."""
+    return np.minimum.reduce([a["d"] for a in _complete(answers, version, num_shards)])
 
 
 class FanOutSearcher:
@@ -177,6 +204,12 @@ class FanOutSearcher:
         man = self.manifest
         answers = await self._fan("search", z, man.k, man.version, man.model_id, timeout=self.cfg.shard_timeout_s)
         return merge_answers(answers, man.k, man.version, len(man.shards))
+
+    async def asearch_patches(self, p: np.ndarray) -> np.ndarray:
+        """(B, n, C) patches -> (B, n) squared distances to the nearest patch of the whole bank."""
+        man = self.manifest
+        answers = await self._fan("search_patches", p, man.version, man.model_id, timeout=self.cfg.shard_timeout_s)
+        return merge_patch_answers(answers, man.version, len(man.shards))
 
     def search(self, z: np.ndarray):
         raise TypeError("the sharded searcher fans out over the network: use Scorer.ascore_embeddings")

@@ -29,6 +29,7 @@ class ScoreConfig:
     max_error_fraction: float = 0.1
     ray_address: str | None = None
     runtime: str = "torch"
+    maps: str | None = None
 
     RANGES: ClassVar[dict[str, Range]] = {
         "batch_size": BATCH_RANGE, "pool_size": COUNT_RANGE, "min_pool_size": COUNT_RANGE, "cpus_per_actor": CPUS_RANGE,
@@ -55,4 +56,6 @@ HELP = {
     "max_error_fraction": "a run with a larger share of error rows exits non-zero and publishes nothing",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray)",
     "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
+    "maps": "folder or s3:// prefix for a heatmap PNG of each image whose anomaly map has pixels over the version's "
+            "map threshold (named by its uri, msc_dist.maps.map_file_name); needs an index version with a patch bank",
 }

@@ -6,7 +6,11 @@ sub-prefix, never as one list), or WebDataset shards (recognised by shards.json,
 .tar pattern, or by content: a folder of tar files). Read tasks fetch each object once (at most
 --max-bytes + 1 bytes, retried on transient errors) and decode it; an actor pool holding model +
 index (the ``Scorer`` that serving uses) scores; writer tasks write Parquet parts (uri, score,
-is_anomaly, neighbors, error) and return one stats row each.
+is_anomaly, neighbors, error) and return one stats row each. An index version with a patch bank
+adds, per image, its anomaly map's maximum (patch_score), the share of the map over the version's
+map_threshold (area), the boxes of those regions ([x0, y0, x1, y1] in map pixels) and map_file;
+with --maps DIR the scoring actors write a heatmap PNG of each image with pixels over the
+threshold into DIR (``msc_dist.maps.map_file_name`` of its uri): maps never reach the driver.
 
 Output: OUT/run-<id>/part-*.parquet plus OUT/_manifest.json, written last and only when the
 share of error rows is within --max-error-fraction; then older runs are deleted. Read results
@@ -17,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -94,7 +99,7 @@ class ScoreActor:
     during the run is not mixed in), ``preprocess`` what its read tasks decoded with."""
 
     def __init__(self, checkpoint: str, index: str, preprocess, use_gpu: bool = False, runtime: str = "torch",
-                 threads: int | None = None, cache: str | None = None):
+                 threads: int | None = None, cache: str | None = None, maps: str | None = None):
         import torch
 
         from msc_dist.scorer import open_scorer
@@ -105,6 +110,7 @@ class ScoreActor:
         if self.scorer.preprocess != preprocess:
             raise IndexMismatch(f"the read tasks decode with {preprocess}, the checkpoint's card is "
                                 f"{self.scorer.preprocess}")
+        self.map_thr, self.maps = self.scorer.map_threshold, maps  # map_thr None: no maps
 
     def __call__(self, batch: dict) -> dict:
         keep = ~np.asarray(batch["stats_only"], dtype=bool)
@@ -114,15 +120,36 @@ class ScoreActor:
         score = np.full(n, np.nan, np.float64)
         is_anom = np.zeros(n, np.int8) - 1  # -1 = null (error, or no threshold in the index)
         neighbors = [json.dumps([])] * n
+        # Objects: id == source == the object URI. Shards: "<shard url>#<sample key>".
+        uri = np.array([s if s == i else f"{s}#{i}" for s, i in zip(batch["source"], batch["id"])], dtype=object)
+        cols = self._map_columns(n) if self.map_thr is not None else None
         if ok.any():
-            res = self.scorer.score_arrays(batch["image"][ok])
+            x = batch["image"][ok]
+            res = self.scorer.score_arrays(x, maps=True) if cols is not None else self.scorer.score_arrays(x)
             for j, r in zip(np.flatnonzero(ok), res):
                 score[j], neighbors[j] = r.score, json.dumps(r.neighbors)
                 is_anom[j] = -1 if r.is_anomaly is None else int(r.is_anomaly)
-        # Objects: id == source == the object URI. Shards: "<shard url>#<sample key>".
-        uri = np.array([s if s == i else f"{s}#{i}" for s, i in zip(batch["source"], batch["id"])], dtype=object)
-        return {"uri": uri, "score": score, "is_anomaly": is_anom, "neighbors": np.array(neighbors, dtype=object),
-                "error": batch["error"], "bytes_read": batch["bytes_read"]}
+                if cols is not None and r.map is not None:
+                    self._map_row(cols, j, r.map, uri[j])
+        out = {"uri": uri, "score": score, "is_anomaly": is_anom, "neighbors": np.array(neighbors, dtype=object),
+               "error": batch["error"], "bytes_read": batch["bytes_read"]}
+        return {**out, **(cols or {})}
+
+    @staticmethod
+    def _map_columns(n: int) -> dict:
+        return {"patch_score": np.full(n, np.nan, np.float64), "area": np.full(n, np.nan, np.float64),
+                "boxes": np.array([json.dumps([])] * n, dtype=object), "map_file": np.array([""] * n, dtype=object)}
+
+    def _map_row(self, cols: dict, j: int, m: np.ndarray, uri: str) -> None:
+        """One image's map columns; its heatmap written (by its uri) when pixels are over the threshold."""
+        from msc_dist import maps
+
+        s = maps.summary(m, self.map_thr)
+        cols["patch_score"][j], cols["area"][j], cols["boxes"][j] = s["patch_score"], s["area"], json.dumps(s["boxes"])
+        if self.maps and s["area"] > 0:
+            name = maps.map_file_name(uri)
+            storage.write_bytes_atomic(storage.join(self.maps, name), maps.heatmap_png(m, self.map_thr))
+            cols["map_file"][j] = name
 
 
 def _table(rows: dict):
@@ -131,13 +158,22 @@ def _table(rows: dict):
     ok = np.array([not e for e in rows["error"]], dtype=bool)
     anom = np.asarray(rows["is_anomaly"], dtype=np.int8)
     nb_type = pa.list_(pa.struct([("id", pa.string()), ("distance", pa.float32())]))
-    return pa.table({
+    cols = {
         "uri": pa.array([str(u) for u in rows["uri"]], pa.string()),
         "score": pa.array(rows["score"], pa.float64(), mask=~ok),
         "is_anomaly": pa.array(anom == 1, pa.bool_(), mask=anom < 0),
         "neighbors": pa.array([json.loads(s) for s in rows["neighbors"]], nb_type),
         "error": pa.array([e if e else None for e in rows["error"]], pa.string()),
-    })
+    }
+    if "patch_score" in rows:  # a version with a patch bank: the map columns
+        ps, area = np.asarray(rows["patch_score"], np.float64), np.asarray(rows["area"], np.float64)
+        cols.update({
+            "patch_score": pa.array(ps, pa.float64(), mask=np.isnan(ps)),
+            "area": pa.array(area, pa.float64(), mask=np.isnan(area)),
+            "boxes": pa.array([json.loads(b) for b in rows["boxes"]], pa.list_(pa.list_(pa.int32(), 4))),
+            "map_file": pa.array([f if f else None for f in rows["map_file"]], pa.string()),
+        })
+    return pa.table(cols)
 
 
 def write_scores(batch: dict, out: str, run: str) -> dict:
@@ -145,7 +181,8 @@ def write_scores(batch: dict, out: str, run: str) -> dict:
     name = f"{run}/part-{content_name(batch['uri'])}.parquet"
     storage.write_table(storage.join(out, name), _table(batch))
     return {"file": [name], "rows": [len(batch["uri"])], "errors": [int(sum(1 for e in batch["error"] if e))],
-            "bytes_read": [int(np.sum(batch["bytes_read"]))]}
+            "bytes_read": [int(np.sum(batch["bytes_read"]))],
+            "maps": [int(sum(1 for f in batch.get("map_file", ()) if f))]}
 
 
 @dataclass
@@ -156,6 +193,7 @@ class ScoreOutcome:
     out: str
     bytes_read: int = 0
     seconds: float = 0.0
+    maps: int = 0  # heatmap PNGs written (--maps)
 
 
 def main(cfg: ScoreConfig) -> ScoreOutcome:
@@ -172,6 +210,9 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     pre = preprocess_of(ck.config)  # the model card's preprocessing: every image is decoded by it
     check_pair(man, ck.model_id, pre)  # refuses a manifest that disagrees with its checkpoint
     model_id, threshold, version = man.model_id, man.threshold, man.version
+    if cfg.maps and (man.patch or {}).get("map_threshold") is None:
+        raise ConfigError(f"--maps: index version {version} has no patch bank with a calibrated map threshold, so no "
+                          "anomaly maps: rebuild it with python -m msc_dist.embed --patch-bank (and a calibration hold-out)")
     fmt = input_format(cfg.input, cfg.input_format)
     resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
     init_ray(cfg.ray_address)
@@ -195,20 +236,22 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     ds = ds.map_batches(
         ScoreActor, fn_constructor_kwargs={"checkpoint": checkpoint, "index": folder, "preprocess": pre,
                                            "use_gpu": cfg.use_gpu, "runtime": cfg.runtime,
-                                           "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache()},
+                                           "threads": actor_threads(cfg.cpus_per_actor), "cache": driver_cache(),
+                                           "maps": cfg.maps and _folder(cfg.maps)},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_pool_size, max_size=max(cfg.pool_size, cfg.min_pool_size)),
         batch_size=cfg.batch_size, batch_format="numpy", num_gpus=1 if cfg.use_gpu else 0, num_cpus=cfg.cpus_per_actor,
     )
     run = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     ds = ds.map_batches(write_scores, fn_kwargs={"out": cfg.out, "run": run}, batch_size=cfg.rows_per_file,
                         batch_format="numpy")
-    files, n_rows, n_err, n_bytes, t0 = [], 0, 0, 0, time.perf_counter()
+    files, n_rows, n_err, n_bytes, n_maps, t0 = [], 0, 0, 0, 0, time.perf_counter()
     with bar(total=total, desc="score", unit="rows") as pb:
         for r in ds.iter_rows():  # one small row per written part
             files.append(r["file"])
             n_rows += int(r["rows"])
             n_err += int(r["errors"])
             n_bytes += int(r["bytes_read"])
+            n_maps += int(r["maps"])
             pb.update(int(r["rows"]))
     if n_rows and n_err / n_rows > cfg.max_error_fraction:
         raise TooManyErrors(f"{n_err} of {n_rows} rows are errors ({n_err / n_rows:.1%}), above --max-error-fraction "
@@ -217,12 +260,18 @@ def main(cfg: ScoreConfig) -> ScoreOutcome:
     # Publish: manifest last, then drop older runs (nothing points at them any more).
     man = {"run": run, "files": sorted(files), "rows": n_rows, "errors": n_err, "index": cfg.index,
            "index_version": version, "model_id": model_id, "threshold": threshold, "created": time.time(),
-           "bytes_read": n_bytes}
+           "bytes_read": n_bytes, **({"maps": cfg.maps, "maps_written": n_maps} if cfg.maps else {})}
     storage.write_bytes_atomic(storage.join(cfg.out, OUT_MANIFEST), json.dumps(man, indent=1).encode())
     _drop_old_runs(cfg.out, run)
     dt = time.perf_counter() - t0
-    log.info("published %s: %d rows (%d errors) in %.0fs, %.0f rows/s", run, n_rows, n_err, dt, n_rows / max(dt, 1e-9))
-    return ScoreOutcome(n_rows, n_err, sorted(files), cfg.out, n_bytes, dt)
+    log.info("published %s: %d rows (%d errors) in %.0fs, %.0f rows/s%s", run, n_rows, n_err, dt,
+             n_rows / max(dt, 1e-9), f"; {n_maps} heatmaps in {cfg.maps}" if cfg.maps else "")
+    return ScoreOutcome(n_rows, n_err, sorted(files), cfg.out, n_bytes, dt, n_maps)
+
+
+def _folder(url: str) -> str:
+    """A folder for the workers: URLs as given, a local path made absolute (workers' cwd may differ)."""
+    return url if storage.is_remote(url) else os.path.abspath(storage.expand(url))
 
 
 def _drop_old_runs(out: str, keep: str) -> None:
