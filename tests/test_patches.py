@@ -107,6 +107,13 @@ def test_a_version_with_a_bank_scores_with_maps(banked):
         assert r.is_anomaly == (r.score > t["combined"])
         assert "map" not in r.to_dict() and r.to_dict()["patch_score"] == r.patch_score
     assert [r.map for r in scorer.score_bytes(items[:2])] == [None, None]  # maps only when asked
+    # What serving awaits (Scorer.ascore_arrays) gives the same results as score_arrays.
+    import asyncio
+
+    x = np.stack([scorer.decode(b) for b in items])
+    sync, served = scorer.score_arrays(x, maps=True), asyncio.run(scorer.ascore_arrays(x, maps=True))
+    assert [r.to_dict() for r in served] == [r.to_dict() for r in sync]
+    assert all(np.array_equal(a.map, b.map) for a, b in zip(served, sync))
 
 
 def test_a_pasted_square_lights_up_the_map_where_it_is(banked):
