@@ -192,16 +192,27 @@ def new_bank_index(dim: int):
     return faiss.IndexFlatL2(dim)
 
 
-def nearest(index, patches: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def nearest(index, patches: np.ndarray, chunk: int = 65536, candidates: int = 4) -> np.ndarray:
     """(B, n, C) query patches -> (B, n) squared L2 distances to the nearest patch in ``index``
-    (inf where the index is empty). Shards merge exactly by ``np.minimum``."""
+    (inf where the index is empty). Shards merge exactly by ``np.minimum``.
+
+    FAISS finds ``candidates`` nearest patches; their distances are then recomputed exactly, one
+    (query, patch) pair at a time, and the smallest kept. FAISS's own distances go through BLAS,
+    whose rounding depends on the shape of the query block (about 1e-5 here): without the
+    recomputation a map would depend on the batch its image was scored in, and serving's map would
+    differ from ``msc predict``'s by a grey level."""
     b, n, c = patches.shape
     q = np.ascontiguousarray(patches.reshape(-1, c), np.float32)
     out = np.full(len(q), np.inf, np.float32)
     if index.ntotal:
+        k = int(min(candidates, index.ntotal))
         for s in range(0, len(q), chunk):
-            d, _ = index.search(q[s:s + chunk], 1)
-            out[s:s + chunk] = d[:, 0]
+            qs = q[s:s + chunk]
+            _, ids = index.search(qs, k)
+            found = ids >= 0
+            vecs = index.reconstruct_batch(np.where(found, ids, 0).ravel()).reshape(len(qs), k, c)
+            d = np.square(vecs - qs[:, None, :]).sum(axis=2, dtype=np.float32)
+            out[s:s + chunk] = np.where(found, d, np.inf).min(axis=1)
     return out.reshape(b, n)
 
 

@@ -127,8 +127,7 @@ map pixels, x1 and y1 exclusive, the largest first, at most 32) and `map`:
 `png` is a base64 8-bit grayscale PNG of the map at the model's input size (the preprocessed
 image, `GET /v1/model` `image_size`); grey level g = clip(round(map / (2 threshold) * 255), 0, 255),
 so 128 is the threshold, 255 twice it or more, and g * `scale` is the map within half a level.
-`msc predict --json` writes the same object, byte for byte, for an image scored alone (in a batch
-with others a few pixels may differ by one grey level)."""
+`msc predict --json` writes the same object for the same image, byte for byte, in any batch."""
 
 
 @api.exception_handler(ApiError)
