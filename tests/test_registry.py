@@ -1,0 +1,139 @@
+"""The detector registry (msc_dist/registry.py): names, publishing into it, list / show / remove /
+default through the msc CLI, and two publishes of one detector at once."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from msc_dist import registry
+from msc_dist.config import ConfigError
+from msc_dist.index import load_index, write_index
+
+def _unit(n: int, d: int, seed: int) -> np.ndarray:
+    z = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return z / np.linalg.norm(z, axis=1, keepdims=True)
+
+
+def _publish(reg: Path, name: str, seed: int = 0, n: int = 40):
+    return write_index(registry.root(str(reg), name), _unit(n, 8, seed), [f"s{i}" for i in range(n)], f"m{seed}")
+
+
+@pytest.fixture
+def _msc(capsys):
+    """``msc ARGS`` in this process (the console script's own main): (exit status, stdout, stderr)."""
+    from msc_dist.cli import main
+
+    def run(*args: str) -> SimpleNamespace:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["bottle", "plant-a/bottle", "a0_b", "x/y-1"])
+def test_valid_names(name):
+    assert registry.check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "Bottle", "a/b/c", "../x", "a/..", "a.b", "-a", "a//b", "/a", "a/", "_x", "a b"])
+def test_invalid_names_are_refused_with_the_rule(name):
+    with pytest.raises(ConfigError, match=r"\[a-z0-9\]\[a-z0-9_-\]\*"):
+        registry.check_name(name)
+
+
+def test_list_show_default_remove_purge_through_the_cli(tmp_path, _msc):
+    reg = tmp_path / "reg"
+    a = _publish(reg, "bottle", 1)
+    b = _publish(reg, "plant-a/cable", 2)
+    _publish(reg, "plant-a/cable", 3)  # a second version of one detector
+    out = json.loads(_msc("detectors", "list", "--registry", str(reg)).stdout)
+    assert out["default"] is None and [d["name"] for d in out["detectors"]] == ["bottle", "plant-a/cable"]
+    r = _msc("detectors", "show", "plant-a/cable", "--registry", str(reg))
+    shown = json.loads(r.stdout)
+    assert shown["version"] != b.version and b.version in shown["versions"] and shown["model_id"] == "m3"
+    r = _msc("detectors", "default", "nope", "--registry", str(reg))
+    assert r.returncode == 2 and "no detector 'nope'" in r.stderr and "bottle, plant-a/cable" in r.stderr
+    assert json.loads(_msc("detectors", "default", "bottle", "--registry", str(reg)).stdout) == {"default": "bottle"}
+    assert registry.get_default(str(reg)) == "bottle"
+    # remove: 404-able at once (no pointer), the files stay until --purge
+    r = _msc("detectors", "remove", "bottle", "--registry", str(reg))
+    assert r.returncode == 0, r.stderr
+    assert registry.names(str(reg)) == ["plant-a/cable"] and registry.names(str(reg), removed=True) == ["bottle"]
+    assert (reg / "bottle" / "versions" / a.version / "manifest.json").exists()
+    assert registry.get_default(str(reg)) is None  # the default was removed
+    with pytest.raises(registry.UnknownDetector):
+        registry.describe(str(reg), "bottle")
+    r = _msc("detectors", "remove", "bottle", "--registry", str(reg))
+    assert r.returncode == 2 and "--purge" in r.stderr
+    assert _msc("detectors", "remove", "bottle", "--purge", "--registry", str(reg)).returncode == 0
+    assert not (reg / "bottle").exists()
+    r = _msc("detectors", "show", "Bad.Name", "--registry", str(reg))
+    assert r.returncode == 2 and "not valid" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_name_never_nests_in_another_detector(tmp_path):
+    reg = str(tmp_path / "reg")
+    _publish(tmp_path / "reg", "plant-a/cable")
+    with pytest.raises(ConfigError, match="group of detectors"):
+        registry.check_publishable(reg, "plant-a")
+    _publish(tmp_path / "reg", "bottle")
+    with pytest.raises(ConfigError, match="is a detector itself"):
+        registry.check_publishable(reg, "bottle/x")
+
+
+def test_two_publishes_of_one_detector_at_once_leave_one_live_and_whole(tmp_path, monkeypatch):
+    """Publish A starts first (an older version name) and is slow to commit; publish B commits
+    and cleans up in between. B must not delete A's files while A may still write them, nor may A
+    commit a version whose files are gone: the live version afterwards loads, every checksum."""
+    from msc_dist import storage
+    from msc_dist.index import versions
+
+    reg = tmp_path / "reg"
+    _publish(reg, "bottle", 0)  # a live version before both
+    b_done, real = threading.Event(), storage.write_bytes_atomic
+    a_thread = []
+
+    def slow_manifest(url, data):
+        if threading.current_thread() in a_thread and url.endswith(versions.MANIFEST):
+            assert b_done.wait(60)  # A's manifest + pointer only after B has published and cleaned up
+        return real(url, data)
+
+    monkeypatch.setattr(versions.storage, "write_bytes_atomic", slow_manifest)
+    errors = []
+
+    def publish_a():
+        try:
+            _publish(reg, "bottle", 1)
+        except Exception as e:  # noqa: BLE001 - collected, asserted below
+            errors.append(e)
+
+    t = threading.Thread(target=publish_a)
+    a_thread.append(t)
+    t.start()
+    import time
+
+    time.sleep(0.5)  # A has written its shards and waits before its manifest
+    man_b = _publish(reg, "bottle", 2)
+    b_done.set()
+    t.join(60)
+    assert not errors, errors
+    live = load_index(registry.root(str(reg), "bottle"))  # whole: every file there, every checksum right
+    assert live.manifest.model_id in ("m1", "m2") and live.count == 40
+    assert (reg / "bottle" / "versions" / man_b.version / "manifest.json").exists()  # B's stays too (keep 2)
+
+
+def test_many_concurrent_publishes_leave_a_whole_live_version(tmp_path):
+    reg = tmp_path / "reg"
+    threads = [threading.Thread(target=_publish, args=(reg, "bottle", s)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    live = load_index(registry.root(str(reg), "bottle"))
+    assert live.manifest.model_id in {f"m{s}" for s in range(6)} and live.count == 40
