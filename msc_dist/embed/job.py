@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from msc_dist import checkpoint as ckpt
 from msc_dist import storage
@@ -177,8 +177,14 @@ class EmbedOutcome:
 
 
 def main(cfg: EmbedConfig) -> EmbedOutcome:
+    if cfg.detector:
+        if cfg.out:
+            raise ConfigError("give --out or --detector (which publishes into REGISTRY/NAME/), not both")
+        from msc_dist.registry import check_publishable
+
+        cfg = replace(cfg, out=check_publishable(cfg.registry, cfg.detector))
     if not cfg.checkpoint or not cfg.out:
-        raise ConfigError("--checkpoint and --out are required")
+        raise ConfigError("--checkpoint and --out (or --detector) are required")
     check_ranges(cfg)  # EmbedConfig.RANGES
     t0 = time.perf_counter()
     ck_url = ckpt.resolve(cfg.checkpoint)
