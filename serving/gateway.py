@@ -4,6 +4,17 @@ the Model deployment (serving/model.py), in both layouts.
     POST /v1/score   one image body (image/jpeg|png|webp) or multipart/form-data with several
     GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold
     GET  /healthz
+
+With a ``registry`` (multiplexed serving, msc_dist/registry.py), every detector of it:
+
+    POST /v1/detectors/{name}/score   as /v1/score, scored by detector ``name`` (404: no such detector)
+    GET  /v1/detectors                the live detectors and the default one
+    GET  /v1/detectors/{name}         one detector: live version, index size, threshold, model
+    POST /v1/score                    the registry's default detector (none set: 404)
+
+The Gateway routes each request to a Model replica that holds its detector (Serve's
+``multiplexed_model_id``); a replica loads one on first use within the request's deadline (past
+it: 503 + Retry-After, and the load goes on for the next request).
     GET  /docs, /openapi.json
 
 Auth: ``Authorization: Bearer <key>``; a replica without a key refuses to start unless
@@ -29,6 +40,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from msc_dist.data.decode import BadImage, Preprocess, TooManyPixels, UnsupportedFormat
+from msc_dist.registry import UnknownDetector
 from serving.errors import Unavailable
 from serving.settings import AppConfig, load_api_key
 
@@ -117,7 +129,8 @@ class Gateway:
         self.formats = tuple(self.s.formats)
         self.inflight = InflightBytes(self.s.max_inflight_bytes, self.s.retry_after_s)
         self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="msc-decode")
-        self._card = None  # (fetched at, version, Preprocess) of the live version's model card
+        self._cards = {}  # detector (None: the one index) -> (fetched at, version, Preprocess) of its live card
+        self._default = None  # (read at, name) of the registry's default detector
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -136,6 +149,8 @@ class Gateway:
             return await asyncio.wait_for(coro, self.s.request_timeout_s)
         except ApiError:
             raise
+        except UnknownDetector as e:  # never a 500, never another detector's score
+            raise ApiError(404, f"{_first_line(e)}; GET /v1/detectors lists the detectors") from None
         except Unavailable as e:  # the index is loading, a shard is down, a roll is under way
             raise ApiError(503, f"{e}; retry later", retry) from None
         except BackPressureError:
@@ -149,15 +164,23 @@ class Gateway:
             log.exception("request failed")
             raise ApiError(503, f"scoring failed ({type(e).__name__}), retry later", retry) from None
 
-    async def _live_card(self, refresh: bool = False) -> tuple[str, Preprocess]:
-        """(version, Preprocess) of the live index version's model card, asked of the Model at most
-        once per ``index_poll_s`` (10 s when it does not poll): requests are decoded for it, and
-        the Model scores each with the version it was decoded for."""
+    def _handle(self, detector: str | None):
+        return self.model if detector is None else self.model.options(multiplexed_model_id=detector)
+
+    async def _live_card(self, detector: str | None = None, refresh: bool = False) -> tuple[str, Preprocess]:
+        """(version, Preprocess) of the live index version's model card (of ``detector``'s, with a
+        registry), asked of the Model at most once per ``index_poll_s`` (10 s when it does not
+        poll): requests are decoded for it, and the Model scores each with the version it was
+        decoded for."""
         ttl = self.s.index_poll_s or 10.0
-        if refresh or self._card is None or time.monotonic() - self._card[0] > ttl:
-            card = await self.model.card.remote()
-            self._card = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]))
-        return self._card[1], self._card[2]
+        got = self._cards.get(detector)
+        if refresh or got is None or time.monotonic() - got[0] > ttl:
+            card = await self._handle(detector).card.remote()
+            got = self._cards[detector] = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]))
+            if len(self._cards) > 4096:  # names once asked for: keep the newest
+                for k in list(self._cards)[:1024]:
+                    self._cards.pop(k, None)
+        return got[1], got[2]
 
     async def _read(self, request: Request, take) -> bytes:
         limit = self.s.max_body_bytes
@@ -201,23 +224,60 @@ class Gateway:
             raise ApiError(400, "multipart body has no files: send the images as file parts")
         return files
 
-    async def _decode_and_score(self, files: list[tuple[str, bytes]]) -> list[dict]:
+    async def _decode_and_score(self, files: list[tuple[str, bytes]], detector: str | None = None) -> list[dict]:
         """Decode by the live card and score with that version. A version that rolled away while
         this request was decoded (the Model answers with the new card) is decoded once more for
         the new one: never resized to fit, never scored by a model it was not made for."""
         loop = asyncio.get_running_loop()
-        version, pre = await self._live_card()
+        version, pre = await self._live_card(detector)
+        handle = self._handle(detector)
         for attempt in range(2):
             arrays = await loop.run_in_executor(self.pool, decode_request, files, pre, self.s.max_pixels,
                                                 self.s.max_request_pixels, self.formats)
-            out = await self.model.score.remote(arrays, version)
+            out = await handle.score.remote(arrays, version)
             if isinstance(out, list):
                 return out
             # {"version": live version, "preprocess": its card}: ours is no longer served
-            self._card = (time.monotonic(), out["version"], Preprocess.from_dict(out["preprocess"]))
-            version, pre = self._card[1], self._card[2]
+            got = self._cards[detector] = (time.monotonic(), out["version"], Preprocess.from_dict(out["preprocess"]))
+            version, pre = got[1], got[2]
         raise ApiError(503, "the model rolled to a new version twice during this request, retry later",
                        {"Retry-After": str(self.s.retry_after_s)})
+
+    # --- the registry ---------------------------------------------------------------------------
+
+    def _registry(self) -> str:
+        if not self.s.registry:
+            raise ApiError(404, "this app serves one index, not a registry of detectors: POST /v1/score, GET /v1/model")
+        return self.s.registry
+
+    def _detector_name(self, name: str) -> str:
+        from msc_dist.registry import NAME_RULE, valid_name
+
+        self._registry()
+        if not valid_name(name):
+            raise ApiError(404, f"no detector {name!r}: names are {NAME_RULE}; GET /v1/detectors lists them")
+        return name
+
+    async def _default_detector(self) -> str:
+        """The registry's default detector, read at most once per ``index_poll_s`` (10 s without)."""
+        from msc_dist.registry import get_default
+
+        ttl = self.s.index_poll_s or 10.0
+        if self._default is None or time.monotonic() - self._default[0] > ttl:
+            self._default = (time.monotonic(), await asyncio.to_thread(get_default, self._registry()))
+        if self._default[1] is None:
+            raise ApiError(404, "this app serves a registry with no default detector: POST /v1/detectors/NAME/score "
+                                "(GET /v1/detectors lists them), or set one with msc detectors default NAME")
+        return self._default[1]
+
+    async def _score_request(self, request: Request, detector: str | None):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
+            raise ApiError(415, f"content type {ctype!r} is not accepted; use one of {', '.join(IMAGE_TYPES)} or multipart/form-data")
+        with self.inflight.request() as take:
+            body = await self._read(request, take)
+            files = await self._files(request, ctype, body)
+            return await self._guarded(self._decode_and_score(files, detector))
 
     @api.get("/healthz")
     async def healthz(self):
@@ -226,15 +286,39 @@ class Gateway:
     @api.get("/v1/model")
     async def model_info(self, request: Request):
         self._auth(request)
-        return await self._guarded(self.model.info.remote())
+        detector = await self._default_detector() if self.s.registry else None
+        return await self._guarded(self._handle(detector).info.remote())
 
     @api.post("/v1/score")
     async def score(self, request: Request):
         self._auth(request)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
-            raise ApiError(415, f"content type {ctype!r} is not accepted; use one of {', '.join(IMAGE_TYPES)} or multipart/form-data")
-        with self.inflight.request() as take:
-            body = await self._read(request, take)
-            files = await self._files(request, ctype, body)
-            return await self._guarded(self._decode_and_score(files))
+        detector = await self._default_detector() if self.s.registry else None
+        return await self._score_request(request, detector)
+
+    @api.get("/v1/detectors")
+    async def detectors(self, request: Request):
+        from msc_dist.registry import listing
+
+        self._auth(request)
+        return await self._guarded(asyncio.to_thread(listing, self._registry()))
+
+    @api.get("/v1/detectors/{name:path}")
+    async def detector_info(self, name: str, request: Request):
+        from msc_dist.registry import describe
+
+        self._auth(request)
+        name = self._detector_name(name)
+        d = await self._guarded(asyncio.to_thread(describe, self._registry(), name))
+        d.pop("checkpoint", None)  # no storage URIs to API clients
+        return {**d, "score": f"/v1/detectors/{name}/score"}
+
+    @api.post("/v1/detectors/{name:path}/score")
+    async def detector_score(self, name: str, request: Request):
+        self._auth(request)
+        return await self._score_request(request, self._detector_name(name))
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = cause.args[0] if getattr(cause, "args", None) else str(cause)
+    return (str(text).strip().splitlines() or [type(cause).__name__])[0][:300]

@@ -137,3 +137,31 @@ def test_many_concurrent_publishes_leave_a_whole_live_version(tmp_path):
         t.join(60)
     live = load_index(registry.root(str(reg), "bottle"))
     assert live.manifest.model_id in {f"m{s}" for s in range(6)} and live.count == 40
+
+
+def test_msc_embed_detector_publishes_into_an_s3_registry(local_ray, s3_server, demo_data, tmp_path, _msc):
+    """``msc embed --detector NAME --registry s3://...``: the embedding job's version and pointer
+    under REGISTRY/NAME/, which list / show / remove read and change on S3 as on a folder."""
+    import boto3
+
+    from conftest import tiny_checkpoint
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.embed.job import main as embed_main
+    from msc_dist.scorer import open_scorer
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="detectors")
+    reg = "s3://detectors/registry"
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="squash", data=str(demo_data / "train"))
+    with pytest.raises(ConfigError, match="not both"):
+        embed_main(EmbedConfig(checkpoint=ck, detector="plant-a/bottle", registry=reg, out=str(tmp_path / "x")))
+    with pytest.raises(ConfigError, match="not valid"):
+        embed_main(EmbedConfig(checkpoint=ck, detector="Plant.A", registry=reg))
+    out = embed_main(EmbedConfig(checkpoint=ck, detector="plant-a/bottle", registry=reg, batch_size=16, rows_per_task=16))
+    assert out.out == "s3://detectors/registry/plant-a/bottle"
+    shown = json.loads(_msc("detectors", "show", "plant-a/bottle", "--registry", reg).stdout)
+    assert shown["version"] == out.manifest.version and shown["index_size"] == out.manifest.count > 0
+    scorer = open_scorer(registry.root(reg, "plant-a/bottle"))  # the manifest names the checkpoint: it loads and scores
+    assert scorer.version == out.manifest.version
+    assert json.loads(_msc("detectors", "list", "--registry", reg).stdout)["detectors"][0]["name"] == "plant-a/bottle"
+    assert _msc("detectors", "remove", "plant-a/bottle", "--registry", reg).returncode == 0
+    assert registry.names(reg) == [] and registry.names(reg, removed=True) == ["plant-a/bottle"]
