@@ -2,7 +2,8 @@
 the Model deployment (serving/model.py), in both layouts.
 
     POST /v1/score   one image body (image/jpeg|png|webp) or multipart/form-data with several
-    GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold
+    GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold, and the
+                     share of recent images over the threshold (serving/metrics.py)
     GET  /healthz
 
 With a ``registry`` (multiplexed serving, msc_dist/registry.py), every detector of it:
@@ -42,6 +43,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from msc_dist.data.decode import BadImage, Preprocess, TooManyPixels, UnsupportedFormat
 from msc_dist.registry import UnknownDetector
 from serving.errors import Unavailable
+from serving.metrics import DEFAULT, DetectorMetrics
 from serving.settings import AppConfig, load_api_key
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines reach the replica logs
@@ -131,6 +133,7 @@ class Gateway:
         self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="msc-decode")
         self._cards = {}  # detector (None: the one index) -> (fetched at, version, Preprocess) of its live card
         self._default = None  # (read at, name) of the registry's default detector
+        self.metrics = DetectorMetrics()  # one app, one detector 'default'; with a registry, each by name
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -163,6 +166,25 @@ class Gateway:
         except Exception as e:
             log.exception("request failed")
             raise ApiError(503, f"scoring failed ({type(e).__name__}), retry later", retry) from None
+
+    async def _observed(self, detector, coro):
+        """Awaits one scoring request's answer, counted in the detector's metrics (serving/metrics.py):
+        its status and latency, and the scores it returns. ``detector`` None: not a served detector."""
+        t0, status = time.perf_counter(), 500
+        try:
+            out = await coro
+            status = 200
+            self.metrics.scored(detector, out)
+            return out
+        except ApiError as e:
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        finally:
+            # a name not known to exist (404) never becomes a series of its own
+            self.metrics.request(None if status == 404 else detector, status, time.perf_counter() - t0)
 
     def _handle(self, detector: str | None):
         return self.model if detector is None else self.model.options(multiplexed_model_id=detector)
@@ -285,15 +307,33 @@ class Gateway:
 
     @api.get("/v1/model")
     async def model_info(self, request: Request):
+        """The live version's card and index, and ``recent``: the share of this replica's recent
+        images over the threshold, next to the calibrated false-positive rate."""
         self._auth(request)
         detector = await self._default_detector() if self.s.registry else None
-        return await self._guarded(self._handle(detector).info.remote())
+        info = await self._guarded(self._handle(detector).info.remote())
+        return {**info, "recent": {**self.metrics.recent(detector or DEFAULT), "target_fpr": info.get("target_fpr")}}
 
     @api.post("/v1/score")
     async def score(self, request: Request):
+        if not self.s.registry:
+            return await self._observed(DEFAULT, self._score(request))
+        detector = await self._named(request, self._default_detector())
+        return await self._observed(detector, self._score_request(request, detector))
+
+    async def _score(self, request: Request):
         self._auth(request)
-        detector = await self._default_detector() if self.s.registry else None
-        return await self._score_request(request, detector)
+        return await self._score_request(request, None)
+
+    async def _named(self, request: Request, name) -> str:
+        """Auth, then the detector a registry request is for (``name``: awaitable or str); a
+        request refused before its detector is known is counted under no detector's name."""
+        try:
+            self._auth(request)
+            return await name if asyncio.iscoroutine(name) else self._detector_name(name)
+        except ApiError as e:
+            self.metrics.request(None, e.status, 0.0)
+            raise
 
     @api.get("/v1/detectors")
     async def detectors(self, request: Request):
@@ -304,18 +344,21 @@ class Gateway:
 
     @api.get("/v1/detectors/{name:path}")
     async def detector_info(self, name: str, request: Request):
+        """One detector of the registry, and ``recent``: the share of this replica's recent images
+        over its threshold, next to the calibrated false-positive rate."""
         from msc_dist.registry import describe
 
         self._auth(request)
         name = self._detector_name(name)
         d = await self._guarded(asyncio.to_thread(describe, self._registry(), name))
         d.pop("checkpoint", None)  # no storage URIs to API clients
-        return {**d, "score": f"/v1/detectors/{name}/score"}
+        return {**d, "score": f"/v1/detectors/{name}/score",
+                "recent": {**self.metrics.recent(name), "target_fpr": d.get("target_fpr")}}
 
     @api.post("/v1/detectors/{name:path}/score")
     async def detector_score(self, name: str, request: Request):
-        self._auth(request)
-        return await self._score_request(request, self._detector_name(name))
+        name = await self._named(request, name)
+        return await self._observed(name, self._score_request(request, name))
 
 
 def _first_line(e: BaseException) -> str:

@@ -139,3 +139,21 @@ def epoch_auc_plot(path: str, curves: dict[str, tuple[list[list], list]], title:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(loc="best")
     _save(fig, path)
+
+
+def training_curves_plot(path: str, panels: dict[str, dict[str, list[tuple[int, float]]]], title: str) -> None:
+    """One training run's per-epoch curves: panel title -> metric -> [(epoch, value)] (a panel
+    with no points is left out; with none at all, one empty panel says so)."""
+    panels = {t: {k: pts for k, pts in ms.items() if pts} for t, ms in panels.items()}
+    panels = {t: ms for t, ms in panels.items() if ms} or {"no per-epoch metrics logged": {}}
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.5, 3.2), squeeze=False)
+    for ax, (name, ms) in zip(axes[0], panels.items()):
+        for k, pts in ms.items():
+            ax.plot([e for e, _ in pts], [v for _, v in pts], "o-", ms=3, label=k)
+        ax.set(xlabel="epoch", title=name)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if len(ms) > 1:
+            ax.legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    _save(fig, path)

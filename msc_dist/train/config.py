@@ -59,6 +59,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     collective_timeout_s: int = 600
     ray_address: str | None = None
+    # tracking (msc_dist.tracking; off by default)
+    tracking_uri: str | None = None
+    tracking_experiment: str = "msc"
 
     # Named optimisation settings, applied between the defaults and the YAML file / flags
     # (``--preset fast``). ``paper``: the paper's schedule (the defaults). ``fast``: chosen by
@@ -132,4 +135,6 @@ HELP = {
     "keep_checkpoints": "checkpoints kept (newest)",
     "collective_timeout_s": "seconds a collective (all-reduce, barrier) waits for a stalled rank before the worker group fails and restarts (torch's default: 1800)",
     "ray_address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray started in-process)",
+    "tracking_uri": "log the run to MLflow (default: off): sqlite:///PATH.db or file:PATH (local stores, relative paths allowed; one node only) or http(s)://HOST:PORT (a tracking server). Rank 0 logs the config as params, each epoch's metrics, the checkpoint (tag msc.checkpoint), config.json and the training curves; a resumed run continues its MLflow run. Needs pip install 'msc-dist[tracking]'",
+    "tracking_experiment": "the MLflow experiment the run is logged in (created when missing)",
 }

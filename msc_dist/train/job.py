@@ -92,6 +92,10 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
         if not any(lab in normal for lab in labels) or all(lab in normal for lab in labels):
             raise DataError(f"eval data {cfg.eval_data!r} needs both normal {normal} and anomalous samples; its labels are {_fmt(ev)}")
         eval_counts = [(s.url, s.count) for s in ev.shards]
+    if cfg.tracking_uri:  # the store reachable, the experiment usable; relative local paths made absolute
+        from msc_dist.tracking import check_uri
+
+        cfg = dataclasses.replace(cfg, tracking_uri=check_uri(cfg.tracking_uri, cfg.tracking_experiment))
     return cfg, DataPlan(train_counts, normal, eval_counts)
 
 
@@ -178,13 +182,20 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
 
         emb = embed_main(EmbedConfig(checkpoint=run_dir, out=storage.join(run_dir, "serving"), ray_address=cfg.ray_address))
         print(f"demo index for serving: {emb.out} ({emb.manifest.count} vectors, threshold {emb.manifest.threshold:.4f})")
-    ck = result.checkpoint.path if result.checkpoint else None
-    if ck is not None and storage.is_remote(cfg.storage_path):
-        ck = cfg.storage_path.split("://", 1)[0] + "://" + ck
+    ck = checkpoint_url(cfg, result.checkpoint.path) if result.checkpoint else None
     metrics = dict(result.metrics or {})  # Ray's: the latest checkpoint's report
     if progress.last and progress.last.get("epoch", -1) > metrics.get("epoch", -1):
         metrics = dict(progress.last)  # an epoch that stopped on a collapse reports no checkpoint
+    if cfg.tracking_uri and metrics.get("mlflow_run_id"):
+        print(f"MLflow run {metrics['mlflow_run_id']} (experiment {cfg.tracking_experiment!r}) in {cfg.tracking_uri}")
     return TrainOutcome(metrics, ck, run_dir, result.error)
+
+
+def checkpoint_url(cfg: TrainConfig, path: str) -> str:
+    """A Ray Train checkpoint's path on the run storage's filesystem as a URL (s3://... on S3)."""
+    if storage.is_remote(cfg.storage_path):
+        return cfg.storage_path.split("://", 1)[0] + "://" + path
+    return path
 
 
 def train_bytes_per_worker(cfg: TrainConfig) -> int:
@@ -240,8 +251,20 @@ def ray_train_fn(loop_config: dict) -> None:
         torch.backends.cudnn.benchmark = True
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
 
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+    tracker = None
+    if cfg.tracking_uri and ray.train.get_context().get_world_rank() == 0:  # rank 0 alone logs to MLflow
+        from msc_dist.tracking import RunTracker
+
+        tracker = RunTracker.open(cfg.tracking_uri, cfg.tracking_experiment, run_dir, cfg.name, loop_config["cfg"])
+
     def report(metrics: dict, folder: str | None) -> None:
+        if tracker is not None:
+            metrics = {**metrics, "mlflow_run_id": tracker.run_id}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+        if tracker is not None:
+            kept = ray.train.get_checkpoint() if folder else None  # after a report: the one it registered
+            tracker.log_epoch(metrics, checkpoint_url(cfg, kept.path) if kept is not None else None)
 
     resume = None
     ck = ray.train.get_checkpoint()  # the latest reported checkpoint, after a restart or a rerun
@@ -253,9 +276,15 @@ def ray_train_fn(loop_config: dict) -> None:
         from msc_dist.train.progress import ProgressSender
 
         progress = ProgressSender(loop_config["progress_queue"])
-    run_dir = storage.join(cfg.storage_path, cfg.name)
 
     def keep_apart(folder: str, metrics: dict) -> str:  # a collapsed epoch's checkpoint, unregistered
         return ckpt.store(folder, ckpt.collapsed_url(run_dir, int(metrics["epoch"])))
 
-    run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress, keep_apart)
+    try:
+        run_worker(cfg, plan, report, resume, device, ray.get_runtime_context().get_node_id(), progress, keep_apart)
+    except BaseException as e:
+        if tracker is not None:
+            tracker.finish(failed=e)  # a restarted worker group opens the same run again
+        raise
+    if tracker is not None:
+        tracker.finish()
