@@ -73,8 +73,12 @@ def _embed(cfg, explicit) -> int:
         init_ray(cfg.ray_address)
     out = main(cfg)
     m = asdict(out.manifest)
-    _print_json({**({"detector": cfg.detector} if cfg.detector else {}), "out": out.out, "rows": out.rows, "corrupt": out.corrupt, "index_count": m["count"],
-                 "threshold": m["threshold"], "model_id": m["model_id"]})
+    _print_json({**({"detector": cfg.detector} if cfg.detector else {}), "out": out.out, "rows": out.rows,
+                 "corrupt": out.corrupt, "index_count": m["count"], "threshold": m["threshold"], "model_id": m["model_id"],
+                 **({"mlflow_version": out.registered} if cfg.tracking_uri else {})})
+    if out.tracking_error:
+        print(f"error: published, but not registered in MLflow: {out.tracking_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -95,7 +99,7 @@ def _score(cfg, explicit) -> int:
     except TooManyErrors as e:  # exit 3: the run itself is fine, the data is not; nothing published
         print(f"error: {e}", file=sys.stderr)
         return 3
-    _print_json({**({"detector": cfg.detector} if cfg.detector else {}), "out": out.out, "rows": out.rows, "errors": out.errors, "files": out.files})
+    _print_json({"out": out.out, "rows": out.rows, "errors": out.errors, "files": out.files})
     return 0
 
 

@@ -156,8 +156,16 @@ def test_msc_embed_detector_publishes_into_an_s3_registry(local_ray, s3_server, 
         embed_main(EmbedConfig(checkpoint=ck, detector="plant-a/bottle", registry=reg, out=str(tmp_path / "x")))
     with pytest.raises(ConfigError, match="not valid"):
         embed_main(EmbedConfig(checkpoint=ck, detector="Plant.A", registry=reg))
-    out = embed_main(EmbedConfig(checkpoint=ck, detector="plant-a/bottle", registry=reg, batch_size=16, rows_per_task=16))
+    uri = f"sqlite:///{tmp_path}/ml/mlflow.db"
+    out = embed_main(EmbedConfig(checkpoint=ck, detector="plant-a/bottle", registry=reg, batch_size=16, rows_per_task=16,
+                                 tracking_uri=uri))
     assert out.out == "s3://detectors/registry/plant-a/bottle"
+    from msc_dist.index import version_root
+    from msc_dist.tracking import version_source
+
+    # With a tracking URI, the published version is a registered model version pointing at it.
+    assert out.registered == "1" and out.tracking_error is None
+    assert version_source(uri, "plant-a/bottle") == version_root(out.out, out.manifest.version)
     shown = json.loads(_msc("detectors", "show", "plant-a/bottle", "--registry", reg).stdout)
     assert shown["version"] == out.manifest.version and shown["index_size"] == out.manifest.count > 0
     scorer = open_scorer(registry.root(reg, "plant-a/bottle"))  # the manifest names the checkpoint: it loads and scores
