@@ -42,7 +42,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from msc_dist.data.decode import BadImage, Preprocess, TooManyPixels, UnsupportedFormat
 from msc_dist.registry import UnknownDetector
-from serving.errors import Unavailable
+from serving.errors import Unavailable, why
 from serving.metrics import DEFAULT, DetectorMetrics
 from serving.settings import AppConfig, load_api_key
 
@@ -153,7 +153,7 @@ class Gateway:
         except ApiError:
             raise
         except UnknownDetector as e:  # never a 500, never another detector's score
-            raise ApiError(404, f"{_first_line(e)}; GET /v1/detectors lists the detectors") from None
+            raise ApiError(404, f"{why(e)}; GET /v1/detectors lists the detectors") from None
         except Unavailable as e:  # the index is loading, a shard is down, a roll is under way
             raise ApiError(503, f"{e}; retry later", retry) from None
         except BackPressureError:
@@ -360,8 +360,3 @@ class Gateway:
         name = await self._named(request, name)
         return await self._observed(name, self._score_request(request, name))
 
-
-def _first_line(e: BaseException) -> str:
-    cause = getattr(e, "cause", None) or e
-    text = cause.args[0] if getattr(cause, "args", None) else str(cause)
-    return (str(text).strip().splitlines() or [type(cause).__name__])[0][:300]

@@ -213,11 +213,20 @@ class Model:
         self.detectors[name] = det
         return det
 
-    async def _open(self, name: str) -> Detector:
+    async def _check_known(self, name: str) -> None:
+        """UnknownDetector unless ``name`` is a live detector of the registry (read from storage)."""
         from msc_dist import registry
+        from msc_dist.index import read_pointer
 
         if not registry.valid_name(name):
             raise registry.UnknownDetector(f"no detector {name!r}: names are {registry.NAME_RULE}")
+        if await asyncio.to_thread(read_pointer, registry.root(self.cfg.registry, name)) is None:
+            raise registry.UnknownDetector(f"no detector {name!r} in the registry")
+
+    async def _open(self, name: str) -> Detector:
+        from msc_dist import registry
+
+        await self._check_known(name)
         t0 = time.perf_counter()
         versions = Versions(dataclasses.replace(self.cfg, index=registry.root(self.cfg.registry, name)), self._load, name)
         try:
@@ -294,6 +303,8 @@ class Model:
 
     async def _versions(self, name: str | None = None) -> Versions:
         if name is not None:
+            if name not in self.detectors:  # not held here: is it in the registry at all?
+                await self._check_known(name)
             return (await self._detector(name)).versions
         if self.versions is None:
             raise Unavailable("no model loaded yet (the deployment has no user_config)", self.cfg.retry_after_s)
