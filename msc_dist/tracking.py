@@ -157,7 +157,8 @@ def epoch_metrics(m: dict) -> dict[str, float]:
 
 class RunTracker:
     """Rank 0's MLflow run of one training run. Every call after ``open`` only warns when MLflow
-    fails (a tracking server that blips must not stop training); ``open`` raises TrackingError."""
+    fails (a tracking server that blips must not stop training); ``open`` raises TrackingError
+    (the caller decides)."""
 
     def __init__(self, c, run_id: str, uri: str):
         self.client, self.run_id, self.uri = c, run_id, uri
@@ -270,14 +271,19 @@ def model_name(detector: str) -> str:
 
 
 def training_run_of(c, checkpoint: str | None) -> str | None:
-    """The MLflow run that registered ``checkpoint`` (the tag ``msc.checkpoint``), if any."""
+    """The MLflow run that trained ``checkpoint``: the one that tagged it (``msc.checkpoint``), else
+    the run of the run folder that holds it (Ray Train keeps checkpoints in the run folder)."""
     if not checkpoint:
         return None
     ids = [e.experiment_id for e in c.search_experiments()]
     if not ids:
         return None
-    found = c.search_runs(ids, filter_string=f"tags.`{CHECKPOINT_TAG}` = '{_quote(checkpoint)}'", max_results=1)
-    return found[0].info.run_id if found else None
+    checkpoint = checkpoint.rstrip("/")
+    for tag, value in ((CHECKPOINT_TAG, checkpoint), (RUN_DIR_TAG, checkpoint.rsplit("/", 1)[0])):
+        found = c.search_runs(ids, filter_string=f"tags.`{tag}` = '{_quote(value)}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+    return None
 
 
 def register_version(tracking_uri: str, detector: str, version_folder: str, manifest) -> str:

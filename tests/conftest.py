@@ -78,6 +78,9 @@ def local_ray(s3_server):
     # Serve's autoscaling metrics every 0.5 s (default 10 s), so the autoscaling test sees a decision in time.
     for k in ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"):
         os.environ[k] = "0.5"
+    # Metrics reach the nodes' Prometheus endpoints every second (Ray's floor; default 10 s), so that
+    # the metrics test polls for seconds, not tens of them.
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"
     env = {k: os.environ[k] for k in ("MSC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                       "AWS_DEFAULT_REGION", "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
                                       "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")}

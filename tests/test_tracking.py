@@ -61,7 +61,7 @@ def test_a_training_run_is_tracked_and_its_published_index_registered(local_ray,
     z = rng.standard_normal((8, 4)).astype(np.float32)
     index_out = str(tmp_path / "registry" / "line1" / "bolt")
     write_index(index_out, z / np.linalg.norm(z, axis=1, keepdims=True), [f"s{i}" for i in range(8)],
-                loaded.model_id, calibration=z[:4], target_fpr=0.25, extra={"checkpoint": run.data.tags["msc.checkpoint"]})
+                loaded.model_id, calibration=z[:4], target_fpr=0.25, extra={"checkpoint": ckpt.resolve(out.run_dir)})
     man, folder = read_manifest(index_out)
     v1 = register_version(uri, "line1/bolt", folder, man)
     assert v1 == "1" and version_source(uri, "line1/bolt") == folder

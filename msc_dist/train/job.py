@@ -186,8 +186,10 @@ def main(cfg: TrainConfig, explicit: set[str] = frozenset()) -> TrainOutcome:
     metrics = dict(result.metrics or {})  # Ray's: the latest checkpoint's report
     if progress.last and progress.last.get("epoch", -1) > metrics.get("epoch", -1):
         metrics = dict(progress.last)  # an epoch that stopped on a collapse reports no checkpoint
-    if cfg.tracking_uri and metrics.get("mlflow_run_id"):
-        print(f"MLflow run {metrics['mlflow_run_id']} (experiment {cfg.tracking_experiment!r}) in {cfg.tracking_uri}")
+    if cfg.tracking_uri:
+        print(f"MLflow run {metrics['mlflow_run_id']} (experiment {cfg.tracking_experiment!r}) in {cfg.tracking_uri}"
+              if metrics.get("mlflow_run_id") else
+              f"MLflow: the run was not logged to {cfg.tracking_uri} (the workers' log says why)")
     return TrainOutcome(metrics, ck, run_dir, result.error)
 
 
@@ -254,9 +256,12 @@ def ray_train_fn(loop_config: dict) -> None:
     run_dir = storage.join(cfg.storage_path, cfg.name)
     tracker = None
     if cfg.tracking_uri and ray.train.get_context().get_world_rank() == 0:  # rank 0 alone logs to MLflow
-        from msc_dist.tracking import RunTracker
+        from msc_dist.tracking import RunTracker, TrackingError
 
-        tracker = RunTracker.open(cfg.tracking_uri, cfg.tracking_experiment, run_dir, cfg.name, loop_config["cfg"])
+        try:  # the driver checked the store; one that fails now costs the tracking, not the run
+            tracker = RunTracker.open(cfg.tracking_uri, cfg.tracking_experiment, run_dir, cfg.name, loop_config["cfg"])
+        except TrackingError as e:
+            log.warning("%s; training goes on without MLflow", e)
 
     def report(metrics: dict, folder: str | None) -> None:
         if tracker is not None:
