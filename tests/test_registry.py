@@ -173,3 +173,10 @@ def test_msc_embed_detector_publishes_into_an_s3_registry(local_ray, s3_server, 
     assert json.loads(_msc("detectors", "list", "--registry", reg).stdout)["detectors"][0]["name"] == "plant-a/bottle"
     assert _msc("detectors", "remove", "plant-a/bottle", "--registry", reg).returncode == 0
     assert registry.names(reg) == [] and registry.names(reg, removed=True) == ["plant-a/bottle"]
+
+
+def test_msc_serve_registry_fails_in_one_line_before_serve_starts(tmp_path, _msc):
+    r = _msc("serve", "--registry", str(tmp_path / "none"), "--allow-anonymous")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "msc embed --detector" in r.stderr
+    r = _msc("serve", "--registry", str(tmp_path), "--index-shards", "2", "--allow-anonymous")
+    assert r.returncode == 2 and "set index_shards 0" in r.stderr
