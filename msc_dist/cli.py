@@ -310,10 +310,10 @@ VERBS: dict[str, Verb] = {
     "predict": Verb("score image files or folders in this process (no Ray): a table or --json", _predict_cfg, _predict),
     "export": Verb("the feature model as ONNX or TorchScript (+ center, config, index reference)", _export_cfg, _export),
     "serve": Verb("the HTTP scoring app (serving/app.py) on Ray Serve", _serve_cfg, _serve),
-    "bench": Verb("benchmarks, one JSON line each", None, None,
-                  {n: Verb(s, _bench_cfg(n), _bench(n)) for n, s in BENCH_SUMMARIES.items()}),
     "detectors": Verb("the detector registry: list, show, remove, default", None, None,
                       {n: Verb(s, _detectors_cfg(n), _detectors(n)) for n, s in DETECTOR_SUMMARIES.items()}),
+    "bench": Verb("benchmarks, one JSON line each", None, None,
+                  {n: Verb(s, _bench_cfg(n), _bench(n)) for n, s in BENCH_SUMMARIES.items()}),
     "data": Verb("shards: make-shards, demo, describe", None, None,
                  {n: Verb(s, _data_cfg(n), _data(n)) for n, s in DATA_SUMMARIES.items()}),
 }
