@@ -64,16 +64,21 @@ def _children(url: str) -> list[str]:
 def names(registry: str, removed: bool = False) -> list[str]:
     """The live detectors' names (``removed``: those removed but not purged), sorted."""
     reg = storage.expand(registry)
-    marker = REMOVED if removed else POINTER
-    out = []
+
+    def state(*parts: str) -> str | None:  # "live", "removed" (a republished one is live) or None
+        if storage.exists(storage.join(reg, *parts, POINTER)):
+            return "live"
+        return "removed" if storage.exists(storage.join(reg, *parts, REMOVED)) else None
+
+    want, out = "removed" if removed else "live", []
     for a in _children(reg):
         if not valid_name(a):
             continue
-        if storage.exists(storage.join(reg, a, marker)):
-            out.append(a)
-        elif not storage.exists(storage.join(reg, a, POINTER)):
-            out += [f"{a}/{b}" for b in _children(storage.join(reg, a)) if b != "versions" and valid_name(b)
-                    and storage.exists(storage.join(reg, a, b, marker))]
+        s = state(a)
+        if s is not None:
+            out += [a] if s == want else []
+        else:
+            out += [f"{a}/{b}" for b in _children(storage.join(reg, a)) if valid_name(b) and state(a, b) == want]
     return out
 
 

@@ -71,6 +71,9 @@ def test_list_show_default_remove_purge_through_the_cli(tmp_path, _msc):
         registry.describe(str(reg), "bottle")
     r = _msc("detectors", "remove", "bottle", "--registry", str(reg))
     assert r.returncode == 2 and "--purge" in r.stderr
+    _publish(reg, "bottle", 4)  # published again: live, not removed
+    assert registry.names(str(reg)) == ["bottle", "plant-a/cable"] and registry.names(str(reg), removed=True) == []
+    assert _msc("detectors", "remove", "bottle", "--registry", str(reg)).returncode == 0
     assert _msc("detectors", "remove", "bottle", "--purge", "--registry", str(reg)).returncode == 0
     assert not (reg / "bottle").exists()
     r = _msc("detectors", "show", "Bad.Name", "--registry", str(reg))
