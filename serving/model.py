@@ -66,9 +66,10 @@ class Versions:
             if self.detector is not None:
                 from msc_dist.index import read_pointer
 
-                self.removed = await asyncio.to_thread(read_pointer, self.cfg.index) is None
+                was, self.removed = self.removed, await asyncio.to_thread(read_pointer, self.cfg.index) is None
                 if self.removed:
-                    log.info("detector %s was removed from the registry: 404 from now on", self.detector)
+                    if not was and self.held:
+                        log.info("detector %s was removed from the registry: 404 from now on", self.detector)
                     return
             man, folder = await asyncio.to_thread(read_manifest, expand(self.cfg.index))
             if man.version in self.held:
