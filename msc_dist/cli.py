@@ -7,7 +7,8 @@
     msc test      metrics, tables and plots of an existing checkpoint + index (no training)
     msc predict   score files or folders in this process (no Ray)
     msc export    the feature model as ONNX or TorchScript, checked against PyTorch
-    msc serve     the HTTP scoring app on Ray Serve
+    msc serve     the HTTP scoring app on Ray Serve (one index, or every detector of a registry)
+    msc detectors the detector registry: list, show, remove, default
     msc bench     benchmarks (train, embed, load, search, serve, quality)
     msc data      make-shards, demo, describe
 
@@ -68,12 +69,16 @@ def _embed(cfg, explicit) -> int:
     from msc_dist.console import init_ray
     from msc_dist.embed.job import main
 
-    if cfg.checkpoint and cfg.out:
+    if cfg.checkpoint and (cfg.out or cfg.detector):
         init_ray(cfg.ray_address)
     out = main(cfg)
     m = asdict(out.manifest)
-    _print_json({"out": out.out, "rows": out.rows, "corrupt": out.corrupt, "index_count": m["count"],
-                 "threshold": m["threshold"], "model_id": m["model_id"]})
+    _print_json({**({"detector": cfg.detector} if cfg.detector else {}), "out": out.out, "rows": out.rows,
+                 "corrupt": out.corrupt, "index_count": m["count"], "threshold": m["threshold"], "model_id": m["model_id"],
+                 **({"mlflow_version": out.registered} if cfg.tracking_uri else {})})
+    if out.tracking_error:
+        print(f"error: published, but not registered in MLflow: {out.tracking_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -185,9 +190,15 @@ def _serve(cfg, explicit) -> int:
         print(f"error: the app did not start: {_deploy_failure(e)}", file=sys.stderr)
         serve.shutdown()
         return 1
-    print(f"serving index version {found['version']} of {cfg.index} ({found['vectors']} vectors, model "
-          f"{found['model_id'][:12]}, {found['preprocess']}) on http://{cfg.host}:{cfg.port} (POST /v1/score; "
-          f"{found['auth']}; Ctrl-C stops)", flush=True)
+    if cfg.registry:
+        print(f"serving the {len(found['detectors'])} detector(s) of registry {cfg.registry} (default: "
+              f"{found['default'] or 'none'}; at most {cfg.max_detectors_per_replica} a replica) on "
+              f"http://{cfg.host}:{cfg.port} (POST /v1/detectors/NAME/score, GET /v1/detectors; {found['auth']}; "
+              "Ctrl-C stops)", flush=True)
+    else:
+        print(f"serving index version {found['version']} of {cfg.index} ({found['vectors']} vectors, model "
+              f"{found['model_id'][:12]}, {found['preprocess']}) on http://{cfg.host}:{cfg.port} (POST /v1/score; "
+              f"{found['auth']}; Ctrl-C stops)", flush=True)
     try:
         wait_forever()
     except KeyboardInterrupt:
@@ -256,6 +267,30 @@ def _data(name: str):
     return run
 
 
+def _detectors_cfg(name: str):
+    def load():
+        from msc_dist.registry import COMMANDS, HELP
+
+        return COMMANDS[name][0], HELP
+
+    return load
+
+
+def _detectors(name: str):
+    def run(cfg, explicit) -> int:
+        from msc_dist.registry import run_command
+
+        _print_json(run_command(name, cfg))
+        return 0
+
+    return run
+
+
+DETECTOR_SUMMARIES = {"list": "every live detector and the default one",
+                      "show": "one detector: live version, index, threshold, model, kept versions",
+                      "remove": "take a detector off (its files stay unless --purge)",
+                      "default": "the detector that POST /v1/score serves"}
+
 BENCH_SUMMARIES = {
     "train": "images/s of the whole training step", "embed": "images/s of embedding, end to end from shards",
     "load": "images/s of the loader alone", "search": "queries/s of exact k-NN search against N vectors",
@@ -275,6 +310,8 @@ VERBS: dict[str, Verb] = {
     "predict": Verb("score image files or folders in this process (no Ray): a table or --json", _predict_cfg, _predict),
     "export": Verb("the feature model as ONNX or TorchScript (+ center, config, index reference)", _export_cfg, _export),
     "serve": Verb("the HTTP scoring app (serving/app.py) on Ray Serve", _serve_cfg, _serve),
+    "detectors": Verb("the detector registry: list, show, remove, default", None, None,
+                      {n: Verb(s, _detectors_cfg(n), _detectors(n)) for n, s in DETECTOR_SUMMARIES.items()}),
     "bench": Verb("benchmarks, one JSON line each", None, None,
                   {n: Verb(s, _bench_cfg(n), _bench(n)) for n, s in BENCH_SUMMARIES.items()}),
     "data": Verb("shards: make-shards, demo, describe", None, None,

@@ -4,6 +4,8 @@ key=value ...``, or ``msc serve``) builds it from one typed config (serving/sett
     single layout (index_shards 0):  Gateway (serving/gateway.py) -> Model (serving/model.py)
     sharded layout (index_shards N): Gateway -> Model -> IndexShard-0 .. IndexShard-{N-1}
                                      (serving/sharded.py)
+    registry (multiplexed):          Gateway -> Model, each replica holding at most
+                                     max_detectors_per_replica detectors (msc_dist/registry.py)
 
 Both layouts score through the same Scorer (``msc_dist.scorer``) and follow the published index
 version the same way (``serving.model.Versions``); ``GET /v1/model`` reports the live version."""

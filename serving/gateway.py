@@ -6,6 +6,17 @@ the Model deployment (serving/model.py), in both layouts.
     GET  /v1/model   model id, backbone, preprocessing, index size and version, threshold, and the
                      share of recent images over the threshold (serving/metrics.py)
     GET  /healthz
+
+With a ``registry`` (multiplexed serving, msc_dist/registry.py), every detector of it:
+
+    POST /v1/detectors/{name}/score   as /v1/score, scored by detector ``name`` (404: no such detector)
+    GET  /v1/detectors                the live detectors and the default one
+    GET  /v1/detectors/{name}         one detector: live version, index size, threshold, model
+    POST /v1/score                    the registry's default detector (none set: 404)
+
+The Gateway routes each request to a Model replica that holds its detector (Serve's
+``multiplexed_model_id``); a replica loads one on first use within the request's deadline (past
+it: 503 + Retry-After, and the load goes on for the next request).
     GET  /docs, /openapi.json
 
 Auth: ``Authorization: Bearer <key>``; a replica without a key refuses to start unless
@@ -31,7 +42,8 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from msc_dist.data.decode import BadImage, Preprocess, TooManyPixels, UnsupportedFormat
-from serving.errors import Unavailable
+from msc_dist.registry import UnknownDetector
+from serving.errors import Unavailable, why
 from serving.metrics import DEFAULT, DetectorMetrics
 from serving.settings import AppConfig, load_api_key
 
@@ -146,8 +158,9 @@ class Gateway:
         self.formats = tuple(self.s.formats)
         self.inflight = InflightBytes(self.s.max_inflight_bytes, self.s.retry_after_s)
         self.pool = ThreadPoolExecutor(self.s.decode_threads, thread_name_prefix="msc-decode")
-        self._card = None  # (fetched at, version, Preprocess, has maps) of the live version's model card
-        self.metrics = DetectorMetrics()  # this app serves one detector: "default"
+        self._cards = {}  # detector (None: the one index) -> (fetched at, version, Preprocess, has maps) of its live card
+        self._default = None  # (read at, name) of the registry's default detector
+        self.metrics = DetectorMetrics()  # one app, one detector 'default'; with a registry, each by name
 
     def _auth(self, request: Request) -> None:
         if self.api_key is None:
@@ -166,6 +179,8 @@ class Gateway:
             return await asyncio.wait_for(coro, self.s.request_timeout_s)
         except ApiError:
             raise
+        except UnknownDetector as e:  # never a 500, never another detector's score
+            raise ApiError(404, f"{why(e)}; GET /v1/detectors lists the detectors") from None
         except Unavailable as e:  # the index is loading, a shard is down, a roll is under way
             raise ApiError(503, f"{e}; retry later", retry) from None
         except BackPressureError:
@@ -195,19 +210,30 @@ class Gateway:
             status = 499  # the client went away
             raise
         finally:
-            self.metrics.request(detector, status, time.perf_counter() - t0)
+            # a name not known to exist (404) never becomes a series of its own
+            self.metrics.request(None if status == 404 else detector, status, time.perf_counter() - t0)
 
-    def _keep_card(self, card: dict) -> None:
-        self._card = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]), bool(card.get("maps")))
+    def _handle(self, detector: str | None):
+        return self.model if detector is None else self.model.options(multiplexed_model_id=detector)
 
-    async def _live_card(self, refresh: bool = False) -> tuple[str, Preprocess, bool]:
-        """(version, Preprocess, whether it has maps) of the live index version's model card, asked
-        of the Model at most once per ``index_poll_s`` (10 s when it does not poll): requests are
-        decoded for it, and the Model scores each with the version it was decoded for."""
+    def _keep_card(self, detector: str | None, card: dict) -> tuple:
+        got = self._cards[detector] = (time.monotonic(), card["version"], Preprocess.from_dict(card["preprocess"]),
+                                       bool(card.get("maps")))
+        if len(self._cards) > 4096:  # names once asked for: keep the newest
+            for k in list(self._cards)[:1024]:
+                self._cards.pop(k, None)
+        return got
+
+    async def _live_card(self, detector: str | None = None, refresh: bool = False) -> tuple[str, Preprocess, bool]:
+        """(version, Preprocess, whether it has maps) of the live index version's model card (of
+        ``detector``'s, with a registry), asked of the Model at most once per ``index_poll_s`` (10 s
+        when it does not poll): requests are decoded for it, and the Model scores each with the
+        version it was decoded for."""
         ttl = self.s.index_poll_s or 10.0
-        if refresh or self._card is None or time.monotonic() - self._card[0] > ttl:
-            self._keep_card(await self.model.card.remote())
-        return self._card[1], self._card[2], self._card[3]
+        got = self._cards.get(detector)
+        if refresh or got is None or time.monotonic() - got[0] > ttl:
+            got = self._keep_card(detector, await self._handle(detector).card.remote())
+        return got[1], got[2], got[3]
 
     async def _read(self, request: Request, take) -> bytes:
         limit = self.s.max_body_bytes
@@ -256,26 +282,64 @@ class Gateway:
         return ApiError(409, f"maps=1: index version {version} has no patch bank, so no anomaly maps; score "
                              "without maps, or publish a version built with python -m msc_dist.embed --patch-bank")
 
-    async def _decode_and_score(self, files: list[tuple[str, bytes]], maps: bool = False) -> list[dict]:
+    async def _decode_and_score(self, files: list[tuple[str, bytes]], detector: str | None = None,
+                                maps: bool = False) -> list[dict]:
         """Decode by the live card and score with that version. A version that rolled away while
         this request was decoded (the Model answers with the new card) is decoded once more for
         the new one: never resized to fit, never scored by a model it was not made for. ``maps``
         on a version without a patch bank: 409, before any decoding."""
         loop = asyncio.get_running_loop()
-        version, pre, has_maps = await self._live_card()
+        version, pre, has_maps = await self._live_card(detector)
+        handle = self._handle(detector)
         for attempt in range(2):
             if maps and not has_maps:
                 raise self._no_maps(version)
             arrays = await loop.run_in_executor(self.pool, decode_request, files, pre, self.s.max_pixels,
                                                 self.s.max_request_pixels, self.formats)
-            out = await (self.model.score.remote(arrays, version, True) if maps else self.model.score.remote(arrays, version))
+            out = await (handle.score.remote(arrays, version, True) if maps else handle.score.remote(arrays, version))
             if isinstance(out, list):
                 return out
             # {"version": live version, "preprocess": its card, "maps": ...}: ours is no longer served
-            self._keep_card(out)
-            version, pre, has_maps = self._card[1], self._card[2], self._card[3]
+            _, version, pre, has_maps = self._keep_card(detector, out)
         raise ApiError(503, "the model rolled to a new version twice during this request, retry later",
                        {"Retry-After": str(self.s.retry_after_s)})
+
+    # --- the registry ---------------------------------------------------------------------------
+
+    def _registry(self) -> str:
+        if not self.s.registry:
+            raise ApiError(404, "this app serves one index, not a registry of detectors: POST /v1/score, GET /v1/model")
+        return self.s.registry
+
+    def _detector_name(self, name: str) -> str:
+        from msc_dist.registry import NAME_RULE, valid_name
+
+        self._registry()
+        if not valid_name(name):
+            raise ApiError(404, f"no detector {name!r}: names are {NAME_RULE}; GET /v1/detectors lists them")
+        return name
+
+    async def _default_detector(self) -> str:
+        """The registry's default detector, read at most once per ``index_poll_s`` (10 s without)."""
+        from msc_dist.registry import get_default
+
+        ttl = self.s.index_poll_s or 10.0
+        if self._default is None or time.monotonic() - self._default[0] > ttl:
+            self._default = (time.monotonic(), await asyncio.to_thread(get_default, self._registry()))
+        if self._default[1] is None:
+            raise ApiError(404, "this app serves a registry with no default detector: POST /v1/detectors/NAME/score "
+                                "(GET /v1/detectors lists them), or set one with msc detectors default NAME")
+        return self._default[1]
+
+    async def _score_request(self, request: Request, detector: str | None):
+        maps = maps_flag(request.query_params.get("maps"))
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
+            raise ApiError(415, f"content type {ctype!r} is not accepted; use one of {', '.join(IMAGE_TYPES)} or multipart/form-data")
+        with self.inflight.request() as take:
+            body = await self._read(request, take)
+            files = await self._files(request, ctype, body)
+            return await self._guarded(self._decode_and_score(files, detector, maps))
 
     @api.get("/healthz")
     async def healthz(self):
@@ -286,20 +350,53 @@ class Gateway:
         """The live version's card and index, and ``recent``: the share of this replica's recent
         images over the threshold, next to the calibrated false-positive rate."""
         self._auth(request)
-        info = await self._guarded(self.model.info.remote())
-        return {**info, "recent": {**self.metrics.recent(DEFAULT), "target_fpr": info.get("target_fpr")}}
+        detector = await self._default_detector() if self.s.registry else None
+        info = await self._guarded(self._handle(detector).info.remote())
+        return {**info, "recent": {**self.metrics.recent(detector or DEFAULT), "target_fpr": info.get("target_fpr")}}
 
     @api.post("/v1/score", description=SCORE_DOC)
     async def score(self, request: Request):
-        return await self._observed(DEFAULT, self._score(request))
+        if not self.s.registry:
+            return await self._observed(DEFAULT, self._score(request))
+        detector = await self._named(request, self._default_detector())
+        return await self._observed(detector, self._score_request(request, detector))
 
     async def _score(self, request: Request):
         self._auth(request)
-        maps = maps_flag(request.query_params.get("maps"))
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and ctype not in IMAGE_TYPES and ctype != "multipart/form-data":
-            raise ApiError(415, f"content type {ctype!r} is not accepted; use one of {', '.join(IMAGE_TYPES)} or multipart/form-data")
-        with self.inflight.request() as take:
-            body = await self._read(request, take)
-            files = await self._files(request, ctype, body)
-            return await self._guarded(self._decode_and_score(files, maps))
+        return await self._score_request(request, None)
+
+    async def _named(self, request: Request, name) -> str:
+        """Auth, then the detector a registry request is for (``name``: awaitable or str); a
+        request refused before its detector is known is counted under no detector's name."""
+        try:
+            self._auth(request)
+            return await name if asyncio.iscoroutine(name) else self._detector_name(name)
+        except ApiError as e:
+            self.metrics.request(None, e.status, 0.0)
+            raise
+
+    @api.get("/v1/detectors")
+    async def detectors(self, request: Request):
+        from msc_dist.registry import listing
+
+        self._auth(request)
+        return await self._guarded(asyncio.to_thread(listing, self._registry()))
+
+    @api.get("/v1/detectors/{name:path}")
+    async def detector_info(self, name: str, request: Request):
+        """One detector of the registry, and ``recent``: the share of this replica's recent images
+        over its threshold, next to the calibrated false-positive rate."""
+        from msc_dist.registry import describe
+
+        self._auth(request)
+        name = self._detector_name(name)
+        d = await self._guarded(asyncio.to_thread(describe, self._registry(), name))
+        d.pop("checkpoint", None)  # no storage URIs to API clients
+        return {**d, "score": f"/v1/detectors/{name}/score",
+                "recent": {**self.metrics.recent(name), "target_fpr": d.get("target_fpr")}}
+
+    @api.post("/v1/detectors/{name:path}/score")
+    async def detector_score(self, name: str, request: Request):
+        name = await self._named(request, name)
+        return await self._observed(name, self._score_request(request, name))
+

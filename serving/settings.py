@@ -20,6 +20,9 @@ DEVICES = "auto | cpu | cuda | cuda:N"
 @dataclass
 class AppConfig:
     index: str = os.path.join("~", "msc_runs", "msc", "serving")
+    # Multiplexed serving: every detector of this registry (msc_dist/registry.py) in one app.
+    registry: str | None = None
+    max_detectors_per_replica: int = 4
     checkpoint: str | None = None
     device: str = "auto"
     runtime: str = "torch"
@@ -53,6 +56,7 @@ class AppConfig:
         "batch_wait_timeout_s": Range(0, 10),
         "index_poll_s": Range(0, 86400),  # 0: never re-read the index pointer
         "keep_versions": Range(1, 16),
+        "max_detectors_per_replica": Range(1, 4096),
         "max_body_bytes": Range(1, 1 << 30),
         "max_files": Range(1, 1024),
         "max_pixels": Range(1, 1_000_000_000),
@@ -86,8 +90,11 @@ class AppConfig:
         if self.max_request_pixels < self.max_pixels:
             raise ConfigError(f"max_request_pixels ({self.max_request_pixels}) must be at least max_pixels "
                               f"({self.max_pixels}): a request of one image within max_pixels would be refused")
-        if not self.index:
-            raise ConfigError("index: required (the embedding job's --out, a folder or s3:// prefix)")
+        if not self.index and not self.registry:
+            raise ConfigError("index: required (the embedding job's --out, a folder or s3:// prefix), or a registry")
+        if self.registry and self.index_shards:
+            raise ConfigError("registry: the sharded layout (index_shards > 0) serves one index; set index_shards 0 "
+                              "to serve a registry")
         return self
 
     def args(self) -> dict[str, Any]:
@@ -98,6 +105,10 @@ class AppConfig:
 HELP = {
     "index": "index root (the embedding job's --out: serving follows its published versions) or one version "
              "folder (pinned: never rolls); local or s3://",
+    "registry": "serve every detector of this registry (folder or s3:// prefix; msc embed --detector publishes "
+                "into it) at /v1/detectors/NAME/score, the default one at /v1/score; index is then unused",
+    "max_detectors_per_replica": "with a registry: detectors one Model replica holds at once (the least recently "
+                                 "used is unloaded)",
     "checkpoint": "checkpoint or run folder; default: the one each index version's manifest records (the one "
                   "that built it)",
     "device": f"{DEVICES} (auto: cuda when the replica has a GPU)",
@@ -181,13 +192,17 @@ def check_startup(cfg: AppConfig, port_of: tuple[str, int] | None = None) -> dic
     pair (model id, image size, resize mode), the runtime, enough index shards for ``index_shards``, and the
     address to listen on (``port_of``: (host, port)). Raises ConfigError, IndexMismatch or
     CheckpointError; returns what it found, for the start-up line."""
-    import socket
-
     _, auth = load_api_key(cfg)  # first: it needs nothing heavy
     from msc_dist.runtime import resolve
 
     # The runtime: installed, and not a CPU runtime on a GPU device (device auto: the replica decides).
     resolve(cfg.runtime, "cpu" if cfg.device == "auto" else cfg.device)
+
+    if cfg.registry:
+        found = _check_registry(cfg, auth)
+        if port_of is not None:
+            _check_port(*port_of)
+        return found
 
     from msc_dist import checkpoint as ckpt
     from msc_dist.card import preprocess_of
@@ -203,11 +218,27 @@ def check_startup(cfg: AppConfig, port_of: tuple[str, int] | None = None) -> dic
         raise ConfigError(f"index_shards {cfg.index_shards} is more than the {len(man.shards)} shards of index version "
                           f"{man.version}: rebuild it with --num-shards {cfg.index_shards} or more, or lower index_shards")
     if port_of is not None:
-        host, port = port_of
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
+        _check_port(*port_of)
     return {"auth": auth, "version": man.version, "model_id": ck.model_id, "vectors": man.count,
             "preprocess": pre.describe()}
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
+
+
+def _check_registry(cfg: AppConfig, auth: str) -> dict:
+    """A registry to serve: it exists (its detectors load on first use, each checked then)."""
+    from msc_dist import registry, storage
+
+    reg = storage.expand(cfg.registry)
+    if not storage.exists(reg):
+        raise ConfigError(f"registry {cfg.registry!r} does not exist: publish a detector into it with "
+                          "msc embed --detector NAME --registry ...")
+    return {"auth": auth, "registry": cfg.registry, "detectors": registry.names(reg), "default": registry.get_default(reg)}

@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port
 from msc_dist.cli import VERBS, build_parser, main, verb_parser
 
-EXPECTED_VERBS = ["train", "embed", "score", "evaluate", "test", "predict", "export", "serve", "bench", "data"]
+EXPECTED_VERBS = ["train", "embed", "score", "evaluate", "test", "predict", "export", "serve", "detectors", "bench", "data"]
 
 
 def _help(argv: list[str], parser=None) -> str:
@@ -41,6 +41,7 @@ def test_msc_help_lists_the_verbs():
     assert list(VERBS) == EXPECTED_VERBS
     assert set(VERBS["bench"].sub) == {"train", "embed", "load", "search", "serve", "quality", "embed-scale"}
     assert set(VERBS["data"].sub) == {"make-shards", "demo", "describe"}
+    assert set(VERBS["detectors"].sub) == {"list", "show", "remove", "default"}
 
 
 @pytest.mark.parametrize("path", [p for p, _ in _leaves()], ids="-".join)

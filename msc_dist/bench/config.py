@@ -112,10 +112,13 @@ class BenchServeConfig:
     device: str = "auto"
     index_shards: int = 0
     runtime: str = "torch"
+    detectors: int = 0
+    max_detectors_per_replica: int = 4
 
     RANGES: ClassVar[dict[str, Range]] = {"concurrency": Range(1, 10_000), "seconds": Range(0, 86_400, lo_open=True),
                                           "files_per_request": Range(1, 1024), "replicas": COUNT_RANGE,
-                                          "index_shards": Range(0, 1024)}
+                                          "index_shards": Range(0, 1024), "detectors": Range(0, 10_000),
+                                          "max_detectors_per_replica": Range(1, 4096)}
 
 
 SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the embedding job's --out)",
@@ -123,7 +126,10 @@ SERVE = {"checkpoint": "checkpoint or run folder", "index": "index folder (the e
          "files_per_request": "images per multi-image request", "replicas": "Model replicas", "device": DEVICE_HELP,
          "runtime": "the Model replicas' runtime, and the offline embedding's: " + RUNTIME_HELP,
          "index_shards": "0: one Model deployment holding the whole index; N: the index spread over N IndexShard "
-                         "deployments (max_score_diff against one unsharded index is reported)"}
+                         "deployments (max_score_diff against one unsharded index is reported)",
+         "detectors": "0: one index; N: a registry of N detectors (each its own copy of the checkpoint and of the "
+                      "index), single-image requests spread over them (cold-load seconds and evictions reported)",
+         "max_detectors_per_replica": "with --detectors: detectors one Model replica holds at once (LRU)"}
 
 QUALITY_KEYS = ("backbone", "weights", "image_size", "resize_mode", "epochs", "batch_size", "lr", "lr_schedule",
                 "warmup_epochs", "weight_decay", "momentum", "temperature", "angular_weight", "crop_min_scale",

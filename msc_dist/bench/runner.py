@@ -35,8 +35,11 @@ def run(name: str, cfg) -> dict:
             return bench_search_torch(cfg.n, cfg.d, cfg.queries, cfg.k, device)
         return bench_search(cfg.n, cfg.d, cfg.queries, cfg.k, cfg.num_shards, cfg.use_gpu, cfg.factory)
     if name == "serve":
-        from msc_dist.bench.serve import bench_serve
+        from msc_dist.bench.serve import bench_serve, bench_serve_detectors
 
+        if cfg.detectors > 0:
+            return bench_serve_detectors(cfg.checkpoint, cfg.index, cfg.detectors, cfg.max_detectors_per_replica,
+                                         cfg.concurrency, cfg.seconds, cfg.replicas, device, cfg.runtime)
         return bench_serve(cfg.checkpoint, cfg.index, cfg.concurrency, cfg.seconds, cfg.files_per_request,
                            cfg.replicas, device, cfg.index_shards, cfg.runtime)
     if name == "train":

@@ -1,7 +1,9 @@
 """Serving throughput and latency over HTTP on loopback at several client concurrencies, single-
 and multi-image requests, next to the offline embedding throughput of the same backbone. With
 ``index_shards`` N > 0: the sharded layout (serving/sharded.py), and ``max_score_diff``, the largest
-|score - score of one unsharded index| over every answered image."""
+|score - score of one unsharded index| over every answered image. With ``detectors`` N > 0: one
+app over a registry of N detectors (multiplexed serving), requests spread over all of them, with
+the replicas' cold-load seconds and LRU evictions."""
 
 from __future__ import annotations
 
@@ -42,8 +44,10 @@ def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: f
             while time.time() < stop:
                 kw, n = bodies[j % len(bodies)]
                 j += 1
+                kw = dict(kw)
+                target = kw.pop("url", url)  # a body may name its own URL (one detector of a registry)
                 t0 = time.perf_counter()
-                r = c.post(url, **kw)
+                r = c.post(target, **kw)
                 dt = time.perf_counter() - t0
                 with lock:
                     if r.status_code == 200:
@@ -149,3 +153,82 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
         runs = res["single"] + res["multi"]
         out["max_score_diff"] = max(r["max_score_diff"] for r in runs if r["requests_per_s"] > 0)
     return out
+
+
+def _registry_of(checkpoint: str, index: str, n: int, workdir: str) -> list[str]:
+    """A registry under ``workdir`` of ``n`` detectors, det-0 .. det-{n-1}: each its own copy of
+    the checkpoint folder (so each replica loads its model card afresh) and the live version of
+    ``index`` published for it (same vectors, ids, k and threshold)."""
+    import shutil
+
+    from msc_dist import registry
+    from msc_dist.checkpoint import resolve
+    from msc_dist.index import load_index, publish, write_index
+
+    idx = load_index(os.path.expanduser(index))
+    man = idx.manifest
+    src = resolve(os.path.expanduser(checkpoint))
+    names = []
+    for i in range(n):
+        ck = os.path.join(workdir, "checkpoints", f"det-{i}")
+        shutil.copytree(src, ck)
+        root = registry.root(os.path.join(workdir, "registry"), f"det-{i}")
+        new = write_index(root, idx.vectors(), list(idx.ids), man.model_id, factory=man.factory, k=man.k,
+                          extra={**man.extra, "checkpoint": ck})
+        new.threshold, new.target_fpr = man.threshold, man.target_fpr
+        publish(root, new)
+        names.append(f"det-{i}")
+    return names
+
+
+def bench_serve_detectors(checkpoint: str, index: str, detectors: int, max_per_replica: int, concurrencies: list[int],
+                          seconds: float, replicas: int, device: str, runtime: str = "torch") -> dict:
+    """Single-image requests spread evenly over ``detectors`` detectors of one multiplexed app."""
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, os.getcwd())
+    from serving.app import build_app
+
+    from msc_dist.checkpoint import load, resolve
+
+    tcfg = load(resolve(os.path.expanduser(checkpoint))).config
+    size, backbone = int(tcfg["image_size"]), tcfg["backbone"]
+    tmp = tempfile.TemporaryDirectory()
+    names = _registry_of(checkpoint, index, detectors, tmp.name)
+    need = replicas + max(1, replicas)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))))
+    port = _port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    gpu = device == "cuda"
+    serve.run(build_app({"registry": os.path.join(tmp.name, "registry"), "max_detectors_per_replica": max_per_replica,
+                         "device": device, "runtime": runtime, "allow_anonymous": True, "request_timeout_s": 60,
+                         "model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
+                                           "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0}},
+                         "gateway_options": {"num_replicas": max(1, replicas), "ray_actor_options": {"num_cpus": 1}}}),
+              name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{port}/v1/detectors"
+    imgs = _images(32, max(96, size))
+    bodies = [({"url": f"{base}/{names[j % len(names)]}/score", "content": imgs[j % len(imgs)],
+                "headers": {"content-type": "image/jpeg"}}, 1) for j in range(max(len(names), len(imgs)))]
+    _load(f"{base}/{names[0]}/score", bodies[:1], 1, 2.0)  # warm-up: one detector, the Gateway and the Model up
+    runs = [_load(base, bodies, c, seconds) for c in concurrencies]
+    model = serve.get_deployment_handle("Model", app_name="bench")
+    stats = {}
+    for _ in range(50 * max(1, replicas)):
+        s = model.stats.remote().result(timeout_s=60)
+        stats[s["replica"]] = s
+        if len(stats) >= replicas:
+            break
+    serve.shutdown()
+    tmp.cleanup()
+    loads = sum(s["loads"] for s in stats.values())
+    best = max(runs, key=lambda r: r["images_per_s"])
+    return {"bench": "serve", "detectors": detectors, "max_detectors_per_replica": max_per_replica, "replicas": replicas,
+            "runtime": runtime, "backbone": backbone, "image_size": size, "device": device,
+            "images_per_s": best["images_per_s"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"],
+            "cold_load_s": sum(s["load_s"] for s in stats.values()) / loads if loads else None,
+            "loads": loads, "evictions": sum(s["evictions"] for s in stats.values()),
+            "errors": sum(r["errors"] for r in runs), "runs": runs}

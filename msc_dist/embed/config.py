@@ -5,6 +5,7 @@ from typing import ClassVar
 
 from msc_dist.config import BATCH_RANGE, COUNT_RANGE, CPUS_RANGE, MAX_BYTES_RANGE, MAX_PIXELS_RANGE, SEED_RANGE, Range
 
+from msc_dist.registry import DEFAULT_REGISTRY, NAME_RULE
 from msc_dist.runtime import HELP as RUNTIME_HELP
 
 
@@ -13,6 +14,9 @@ class EmbedConfig:
     checkpoint: str | None = None
     data: str | None = None
     out: str | None = None
+    detector: str | None = None
+    registry: str = DEFAULT_REGISTRY
+    tracking_uri: str | None = None
     normal_classes: list[str] | None = None
     calibration_data: str | None = None
     calibration_fraction: float = 0.1
@@ -57,6 +61,10 @@ HELP = {
     "checkpoint": "checkpoint folder, or a run folder (its newest checkpoint); local or s3://",
     "data": "normal training shards (default: the checkpoint's training data)",
     "out": "output folder or s3:// prefix: versions/<id>/{manifest.json,index/,embeddings/} and the current.json pointer",
+    "detector": "publish into the registry as this detector (REGISTRY/NAME/, in place of --out): " + NAME_RULE,
+    "registry": "the detector registry, a folder or s3:// prefix (with --detector)",
+    "tracking_uri": "with --detector: also register the published version in this MLflow store (sqlite:///PATH.db, "
+                    "file:PATH or http(s)://HOST:PORT) as a version of the registered model of the detector",
     "normal_classes": "labels counted as normal (default: the checkpoint's)",
     "calibration_data": "held-out normal shards for the threshold (default: a seeded fraction of --data)",
     "calibration_fraction": "fraction of --data held back from the index for calibration when --calibration-data is absent",

@@ -17,7 +17,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from msc_dist import checkpoint as ckpt
 from msc_dist import storage
@@ -238,11 +238,25 @@ class EmbedOutcome:
     out: str
     bytes_read_ratio: float | None = None
     seconds: float = 0.0
+    registered: str | None = None  # the MLflow model version (--tracking-uri)
+    tracking_error: str | None = None
 
 
 def main(cfg: EmbedConfig) -> EmbedOutcome:
+    if cfg.detector:
+        if cfg.out:
+            raise ConfigError("give --out or --detector (which publishes into REGISTRY/NAME/), not both")
+        from msc_dist.registry import check_publishable
+
+        cfg = replace(cfg, out=check_publishable(cfg.registry, cfg.detector))
+    if cfg.tracking_uri:
+        from msc_dist.tracking import resolve_uri
+
+        if not cfg.detector:
+            raise ConfigError("--tracking-uri registers a detector's published versions: give --detector NAME too")
+        cfg = replace(cfg, tracking_uri=resolve_uri(cfg.tracking_uri))  # its form, checked before Ray starts
     if not cfg.checkpoint or not cfg.out:
-        raise ConfigError("--checkpoint and --out are required")
+        raise ConfigError("--checkpoint and --out (or --detector) are required")
     check_ranges(cfg)  # EmbedConfig.RANGES
     t0 = time.perf_counter()
     ck_url = ckpt.resolve(cfg.checkpoint)
@@ -285,7 +299,23 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     ratio = st.bytes_read_ratio
     log.info("published index %s: %d vectors in %d shard(s), threshold %s; read %.2fx the stored bytes",
              version, man.count, len(man.shards), man.threshold, ratio or float("nan"))
-    return EmbedOutcome(man, st.rows, st.corrupt, cfg.out, ratio, time.perf_counter() - t0)
+    out = EmbedOutcome(man, st.rows, st.corrupt, cfg.out, ratio, time.perf_counter() - t0)
+    if cfg.tracking_uri:
+        out.registered, out.tracking_error = _register(cfg, man)
+    return out
+
+
+def _register(cfg: EmbedConfig, man: IndexManifest) -> tuple[str | None, str | None]:
+    """(MLflow version, None), or (None, the reason): the version is published either way."""
+    from msc_dist.tracking import TrackingError, register_version
+
+    try:
+        v = register_version(cfg.tracking_uri, cfg.detector, version_root(cfg.out, man.version), man)
+    except TrackingError as e:
+        log.error("published, but not registered in MLflow: %s", e)
+        return None, str(e)
+    log.info("registered detector %s index version %s as MLflow model version %s", cfg.detector, man.version, v)
+    return v, None
 
 
 def _dimension(backbone: str) -> int:

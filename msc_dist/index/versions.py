@@ -89,15 +89,36 @@ def read_pointer(out: str) -> dict | None:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
 
+# An unpublished version folder younger than this may be a publish still running (another
+# process writing the same index root): cleanup leaves it alone.
+LEFTOVER_AGE_S = 3600.0
+
+
+def version_time(version: str) -> float | None:
+    """The creation time (UTC epoch seconds) a version name records, or None for another name."""
+    from datetime import datetime, timezone
+
+    try:
+        return datetime.strptime(version[2:24], "%Y%m%d-%H%M%S-%f").replace(tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        return None
+
+
 def publish(out: str, man: IndexManifest, keep_versions: int = 2) -> None:
     """Make ``man`` (its files already under versions/<id>/) the live version: its manifest, then
-    the pointer in one atomic write. Then delete what nothing needs: published versions beyond
-    the newest ``keep_versions`` and unpublished leftovers older than this one (a rebuild that
-    started later and is still running is newer, and stays)."""
+    the pointer in one atomic write, the only commit point. Then delete what nothing needs:
+    published versions beyond the newest ``keep_versions`` and unpublished leftovers older than
+    this one by name and by ``LEFTOVER_AGE_S``, never the version the pointer names. Two publishes into one root at once
+    leave one of them live and whole: neither deletes the other's files while it may still be
+    writing them, and neither commits a version whose files are gone."""
     storage.safe_name(man.version, "index version", IndexMismatch)
     root = version_root(out, man.version)
     data = json.dumps(asdict(man), indent=1).encode()
     storage.write_bytes_atomic(storage.join(root, MANIFEST), data)
+    missing = [e.file for e in man.shards if not storage.exists(storage.join(root, e.file))]
+    if missing:
+        raise IndexMismatch(f"index version {man.version}: {len(missing)} of its files are gone (e.g. {missing[0]}), "
+                            "not published: was the version folder deleted while it was written?")
     pointer = {"format": "msc-index-pointer/1", "version": man.version, "manifest_sha256": storage.sha256(data),
                "published": time.time()}
     storage.write_bytes_atomic(storage.join(out, POINTER), json.dumps(pointer, indent=1).encode())
@@ -106,10 +127,20 @@ def publish(out: str, man: IndexManifest, keep_versions: int = 2) -> None:
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(storage.path_of(base), detail=False))
     published = [n for n in names if n != man.version and storage.exists(storage.join(base, n, MANIFEST))]
     keep = {man.version, *published[::-1][:max(0, keep_versions - 1)]}
+    now = time.time()
     for n in names:
-        if n not in keep and (n in published or n < man.version):
-            log.info("deleting index version %s", n)
+        if n in keep:
+            continue
+        if n not in published and (n > man.version or now - (version_time(n) or 0.0) < LEFTOVER_AGE_S):
+            continue  # unpublished, newer or young: perhaps another publish still writing it
+        live = read_pointer(out)
+        if live is not None and live.get("version") == n:
+            continue  # another publish made it live meanwhile
+        log.info("deleting index version %s", n)
+        try:
             fs.rm(storage.path_of(storage.join(base, n)), recursive=True)
+        except FileNotFoundError:  # another publish's cleanup deleted it first
+            pass
 
 
 def resolve_version(path: str) -> str:
