@@ -73,7 +73,7 @@ def test_embeddings_by_id_and_index(embedded):
     assert np.array_equal(scorer.decode(samples[some[0]]), decode_image(samples[some[0]], 64, resize_mode="squash"))
 
 
-def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path):
+def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path, monkeypatch):
     out = str(tmp_path / "emb")
     first = embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=out))  # a finished earlier run
     man = os.path.join(out, "current.json")
@@ -96,6 +96,11 @@ def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path):
     assert new_parts and open(man).read() == before  # the half-built version was never published
     scorer = open_scorer(out, embedded["checkpoint"])  # ... and the previous one still loads and scores
     assert scorer.index.manifest.version == first.manifest.version and scorer.index.count == first.manifest.count
+    # A leftover younger than LEFTOVER_AGE_S may be a publish still under way (two publishes may
+    # race), so cleanup keeps it; one older than that is a killed run's, and goes.
+    from msc_dist.index import versions as index_versions
+
+    monkeypatch.setattr(index_versions, "LEFTOVER_AGE_S", 0.0)
     second = embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=out))
     assert load_index(out).manifest.version == second.manifest.version != first.manifest.version
     # The killed version's folder is gone; the replaced one stays until the next rebuild.

@@ -33,6 +33,7 @@ def _cfg(folder, out, **kw):
                       num_workers=1, loader_workers=0, gallery_k=2, calibration_fraction=0.2, target_fpr=0.1, **kw)
 
 
+@pytest.mark.slow
 def test_all_classes_run_writes_table_json_and_plots_and_repeats(local_ray, folder, tmp_path):
     res = main(_cfg(folder, tmp_path / "a"))
     out = tmp_path / "a"

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from msc_dist.data.decode import crop_geometry, decode_image
@@ -302,6 +303,7 @@ _ACTOR_POOL_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_rays_constructor_argument_line_is_off_the_console_unless_verbose():
     """Issue 23, 6: every actor pool printed Ray's "E ... core_worker.cc ... constructor arguments
     in the object store and max_restarts > 0" (Ray Data's own ray.put of its map function and

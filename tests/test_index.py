@@ -142,6 +142,7 @@ def test_parallel_build_from_parts_equals_one_exact_search(tmp_path):
     assert man.threshold == pytest.approx(threshold_at_fpr(exact, 0.1), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_ivf_pq_from_parts_builds_publishes_and_loads(tmp_path):
     from msc_dist.index import train_from_parts
 

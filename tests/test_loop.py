@@ -16,6 +16,7 @@ from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, run_worker
 
 
+@pytest.mark.slow
 def test_resumed_run_trains_exactly_as_the_uninterrupted_one(tmp_path):
     """Stop after epoch 1, resume from its checkpoint, train epoch 2: the weights equal a run that
     never stopped, although that run evaluated (DataLoaders drawing from the global RNG) between

@@ -105,6 +105,7 @@ def two_node_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_nodes_train_embed_serve(s3_server, two_node_cluster, tmp_path):
     import json
 

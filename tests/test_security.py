@@ -245,6 +245,7 @@ except ConnectionError as e:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_stalled_rank_fails_the_group_after_the_collective_timeout(local_ray, demo_data, tmp_path, monkeypatch):
     """Item 10: rank 1 stalls (as on a hung storage read) before an all-reduce; rank 0 gives up
     after --collective-timeout-s, not after torch's 30 minutes, and the run fails."""

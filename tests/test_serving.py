@@ -334,6 +334,7 @@ def _model_replicas(app: str = "msc") -> int:
     return st.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_load_autoscaling_up_and_down(serving, images):
     url, scorer = serving["url"], serving["scorer"]
     expected = [r.score for r in scorer.score_bytes(images)]

@@ -71,6 +71,7 @@ def test_a_training_run_is_tracked_and_its_published_index_registered(local_ray,
     assert mv.tags["msc.index_version"] == man.version and float(mv.tags["msc.threshold"]) == man.threshold
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_mlflow_run(local_ray, tmp_path):
     """A rerun with more epochs resumes the training run and logs into the same MLflow run (a
     file: store here); the curves hold every epoch."""

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 import torch
 
 from msc_dist import storage
@@ -80,6 +82,7 @@ def _session_dir() -> str:
     return ray._private.worker._global_node.get_session_dir_path()
 
 
+@pytest.mark.slow
 def test_collapse_stop_leaves_the_last_good_epoch_registered_and_the_bad_one_apart(local_ray, tmp_path, capsys):
     """on_collapse stop in a Ray Train run: the stopped epoch reports no checkpoint, so the run's
     registered checkpoint (what resolve(run) and the embedding job pick) stays the last good
@@ -105,6 +108,7 @@ def test_collapse_stop_leaves_the_last_good_epoch_registered_and_the_bad_one_apa
     assert f"kept apart in {apart}; the run's checkpoint stays epoch 0" in printed.out + printed.err
 
 
+@pytest.mark.slow
 def test_s3_shards_and_checkpoints_resume_on_rerun(local_ray, s3_server, tmp_path):
     import boto3
 
@@ -133,6 +137,7 @@ def test_s3_shards_and_checkpoints_resume_on_rerun(local_ray, s3_server, tmp_pat
     assert second.metrics["step"] == 2 * first.metrics["step"]
 
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_last_checkpoint(local_ray, tmp_path):
     data = tmp_path / "data"
     write_shards(data, [40, 40])
