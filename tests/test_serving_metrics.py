@@ -24,6 +24,7 @@ def metrics_app(local_ray, tmp_path_factory):
     ck = tiny_checkpoint(root / "ck", image_size=32, resize_mode="squash", seed=3)
     tiny_index(root / "index", ck, {f"n{i}": b for i, b in enumerate(noise_images(12, seed=5))})
     port = free_port()
+    serve.shutdown()  # a Serve left by an earlier test file would keep its own port and ignore ours
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"index": str(root / "index"), "allow_anonymous": True, "device": "cpu",
                          "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},
