@@ -189,6 +189,7 @@ def apps(banked, local_ray):
     from serving.app import build_app
 
     port = free_port()
+    serve.shutdown()  # a Serve left by an earlier test file keeps its own port and ignores ours
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"api_key_env": "MSC_TEST_NO_SUCH_VAR", "allow_anonymous": True, "max_files": 16,
             "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25}},

@@ -164,6 +164,7 @@ def test_the_single_serving_layout_scores_a_version_with_a_bank_by_its_score_mod
     items = _test_images(banked["test"])[:4]
     want = open_scorer(banked["bank"]).score_bytes(items)
     port = free_port()
+    serve.shutdown()  # a Serve left by an earlier test file keeps its own port and ignores ours
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"index": banked["bank"], "allow_anonymous": True,

@@ -41,6 +41,7 @@ def serving(embedded, tmp_path_factory):
     from serving.app import build_app
 
     port = _free_port()
+    serve.shutdown()  # a Serve left by an earlier test file keeps its own port and ignores ours
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # The index only: its manifest names the checkpoint. Auth is off only because it is said so.
     base = {"index": embedded["out"], "max_body_bytes": 2_000_000, "max_files": 4, "max_pixels": 10_000_000,

@@ -44,6 +44,7 @@ def fleet(local_ray, tmp_path_factory):
         scorer = open_scorer(version_root(registry.root(str(reg), name), man.version))
         expected[name] = (man.version, [r.score for r in scorer.score_bytes(queries)])
     port = free_port()
+    serve.shutdown()  # a Serve left by an earlier test file keeps its own port and ignores ours
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"registry": str(reg), "max_detectors_per_replica": 4, "index_poll_s": 1,
                          "allow_anonymous": True, "api_key_env": "MSC_TEST_NO_SUCH_VAR",

@@ -157,6 +157,7 @@ def sharded(embedded, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("shardidx") / "index")
     shutil.copytree(embedded["out"], root)
     port = _free_port()
+    serve.shutdown()  # a Serve left by an earlier test file keeps its own port and ignores ours
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"checkpoint": embedded["run_dir"], "index": root, "index_shards": 2, "max_files": 64,
                          "index_poll_s": 1, "shard_timeout_s": 3, "api_key_env": "MSC_TEST_NO_SUCH_VAR", "allow_anonymous": True,
