@@ -4,7 +4,9 @@ OpenVINO IR or TorchScript, for deployment without this package.
 The exported graph takes what the Scorer feeds its model: a batch of decoded, resized RGB images,
 (B, 3, S, S) uint8 (``--input uint8``, the default) or float in [0, 1] (``--input float``), and
 returns (B, D) float32 L2-normalised features. The anomaly score is then the sum of squared L2
-distances to the k nearest vectors of the index (on unit vectors, 2 - 2 cos each).
+distances to the k nearest vectors of the index (on unit vectors, 2 - 2 cos each). ``--patches``
+adds the output ``patches`` (B, h, w, C), the patch features of the anomaly maps (the PatchSpec
+of ``--index``'s bank, else the backbone's default with the checkpoint's patch_source).
 
 The export folder holds the model file, ``center.pt``, ``config.json`` (the training config),
 ``export.json`` (input/output spec, model id, the check's result, the index reference) and, with
@@ -37,6 +39,7 @@ class ExportConfig:
     check_images: int = 4
     atol: float = 1e-4
     opset: int = 18
+    patches: bool = False
 
     RANGES: ClassVar[dict[str, Range]] = {"check_images": Range(1, 1024), "atol": Range(0, 1, lo_open=True),
                                           "opset": Range(11, 23)}
@@ -51,7 +54,24 @@ HELP = {
     "check_images": "images the exported model is checked on against PyTorch",
     "atol": "largest absolute feature difference to PyTorch that the check accepts",
     "opset": "ONNX opset version",
+    "patches": "the graph also outputs `patches` (B, h, w, C), the patch features of the anomaly maps: those of "
+               "--index's patch bank (its stages, pool and source) when it has one, else the backbone's defaults "
+               "with the checkpoint's patch_source (msc: the checkpoint's own trunk, the same forward; frozen: the "
+               "ImageNet trunk, a second forward in the graph)",
 }
+
+
+def _patch_spec(cfg: ExportConfig, card, man):
+    """--patches: the PatchSpec of --index's bank, else the backbone's default with the
+    checkpoint's recorded patch_source (frozen when it records none)."""
+    from msc_dist.patches import PatchError, PatchSpec
+
+    try:
+        if man is not None and man.patch:
+            return PatchSpec.from_dict(man.patch)
+        return PatchSpec.default(card.backbone, source=card.config.get("patch_source") or "frozen")
+    except PatchError as e:
+        raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -81,7 +101,7 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
     pre = card.preprocess
     size, dim = pre.image_size, card.dim
 
-    index_ref, manifest_bytes = None, None
+    index_ref, manifest_bytes, man = None, None, None
     if cfg.index:
         from msc_dist.index import MANIFEST, read_manifest
         from msc_dist.scorer import check_pair
@@ -93,10 +113,13 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
                      "dimension": man.dimension, "k": man.k, "metric": man.metric, "threshold": man.threshold,
                      "target_fpr": man.target_fpr, "model_id": man.model_id}
 
+    pspec = _patch_spec(cfg, card, man) if cfg.patches else None
     out = os.path.abspath(os.path.expanduser(cfg.out))
     os.makedirs(out, exist_ok=True)
+    patch_check: dict = {}
     path, diff, seconds = write_checked(card, cfg.format, out, uint8=cfg.input == "uint8", opset=cfg.opset,
-                                        n_check=cfg.check_images, atol=cfg.atol, log=log)
+                                        n_check=cfg.check_images, atol=cfg.atol, log=log, patch_spec=pspec,
+                                        report=patch_check)
     runtime = runtime_name(cfg.format)
 
     torch.save(center.detach().float().cpu(), os.path.join(out, "center.pt"))
@@ -115,6 +138,11 @@ def main(cfg: ExportConfig, log=print) -> ExportOutcome:
                   "range": "0..255" if cfg.input == "uint8" else "0..1",
                   "resize_mode": pre.resize_mode, "preprocess": pre.describe()},
         "output": {"name": "features", "shape": ["batch", dim], "dtype": "float32", "note": "L2-normalised"},
+        "patches": None if pspec is None else {
+            "name": "patches", "shape": ["batch", *patch_check["patch_shape"]], "dtype": "float32", "spec": pspec.to_dict(),
+            "note": "the anomaly map: per patch, the Euclidean distance to the nearest patch of the bank "
+                    "(msc_dist.patches.nearest, anomaly_map)",
+            "check": {"max_abs_diff": patch_check["patch_max_abs_diff"], "scale": patch_check["patch_scale"]}},
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "inside_model": True},
         "score": "sum over the k nearest index vectors of the squared L2 distance (2 - 2 cos on unit vectors)",
         "preprocessing": pre.to_dict(), "center": "center.pt", "index": index_ref,

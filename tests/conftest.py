@@ -31,6 +31,58 @@ def demo_data(tmp_path_factory):
     return root
 
 
+_LOGGER_REPAIRS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _our_loggers_as_a_fresh_process_has_them(request):
+    """Our msc_dist.* loggers as a fresh process has them before each test (enabled, propagating,
+    no level above INFO): in the full suite something an earlier test ran leaves them unable to
+    reach pytest's capture, and then a test that asserts a logged line (a counted mask skip) sees
+    nothing, although the product logs it. Each repair is listed at the end of the run with the
+    test it was found before, to find what did it."""
+    import logging
+
+    found = []
+    for n, lg in list(logging.Logger.manager.loggerDict.items()):
+        if (n == "msc_dist" or n.startswith("msc_dist.")) and isinstance(lg, logging.Logger):
+            what = [w for w, bad in (("disabled", lg.disabled), ("propagate=False", not lg.propagate),
+                                     (f"level {logging.getLevelName(lg.level)}", lg.level > logging.INFO)) if bad]
+            if what:
+                found.append(f"{n} ({', '.join(what)})")
+                lg.disabled, lg.propagate = False, True
+                if lg.level > logging.INFO:
+                    lg.setLevel(logging.NOTSET if n != "msc_dist" else logging.INFO)
+    masks = sys.modules.get("msc_dist.data.masks")
+    if masks is not None:
+        lg = masks.log
+        if lg is not logging.getLogger(lg.name):
+            found.append(f"{lg.name}: the module's logger is not the registered one")
+        if not lg.isEnabledFor(logging.WARNING):
+            found.append(f"{lg.name}: not enabled for WARNING (effective level "
+                         f"{logging.getLevelName(lg.getEffectiveLevel())})")
+            logging.Logger.manager._clear_cache()
+        c, chain = lg, []
+        while c is not None:
+            chain.append(c)
+            c = c.parent if c.propagate else None
+        if chain[-1] is not logging.getLogger():
+            found.append(f"{lg.name}: its chain ends at {chain[-1].name!r}, not the root logger")
+    if logging.root.manager.disable:
+        found.append(f"logging.disable({logging.root.manager.disable})")
+        logging.disable(logging.NOTSET)
+    if found:
+        _LOGGER_REPAIRS.append(f"{request.node.nodeid}: {'; '.join(sorted(found))}")
+    yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LOGGER_REPAIRS:
+        terminalreporter.write_sep("-", "msc_dist loggers found disabled (repaired) before")
+        for line in _LOGGER_REPAIRS[:5]:
+            terminalreporter.write_line(line)
+
+
 def free_port() -> int:
     """A free TCP port on loopback (shared by the tests that start servers)."""
     with socket.socket() as s:
@@ -120,9 +172,11 @@ def embedded(trained_run, tmp_path_factory):
     return {**trained_run, "out": str(out), "result": res}
 
 
-def tiny_checkpoint(folder, *, image_size: int, resize_mode: str, seed: int = 0, data: str | None = None) -> str:
+def tiny_checkpoint(folder, *, image_size: int, resize_mode: str, seed: int = 0, data: str | None = None,
+                    **config) -> str:
     """A 0-epoch checkpoint written in-process (tiny_cnn, weights perturbed by ``seed`` so that
-    each seed is another model id), with the given model card: no Ray Train run."""
+    each seed is another model id), with the given model card (and ``config``'s training-config
+    entries): no Ray Train run."""
     import torch
 
     from msc_dist import checkpoint as ckpt
@@ -136,7 +190,8 @@ def tiny_checkpoint(folder, *, image_size: int, resize_mode: str, seed: int = 0,
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     center = torch.nn.functional.normalize(torch.ones(model.dim), dim=0)
     ckpt.save(folder, model.state_dict(), center, {"backbone": "tiny_cnn", "image_size": image_size,
-                                                   "resize_mode": resize_mode, "data": data, "normal_classes": ["0"]},
+                                                   "resize_mode": resize_mode, "data": data, "normal_classes": ["0"],
+                                                   **config},
               {"epoch": 0})
     return folder
 

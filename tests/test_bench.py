@@ -27,6 +27,7 @@ def test_bench_prints_json(args, key, expect):
     assert {k: res[k] for k in expect} == expect
 
 
+@pytest.mark.slow
 def test_bench_quality_one_class_protocol_on_real_digits(tmp_path):
     """A tiny real MNIST subset through the one-process protocol: every method, every metric, the
     frozen-feature epoch 0 identical for both fine-tuned methods, results saved per class."""
@@ -75,6 +76,7 @@ def test_bench_quality_one_class_protocol_on_real_digits(tmp_path):
         assert fast[k] == pytest.approx(res["classes"]["0"]["msc"][k], abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_bench_embed_scale_reports_driver_memory_and_bytes_read(tmp_path):
     """The real embedding job and parallel index build on tiny images: one JSON line with the
     figures that decide whether the job survives 100 M rows; every shard byte read once."""
@@ -88,6 +90,7 @@ def test_bench_embed_scale_reports_driver_memory_and_bytes_read(tmp_path):
     assert 2500 < res["index_count"] < 2900  # the seeded 10 % calibration hold-out is not indexed
 
 
+@pytest.mark.slow
 def test_bench_quality_reference_loop_runs_the_same_protocol(tmp_path):
     """--loop reference: the paper's loop written plainly, same hold-out, bank and metrics as ours."""
     import numpy as np
@@ -156,6 +159,7 @@ def test_bench_quality_on_an_image_folder_over_seeds_with_both_loops_and_a_plot(
     assert [e for e, _ in r["epoch_auc"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_writes_each_row_and_the_profile_to_out_as_measured(tmp_path):
     """infra/gpu-check.sh under SMOKE=1 on the CPU: the Lite0 row's JSON line and the profile of
     its step land in $OUT as soon as they are measured, so a run killed during the next row (as a

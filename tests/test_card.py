@@ -27,7 +27,7 @@ def _shards(folder: Path, images: list[bytes]) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("mode", ["squash", "center_crop"])
+@pytest.mark.parametrize("mode", ["squash", pytest.param("center_crop", marks=pytest.mark.slow)])
 def test_every_path_preprocesses_by_the_checkpoints_card(local_ray, tmp_path, mode):
     """Embedding job, score job, predict, test and export, none told the mode: all decode as the
     checkpoint says (the other mode gives other features and scores, so a path that fell back to

@@ -73,6 +73,7 @@ def test_embeddings_by_id_and_index(embedded):
     assert np.array_equal(scorer.decode(samples[some[0]]), decode_image(samples[some[0]], 64, resize_mode="squash"))
 
 
+@pytest.mark.slow
 def test_killed_rebuild_leaves_the_previous_version_live(embedded, tmp_path, monkeypatch):
     out = str(tmp_path / "emb")
     first = embed_main(EmbedConfig(checkpoint=embedded["run_dir"], out=out))  # a finished earlier run
@@ -221,6 +222,7 @@ def _score_files(folder, datas: dict[str, bytes]) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 def test_score_run_over_the_error_limit_publishes_nothing(embedded, tmp_path):
     from msc_dist.score.__main__ import cli
 

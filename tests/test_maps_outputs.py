@@ -29,7 +29,7 @@ def bank_index(out, checkpoint: str, train: dict[str, bytes], cal: list[bytes], 
     into ``out`` with the manifest record the embedding job writes (score mode global)."""
     from msc_dist.card import index_record, load_card
     from msc_dist.index import publish, threshold_at_fpr, version_root, write_index
-    from msc_dist.index.build import write_bank_shard
+    from msc_dist.index.build import write_shard
     from msc_dist.patches import PatchSpec, anomaly_map, bank_rows, nearest, new_bank_index, patch_scores
 
     card = load_card(checkpoint)
@@ -47,8 +47,8 @@ def bank_index(out, checkpoint: str, train: dict[str, bytes], cal: list[bytes], 
         rows = bank_rows(p[lo:hi], spec, ids[lo:hi])
         index = new_bank_index(c)
         index.add(np.ascontiguousarray(rows.reshape(-1, c)))
-        entries.append(asdict(write_bank_shard(version_root(str(out), man.version), i, index,
-                                               [x for x in ids[lo:hi] for _ in range(rows.shape[1])])))
+        entries.append(asdict(write_shard(version_root(str(out), man.version), i, index,
+                                          [x for x in ids[lo:hi] for _ in range(rows.shape[1])], folder="bank")))
         cal_d.append(nearest(index, pc.reshape(len(pc), h * w, c)))
     ps = patch_scores(anomaly_map(np.minimum.reduce(cal_d).reshape(-1, h, w), card.preprocess.image_size, spec.sigma))
     tp = threshold_at_fpr(ps, target_fpr)
@@ -245,3 +245,60 @@ def test_maps_requests_that_cannot_be_answered_say_why(apps, banked):
         r = c.post(f"{apps}/one/v1/score?maps=yes", content=data, headers=h)
         assert r.status_code == 400 and "maps must be 0 or 1" in r.json()["error"]["message"], r.text
         assert c.post(f"{apps}/plain/v1/score?maps=0", content=data, headers=h).status_code == 200
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_export_with_patches_gives_the_banks_patch_features(banked, scorer, tmp_path, capsys, fmt):
+    """``msc export --patches --index`` on a version with a bank: the graph's second output is the
+    patch features of the bank's PatchSpec, as PyTorch computes them, so a deployment without this
+    package gets the Scorer's anomaly maps from them (over the same bank, ``Scorer.maps_of``)."""
+    import torch
+
+    from msc_dist.graph import run_exported
+    from msc_dist.patches import PatchSpec
+
+    out = tmp_path / fmt
+    rc, stdout, err = _run(["export", "--checkpoint", banked["checkpoint"], "--format", fmt, "--out", str(out),
+                            "--index", banked["index"], "--patches"], capsys)
+    assert rc == 0, err
+    assert "export check: patches" in stdout
+    spec = json.loads((out / "export.json").read_text())
+    bank = PatchSpec.from_dict(banked["manifest"].patch)
+    assert PatchSpec.from_dict(spec["patches"]["spec"]) == bank == scorer.patch_spec
+    x = np.stack([scorer.decode(b) for b in banked["images"][:5]]).transpose(0, 3, 1, 2).copy()  # 5: not traced
+    z, p = run_exported(str(out / ("model.onnx" if fmt == "onnx" else "model.xml")), x)
+    z_ref, p_ref = scorer.card.embed_with_patches(torch.from_numpy(x), bank)
+    assert list(p.shape[1:]) == spec["patches"]["shape"][1:] and p.shape == p_ref.shape
+    assert float(np.abs(z - z_ref).max()) <= 1e-4
+    assert float(np.abs(p - p_ref).max()) <= 1e-4 * max(1.0, float(np.abs(p_ref).max()))
+    want = scorer.score_bytes(banked["images"][:5], maps=True)
+    got = scorer.maps_of(p)
+    for g, w in zip(got, want):
+        assert float(np.abs(g - w.map).max()) <= 1e-3 * max(1.0, float(w.map.max()))
+
+
+def test_export_patches_of_the_frozen_trunk_without_an_index(banked, tmp_path, capsys):
+    """Without --index, --patches takes the backbone's default PatchSpec with the checkpoint's
+    patch_source: frozen (recorded or not), a second forward of the ImageNet trunk in the graph."""
+    import torch
+
+    from msc_dist.card import load_card
+    from msc_dist.graph import run_exported
+    from msc_dist.patches import PatchSpec
+
+    out = tmp_path / "ts"
+    rc, stdout, err = _run(["export", "--checkpoint", banked["checkpoint"], "--format", "torchscript",
+                            "--out", str(out), "--patches"], capsys)
+    assert rc == 0, err
+    spec = json.loads((out / "export.json").read_text())
+    card = load_card(banked["checkpoint"])
+    frozen = PatchSpec.default(card.backbone, source="frozen")
+    assert PatchSpec.from_dict(spec["patches"]["spec"]) == frozen
+    x = np.stack([card.preprocess(b) for b in banked["images"][:3]]).transpose(0, 3, 1, 2).copy()
+    z, p = run_exported(str(out / "model.torchscript.pt"), x)
+    _, p_frozen = card.embed_with_patches(torch.from_numpy(x), frozen)
+    _, p_msc = card.embed_with_patches(torch.from_numpy(x), PatchSpec.default(card.backbone, source="msc"))
+    assert float(np.abs(p - p_frozen).max()) <= 1e-4 * max(1.0, float(np.abs(p_frozen).max()))
+    assert float(np.abs(p - p_msc).max()) > 1e-3  # the checkpoint's own trunk differs: it is not that one
+    rc, _, err = _run(["export", "--checkpoint", banked["checkpoint"], "--out", str(tmp_path / "plain")], capsys)
+    assert rc == 0 and json.loads((tmp_path / "plain" / "export.json").read_text())["patches"] is None

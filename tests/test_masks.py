@@ -119,7 +119,32 @@ def _sample(tmp_path, image: bytes | None, mask: bytes | None, label=1):
     return next(iter_samples(describe(str(folder)).shards[0].url, masks=True))
 
 
-def test_bad_masks_are_counted_skips(tmp_path, caplog):
+@pytest.fixture
+def mask_log():
+    """The lines ``msc_dist.data.masks`` logs, caught by a handler on that module's own logger
+    (pytest's caplog, on the root logger, saw none of them in the full suite although they are
+    logged: see conftest's logger repairs)."""
+    import logging
+
+    from msc_dist.data import masks
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    h, level, disabled = Keep(logging.DEBUG), masks.log.level, masks.log.disabled
+    masks.log.addHandler(h)
+    masks.log.disabled = False
+    masks.log.setLevel(logging.INFO)  # (also clears the loggers' isEnabledFor caches)
+    yield lines
+    masks.log.removeHandler(h)
+    masks.log.disabled = disabled
+    masks.log.setLevel(level)
+
+
+def test_bad_masks_are_counted_skips(tmp_path, mask_log):
     pre = Preprocess(16, "squash", PRE, PRE)
     img = _png(np.zeros((20, 30), np.uint8))
     good = _sample(tmp_path, img, _png(np.full((20, 30), 255, np.uint8)))
@@ -138,7 +163,7 @@ def test_bad_masks_are_counted_skips(tmp_path, caplog):
         assert e.value.kind == kind, (kind, str(e.value))
         skips.add(smp.key, e.value)
     assert skips.counts == {"orphan": 1, "undecodable": 1, "wrong_size": 1, "missing": 1} and skips.total == 4
-    assert sum("mask of k skipped" in r.getMessage() for r in caplog.records) == 4
+    assert sum("mask of k skipped" in m for m in mask_log) == 4
 
 
 # ---- msc test with masks: a real version with a patch bank (the embedding job on a local Ray) --
@@ -183,7 +208,7 @@ def _with_bad_masks(test: str, out: str) -> dict:
     return bad
 
 
-def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_path, capsys, caplog):
+def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_path, capsys, mask_log):
     """msc test on tiles with masks and a version with a patch bank: results.json keeps roc_auc
     and adds image_roc_auc, pixel_roc_auc and pro, equal to the metrics of the Scorer's own maps
     against the masks brought onto the 32 px input; each bad mask is a counted, logged skip (its
@@ -204,7 +229,7 @@ def test_msc_test_writes_pixel_metrics_and_counts_bad_masks(tile_version, tmp_pa
     res = json.loads((out / "results.json").read_text())
     assert res["mask_skips"] == {"orphan": 1, "undecodable": 1, "wrong_size": 1, "missing": 0}
     assert [e["key"] for e in res["errors"]] == [bad["orphan"]]
-    logged = [r.getMessage() for r in caplog.records]
+    logged = mask_log
     for kind, key in bad.items():
         assert sum(m.startswith(f"mask of {key} skipped ({kind})") for m in logged) == 1, logged
     assert "3 mask(s) skipped: 1 orphan, 1 undecodable, 1 wrong_size" in logged
@@ -276,3 +301,33 @@ def test_bench_quality_patch_method_finds_the_defects_in_their_masks(tmp_path):
     assert r["index_size"] % 5 == 0 and 0 < r["index_size"] <= 5 * 14
     assert r["roc_auc"] > 0.9 and r["pixel_roc_auc"] > 0.9 and r["pro"] > 0.5, r
     assert "pixel_roc_auc" not in res["classes"]["good"]["knn"] and res["mean"]["patch"]["pro"] == r["pro"]
+    # combined: the same forward's global kNN and map maximum, each over its threshold
+    assert r["combined_roc_auc"] > 0.9 and res["mean"]["patch"]["combined_roc_auc"] == r["combined_roc_auc"]
+    assert "combined_roc_auc" not in res["classes"]["good"]["knn"]
+
+
+def test_bench_quality_msc_patch_takes_the_named_patch_model(tmp_path):
+    """msc-patch trains the --patch-model's method (here msc-fast: its preset's 6 epochs) once and
+    takes that model's patches; an unknown patch model names the valid ones."""
+    from msc_dist.bench.quality import bench_quality
+    from msc_dist.train.config import TrainConfig
+
+    rng = np.random.default_rng(1)
+    for cls, n in (("good", 12), ("bad", 4)):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(n):
+            a = rng.integers(60, 120, (32, 32), dtype=np.uint8)
+            if cls == "bad":
+                a[8:20, 8:20] = 255
+            Image.fromarray(a).save(tmp_path / "src" / cls / f"{i}.jpg", quality=95)
+    base = TrainConfig(backbone="tiny_cnn", image_size=32, batch_size=4, epochs=1, loader_workers=0, eval_every=0)
+    logs: list[str] = []
+    res = bench_quality(str(tmp_path / "src"), ["good"], base, ["msc-patch"], "cpu", log=logs.append,
+                        patch={"budget": 4}, patch_model="msc-fast")
+    assert res["patch_model"] == "msc-fast" and set(res["classes"]["good"]) == {"msc-patch"}
+    trained = [m for m in logs if m.startswith("class good msc-fast: epoch") and " epoch 0 " not in m]
+    assert len(trained) == TrainConfig.PRESETS["fast"]["epochs"], logs  # epoch 0: the center
+    assert not [m for m in logs if m.startswith("class good msc: ")]
+    with pytest.raises(ValueError, match="valid: \\['msc', 'msc-fast', 'msc-noangular'\\]"):
+        bench_quality(str(tmp_path / "src"), ["good"], base, ["msc-patch"], "cpu", log=logs.append,
+                      patch_model="msc-big")

@@ -202,6 +202,45 @@ def test_bad_patch_options_are_config_errors_before_ray_starts(tmp_path, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+class _Stop(Exception):
+    pass
+
+
+def test_the_checkpoint_records_the_score_mode_and_the_embedding_job_takes_it(tmp_path, monkeypatch):
+    """A run trained with score_mode / patch_source records them in its checkpoint; the embedding
+    job builds that version unless its own flags say otherwise; older checkpoints mean global."""
+    from msc_dist.config import ConfigError
+    from msc_dist.embed import job
+    from msc_dist.train.config import TrainConfig
+    from msc_dist.train.job import validate
+
+    with pytest.raises(ConfigError, match=re.escape("unknown score_mode 'pach'; valid: ['global', 'patch', 'combined']")):
+        validate(TrainConfig(score_mode="pach"))
+    with pytest.raises(ConfigError, match=re.escape("unknown patch_source 'imagenet'; valid: ['frozen', 'msc']")):
+        validate(TrainConfig(patch_source="imagenet"))
+    make_demo(str(tmp_path / "demo"), n_train=4, n_test_normal=0, n_test_defect=0, size=32, per_shard=4)
+    data = str(tmp_path / "demo" / "train")
+    seen = []
+    real = job.patch_spec_of
+
+    def spy(cfg, backbone):
+        seen.append((cfg.score_mode, cfg.patch_source, real(cfg, backbone)))
+        raise _Stop
+
+    monkeypatch.setattr(job, "patch_spec_of", spy)
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="squash", data=data, score_mode="patch",
+                         patch_source="msc")
+    old = tiny_checkpoint(tmp_path / "old", image_size=32, resize_mode="squash", data=data)
+    for c, flags in ((ck, {}), (ck, {"score_mode": "global"}), (ck, {"patch_source": "frozen"}), (old, {})):
+        with pytest.raises(_Stop):
+            embed_main(EmbedConfig(checkpoint=c, out=str(tmp_path / "o"), **flags))
+    (m0, s0, p0), (m1, s1, p1), (m2, s2, p2), (m3, s3, p3) = seen
+    assert (m0, s0, p0.source) == ("patch", "msc", "msc")
+    assert (m1, s1, p1) == ("global", "msc", None)  # the flag wins: no bank
+    assert (m2, s2, p2.source) == ("patch", "frozen", "frozen")
+    assert (m3, s3, p3) == ("global", "frozen", None)
+
+
 def test_an_unknown_patch_stage_names_the_backbone():
     from msc_dist.backbones import build_model
     from msc_dist.patches import PatchError, PatchExtractor

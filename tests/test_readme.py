@@ -47,12 +47,12 @@ def test_every_results_config_loads_and_no_result_file_names_a_machine_path():
     root = Path(__file__).resolve().parents[1]
     folder = root / "infra" / "results" / "quality"
     cls = BENCHES["quality"][0]
-    configs = sorted(folder.glob("*.yaml"))
+    configs = sorted(folder.rglob("*.yaml"))  # maps/ too
     assert configs
     for p in configs:
         cfg = from_dict(cls, load_yaml(p), source=str(p))
         assert cfg.data and not Path(cfg.data).is_absolute(), (p, cfg.data)
     machine = re.compile(r"(?<![\w.])/(work|root|home|tmp|Users)/")
-    for p in sorted(folder.iterdir()):
+    for p in sorted(folder.rglob("*")):
         if p.suffix in (".sh", ".yaml", ".py", ".md"):
             assert not machine.search(p.read_text()), p

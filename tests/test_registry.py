@@ -142,6 +142,7 @@ def test_many_concurrent_publishes_leave_a_whole_live_version(tmp_path):
     assert live.manifest.model_id in {f"m{s}" for s in range(6)} and live.count == 40
 
 
+@pytest.mark.slow
 def test_msc_embed_detector_publishes_into_an_s3_registry(local_ray, s3_server, demo_data, tmp_path, _msc):
     """``msc embed --detector NAME --registry s3://...``: the embedding job's version and pointer
     under REGISTRY/NAME/, which list / show / remove read and change on S3 as on a folder."""

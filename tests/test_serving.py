@@ -259,6 +259,7 @@ def _follow_app(index: str, name: str):
               name=name, route_prefix=f"/{name}")
 
 
+@pytest.mark.slow
 def test_the_single_layout_follows_the_published_version_under_load(serving, tmp_path):
     """A new version published into the served index root (another checkpoint, another image size
     and resize mode) rolls in within the poll interval under load: only 200s, each answer the
@@ -475,6 +476,7 @@ def test_overload_gets_503_with_retry_after(embedded, serving, images):
     serve.delete("tiny")
 
 
+@pytest.mark.slow
 def test_rolling_a_new_checkpoint_and_index_drops_no_request(embedded, serving, images, tmp_path):
     """reconfigure (user_config) swaps in another checkpoint + index under load, with no error."""
     import glob

@@ -196,3 +196,49 @@ def test_a_removed_detector_gets_404_within_the_poll_interval(fleet):
         assert r.status_code == 404 and f"no detector {name!r}" in r.json()["error"]["message"], r.text
         assert took < 5, f"404 only after {took:.1f}s (poll interval 1 s)"
         assert _score(c, url, fleet["names"][6], fleet["queries"][0]).status_code == 200
+
+
+def test_requests_in_flight_across_a_remove_end_in_200_or_404_never_an_error(fleet):
+    """Clients hammer a detector while it is removed: every answer is its score (200, until the
+    replica's poll sees the removal) or a 404 naming it (after), never a 5xx or a cut connection;
+    answers sent while the removal is being noticed still finish with the detector's score, and
+    once a 404 came, no later request is answered 200."""
+    from msc_dist import registry
+
+    url, name, queries = fleet["url"], fleet["names"][7], fleet["queries"]
+    version, scores = fleet["expected"][name]
+    answers, stop, removed_at = [], threading.Event(), []
+
+    def client():
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                t0 = time.time()
+                r = _score(c, url, name, queries[1])
+                answers.append((t0, time.time(), r.status_code, r.json() if r.status_code in (200, 404) else r.text))
+
+    with httpx.Client(timeout=60) as c:
+        assert _score(c, url, name, queries[1]).status_code == 200  # loaded on a replica
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        removed_at.append(time.time())
+        registry.remove(fleet["reg"], name)
+        deadline = time.time() + 15
+        while time.time() < deadline and sum(1 for a in answers if a[2] == 404) < 8:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    codes = {a[2] for a in answers}
+    assert codes == {200, 404}, [a for a in answers if a[2] not in (200, 404)][:3]
+    for t0, t1, code, body in answers:
+        if code == 200:
+            assert body[0]["index_version"] == version and abs(body[0]["score"] - scores[1]) < 1e-5
+        else:
+            assert f"no detector {name!r}" in body["error"]["message"]
+    assert any(code == 200 and t1 > removed_at[0] for _, t1, code, _ in answers)  # in flight at the removal: finished
+    first_404 = min(t1 for _, t1, code, _ in answers if code == 404)
+    assert not [a for a in answers if a[2] == 200 and a[0] > first_404 + 2.0]  # replicas poll every 1 s

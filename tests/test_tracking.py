@@ -17,6 +17,7 @@ from test_train_ray import SMALL
 mlflow = pytest.importorskip("mlflow")
 
 
+@pytest.mark.slow
 def test_a_training_run_is_tracked_and_its_published_index_registered(local_ray, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 

@@ -154,6 +154,7 @@ class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
     patch_pool: int | None = None
     patch_budget: int | None = None
     patch_sigma: float | None = None
+    patch_model: str = "msc"
 
     RANGES: ClassVar[dict[str, Range]] = {"eval_every": Range(0, 10_000),  # 0: final metrics only
                                           "patch_pool": Range(1, 15), "patch_budget": Range(1, 100_000),
@@ -168,11 +169,14 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "classes": "normal classes to run in turn (default: all)",
            "methods": "knn | msc | msc-fast | msc-noangular | patch | msc-patch (msc-fast: the fast preset's values "
                       "over these settings; patch / msc-patch: anomaly maps from the frozen / the msc trunk's patch "
-                      "features, with pixel_roc_auc and pro where the data has masks)",
+                      "features, with pixel_roc_auc and pro where the data has masks, and combined_roc_auc: the same trunk's "
+                      "global kNN and map maximum, each over its calibrated threshold, summed)",
            "patch_stages": "trunk stages of the patch methods' features (default: the backbone's)",
            "patch_pool": "odd neighbourhood averaged around each patch (default: PatchSpec's, 3)",
            "patch_budget": "bank patches per normal image (default: PatchSpec's)",
            "patch_sigma": "Gaussian smoothing of the upsampled map, px (default: PatchSpec's)",
+           "patch_model": "msc | msc-fast | msc-noangular: the trained method whose model msc-patch takes (trained "
+                          "once for both when both run)",
            "device": DEVICE_HELP,
            "seeds": "train each method once per seed; mean and spread reported (default: --seed alone)",
            "max_train": "seeded subset of the normal training images per class (npz only)",

@@ -52,6 +52,8 @@ PATCH_METHODS = {"patch": "frozen", "msc-patch": "msc"}  # method -> PatchSpec.s
 LOOPS = ("ours", "reference")
 METRICS = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr")
 PIXEL_METRICS = ("pixel_roc_auc", "pro")  # patch methods on data with masks
+PATCH_METRICS = ("combined_roc_auc",) + PIXEL_METRICS  # patch methods (combined: with a calibration hold-out)
+PATCH_MODELS = ("msc", "msc-fast", "msc-noangular")  # the trained method whose trunk msc-patch takes
 
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
@@ -166,8 +168,9 @@ def _final_metrics(cfg: TrainConfig, model, plan: DataPlan, device, calibration_
 
 
 def _patch_batches(ext, pre, info: DatasetInfo, keep: LabelFilter, device, masks: bool, batch: int = 32):
-    """(samples, (b, h, w, C) patches) of the kept samples, decoded by ``pre``, ``batch`` at a time
-    (undecodable ones are left out: the global methods count them the same way)."""
+    """(samples, (b, D) unit vectors, (b, h, w, C) patches) of the kept samples from one forward,
+    decoded by ``pre``, ``batch`` at a time (undecodable ones are left out: the global methods
+    count them the same way)."""
     from msc_dist.data.decode import BadImage
 
     pending: list = []
@@ -175,8 +178,8 @@ def _patch_batches(ext, pre, info: DatasetInfo, keep: LabelFilter, device, masks
     def run():
         x = torch.from_numpy(np.stack([a for _, a in pending])).permute(0, 3, 1, 2)
         with torch.no_grad(), autocast(device):
-            _, p = ext(unit_input(x, device))
-        out = ([s for s, _ in pending], p.float().cpu().numpy())
+            z, p = ext(unit_input(x, device))
+        out = ([s for s, _ in pending], z.float().cpu(), p.float().cpu().numpy())
         pending.clear()
         return out
 
@@ -198,25 +201,31 @@ def patch_metrics(cfg: TrainConfig, model, prep: Prepared, device, spec, calibra
                   target_fpr: float) -> dict:
     """One patch method: the bank of the non-held-out normal training images' patches (``spec``'s
     budget per image), the maps of the held-out normals set the threshold of the image score (the
-    map's maximum), then the test set's image metrics and, where it has masks, the pixel metrics."""
+    map's maximum), then the test set's image metrics and, where it has masks, the pixel metrics.
+    The same forward's pooled vectors give the ``combined`` score (msc_dist.patches.combined_scores:
+    the global kNN and the map's maximum, each over its threshold on the same hold-out), reported
+    as ``combined_roc_auc``."""
     from msc_dist.card import preprocess_of
     from msc_dist.data.masks import MaskSkip, MaskSkips, sample_mask
-    from msc_dist.patches import PatchExtractor, anomaly_map, bank_rows, nearest, new_bank_index, patch_scores
+    from msc_dist.patches import (PatchExtractor, anomaly_map, bank_rows, combined_scores, nearest, new_bank_index,
+                                  patch_scores)
 
     model.eval()
     pre = preprocess_of({"backbone": cfg.backbone, "image_size": cfg.image_size, "resize_mode": cfg.resize_mode})
     ext = PatchExtractor(model, spec)
     t0 = time.perf_counter()
     try:
-        rows, cal_p, grid = [], [], None
-        for smp, p in _patch_batches(ext, pre, prep.train, LabelFilter(frozenset([prep.label])), device, False):
+        rows, cal_p, grid, bank_z, cal_z = [], [], None, [], []
+        for smp, z, p in _patch_batches(ext, pre, prep.train, LabelFilter(frozenset([prep.label])), device, False):
             b, h, w, c = p.shape
             grid = (h, w)
             cal = held_out([s.key for s in smp], calibration_fraction, cfg.seed)
             if (~cal).any():
                 rows.append(bank_rows(p[~cal], spec, [s.key for s, k in zip(smp, cal) if not k]).reshape(-1, c))
+                bank_z.append(z[torch.from_numpy(~cal)])
             if cal.any():
                 cal_p.append(p[cal].reshape(int(cal.sum()), h * w, c))
+                cal_z.append(z[torch.from_numpy(cal)])
         if not rows:
             raise ValueError(f"class {prep.normal}: no normal training image left for the patch bank")
         index = new_bank_index(rows[0].shape[1])
@@ -226,13 +235,16 @@ def patch_metrics(cfg: TrainConfig, model, prep: Prepared, device, spec, calibra
         def maps_of(p):
             return anomaly_map(nearest(index, p).reshape(len(p), *grid), cfg.image_size, spec.sigma)
 
+        bank_z = torch.cat(bank_z)
         thr = (threshold_at_fpr(np.concatenate([patch_scores(maps_of(p)) for p in cal_p]), target_fpr)
                if cal_p else None)
-        scores, y, maps, masks, skips = [], [], [], [], MaskSkips()
+        g_thr = threshold_at_fpr(knn_score(torch.cat(cal_z), bank_z, k=cfg.knn_k).numpy(), target_fpr) if cal_z else None
+        scores, g_scores, y, maps, masks, skips = [], [], [], [], [], MaskSkips()
         has_masks = bool(prep.test.mask_count)
-        for smp, p in _patch_batches(ext, pre, prep.test, LabelFilter(None), device, has_masks):
+        for smp, z, p in _patch_batches(ext, pre, prep.test, LabelFilter(None), device, has_masks):
             m = maps_of(p.reshape(len(p), -1, p.shape[-1]))
             scores.append(patch_scores(m))
+            g_scores.append(knn_score(z, bank_z, k=cfg.knn_k).numpy())
             for s, mm in zip(smp, m):
                 y.append(s.label != prep.label)
                 if has_masks:
@@ -245,6 +257,9 @@ def patch_metrics(cfg: TrainConfig, model, prep: Prepared, device, spec, calibra
         out = summary(s_all, y, thr) | {"test_samples": int(len(s_all)), "index_size": int(index.ntotal),
                                         "bank_bytes_per_image": int(spec.budget * index.d * 4),
                                         "bank_seconds": bank_s, "patch": spec.to_dict()}
+        if thr is not None and g_thr is not None:
+            out["combined_roc_auc"] = summary(combined_scores(np.concatenate(g_scores), s_all, g_thr, thr), y,
+                                              None)["roc_auc"]
         if has_masks:
             out |= {"pixel_roc_auc": pixel_roc_auc(maps, masks), "pro": pro(maps, masks, 0.3),
                     "pixel_samples": len(masks), "mask_skips": dict(skips.counts)}
@@ -254,9 +269,11 @@ def patch_metrics(cfg: TrainConfig, model, prep: Prepared, device, spec, calibra
 
 
 def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: torch.device,
-              calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None, patch=None) -> dict:
+              calibration_fraction: float = 0.1, target_fpr: float = 0.05, log=None, patch=None,
+              patch_model: str = "msc") -> dict:
     """``patch``: the PatchSpec fields of the patch methods over the backbone's defaults
-    (``PatchSpec.default``; its ``source`` is the method's)."""
+    (``PatchSpec.default``; its ``source`` is the method's). ``patch_model``: the trained method
+    (PATCH_MODELS) whose model msc-patch takes."""
     from msc_dist.patches import PatchSpec
 
     out: dict = {}
@@ -267,10 +284,12 @@ def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: tor
                     kept_counts(prep.test, LabelFilter(None)))
     # eval_every <= 0: no ROC-AUC per epoch (each costs a pass over the test set), final metrics only
     train_plan = plan if base.eval_every > 0 else dataclasses.replace(plan, eval_counts=None)
-    # msc-patch takes the msc model: trained once for both (and for msc-patch alone)
+    if patch_model not in PATCH_MODELS:
+        raise ValueError(f"unknown patch model {patch_model!r}; valid: {list(PATCH_MODELS)}")
+    # msc-patch takes the patch_model's model: trained once for both (and for msc-patch alone)
     trained = [m for m in methods if m not in ("knn", *PATCH_METHODS)]
-    if "msc-patch" in methods and "msc" not in trained:
-        trained.append("msc")
+    if "msc-patch" in methods and patch_model not in trained:
+        trained.append(patch_model)
     for m in trained:
         cfg = dataclasses.replace(method_config(base, m), eval_every=max(1, base.eval_every))
         epochs, last = [], {}
@@ -295,7 +314,7 @@ def run_class(prep: Prepared, base: TrainConfig, methods: list[str], device: tor
                 "train_images_per_s": [e["images_per_s"] for e in epochs if "images_per_s" in e],
                 "seconds": time.perf_counter() - t0,
                 "train_seconds": train_s}
-        if m == "msc" and "msc-patch" in methods:
+        if m == patch_model and "msc-patch" in methods:
             out["msc-patch"] = patch_metrics(cfg, model, prep, device, spec_of["msc-patch"], calibration_fraction,
                                              target_fpr) | {"train_seconds": train_s}
     if "knn" in methods or "patch" in methods:
@@ -313,12 +332,12 @@ def _over_seeds(runs: list[dict]) -> dict:
     """One method on one class over seeds: the mean of each metric, its standard deviation
     (``<metric>_std``), the mean ROC-AUC per epoch, and every seed's own result."""
     out: dict = {}
-    for k in METRICS + PIXEL_METRICS + ("seconds", "train_seconds", "bank_seconds", "test_samples", "index_size",
+    for k in METRICS + PATCH_METRICS + ("seconds", "train_seconds", "bank_seconds", "test_samples", "index_size",
                                         "pixel_samples", "bank_bytes_per_image"):
         vals = [r[k] for r in runs if r.get(k) is not None]
         if vals:
             out[k] = float(np.mean(vals))
-            if k in METRICS + PIXEL_METRICS:
+            if k in METRICS + PATCH_METRICS:
                 out[k + "_std"] = float(np.std(vals))
     curves = [r.get("epoch_auc") or [] for r in runs]
     if curves and curves[0]:
@@ -333,7 +352,8 @@ def _over_seeds(runs: list[dict]) -> dict:
 def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: list[str], device: str,
                   time_budget_s: float | None = None, log=print, on_class=None, loop: str = "ours",
                   seeds: list[int] | None = None, max_train: int | None = None, max_test: int | None = None,
-                  exts: list[str] | None = None, plot_dir: str | None = None, patch: dict | None = None) -> dict:
+                  exts: list[str] | None = None, plot_dir: str | None = None, patch: dict | None = None,
+                  patch_model: str = "msc") -> dict:
     """Each class in turn as the normal one; stops starting new classes once the budget is spent.
     ``on_class(partial_result)`` runs after every class, so a killed run keeps what it finished.
     ``loop``: ours (the product's training loop) or reference (the paper's, written plainly).
@@ -344,6 +364,8 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
             raise ValueError(f"unknown method {m!r}; valid: {list(METHODS)}")
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; valid: {list(LOOPS)}")
+    if patch_model not in PATCH_MODELS:
+        raise ValueError(f"unknown patch model {patch_model!r}; valid: {list(PATCH_MODELS)}")
     if loop == "reference" and any(m in PATCH_METHODS for m in methods):
         raise ValueError(f"the patch methods {list(PATCH_METHODS)} run with --loop ours only")
     run = run_class if loop == "ours" else run_class_reference
@@ -353,6 +375,8 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
     seeds = list(seeds) if seeds else [base.seed]
     t0, per_class = time.perf_counter(), {}
     extra = {"loop": loop, "seeds": seeds, "max_train": max_train, "max_test": max_test}
+    if "msc-patch" in methods:
+        extra["patch_model"] = patch_model
     res = _result(data, per_class, methods, base, device, t0) | extra
     for c in classes:
         if time_budget_s is not None and per_class and time.perf_counter() - t0 > time_budget_s:
@@ -360,7 +384,7 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
             break
         with tempfile.TemporaryDirectory(prefix="msc-quality-") as tmp:
             prep = prepare(data, c, tmp, max_train, max_test, exts)
-            extra_kw = {"patch": patch} if loop == "ours" else {}
+            extra_kw = {"patch": patch, "patch_model": patch_model} if loop == "ours" else {}
             runs = [run(prep, dataclasses.replace(base, seed=s), methods, dev, log=log, **extra_kw) for s in seeds]
         per_class[c] = {m: _over_seeds([r[m] for r in runs]) for m in methods}
         log(f"class {c}: " + ", ".join(f"{m} {per_class[c][m]['roc_auc']:.4f}" + (
@@ -392,7 +416,7 @@ def _result(data, per_class, methods, base, device, t0) -> dict:
     mean: dict = {}
     if per_class:
         for m in methods:
-            mean[m] = {k: float(np.mean([per_class[c][m][k] for c in per_class])) for k in METRICS + PIXEL_METRICS
+            mean[m] = {k: float(np.mean([per_class[c][m][k] for c in per_class])) for k in METRICS + PATCH_METRICS
                        if all(k in per_class[c][m] for c in per_class)}
             # the spread of the class-mean over seeds
             n_seeds = min(len(per_class[c][m]["seeds"]) for c in per_class)

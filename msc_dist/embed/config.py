@@ -39,9 +39,9 @@ class EmbedConfig:
     max_bytes: int = 64 * 1024 * 1024
     ray_address: str | None = None
     runtime: str = "torch"
-    score_mode: str = "global"
+    score_mode: str | None = None
     patch_bank: bool = False
-    patch_source: str = "frozen"
+    patch_source: str | None = None
     patch_stages: list[int] | None = None
     patch_pool: int = 3
     patch_budget: int = 32
@@ -89,9 +89,10 @@ HELP = {
     "runtime": "what runs each actor's forward: " + RUNTIME_HELP + "; CPU runtimes use --cpus-per-actor threads",
     "score_mode": "global | patch | combined: the image score of the version (global: the kNN of the pooled feature, "
                   "as before; patch: the anomaly map's maximum; combined: each divided by its calibrated threshold, "
-                  "summed); patch and combined build the patch bank",
+                  "summed); patch and combined build the patch bank (default: the checkpoint's score_mode, else global)",
     "patch_bank": "build the patch bank (anomaly maps) even with --score-mode global",
-    "patch_source": "frozen | msc: patch features from the ImageNet trunk or from the fine-tuned checkpoint",
+    "patch_source": "frozen | msc: patch features from the ImageNet trunk or from the fine-tuned checkpoint "
+                    "(default: the checkpoint's patch_source, else frozen)",
     "patch_stages": "trunk stages of the patch features (default: the backbone's, e.g. 3 4 for EfficientNet-Lite)",
     "patch_pool": "odd neighbourhood (patches) averaged around each patch",
     "patch_budget": "bank patches kept per normal image (greedy coreset within the image)",

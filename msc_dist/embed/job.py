@@ -142,6 +142,13 @@ def _calibration_fraction(cfg: EmbedConfig, total: int | None) -> float:
     return cfg.calibration_fraction
 
 
+def scoring_of(cfg: EmbedConfig, tcfg: dict) -> EmbedConfig:
+    """--score-mode and --patch-source, else the checkpoint's (its training config records them),
+    else global and frozen (checkpoints from before they were recorded)."""
+    return replace(cfg, score_mode=cfg.score_mode or tcfg.get("score_mode") or "global",
+                   patch_source=cfg.patch_source or tcfg.get("patch_source") or "frozen")
+
+
 def patch_spec_of(cfg: EmbedConfig, backbone: str) -> PatchSpec | None:
     """The version's PatchSpec: None (no bank) with --score-mode global and no --patch-bank."""
     if cfg.score_mode not in SCORE_MODES:
@@ -269,6 +276,7 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
     pre = preprocess_of(tcfg)  # the model card's preprocessing: every image of both passes
     resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
+    cfg = scoring_of(cfg, tcfg)
     pspec = patch_spec_of(cfg, tcfg["backbone"])  # so does a bad patch option
     init_ray(cfg.ray_address)
     check_capacity("embedding job", cfg.cpus_per_actor, 1 if cfg.use_gpu else 0, cfg.min_pool_size, cfg.ray_address)

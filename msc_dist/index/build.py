@@ -56,12 +56,15 @@ def _new_index(d: int, factory: str, trained: bytes | None):
     return index
 
 
-def _write_shard(root: str, shard_no: int, index, ids: list[str]) -> ShardEntry:
-    """Shard files under the version folder ``root``; names in the entry are relative to it."""
+def write_shard(root: str, shard_no: int, index, ids: list[str], folder: str = "index") -> ShardEntry:
+    """A shard's files under the version folder ``root``: ``FOLDER/shard-NNNN.faiss`` and the id of
+    each of its rows (``.ids.parquet``; folder ``index``: the image index, ``bank``: the patch
+    bank, whose rows are patches and whose ids are their images'). Names in the entry are relative
+    to ``root``."""
     import faiss
     import pyarrow as pa
 
-    name = f"index/shard-{shard_no:04d}"
+    name = f"{folder}/shard-{shard_no:04d}"
     data = faiss.serialize_index(index).tobytes()
     storage.write_bytes_atomic(storage.join(root, name + ".faiss"), data)
     ids_sha = storage.write_table(storage.join(root, name + ".ids.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
@@ -146,7 +149,7 @@ def build_shard_from_parts(root: str, shard_no: int, part_urls: list[str], cal_u
         ids += batch_ids
     if index is None:
         raise ValueError(f"index shard {shard_no} has no rows (parts: {part_urls[:3]}...)")
-    entry = _write_shard(root, shard_no, index, ids)
+    entry = write_shard(root, shard_no, index, ids)
     cal = [calibration_distances(index, z, k) for _, z in iter_parts(cal_urls)]
     return {"entry": asdict(entry), "cal": np.concatenate(cal) if cal else np.zeros((0, k), np.float32)}
 
@@ -184,7 +187,7 @@ def write_index(out: str, z: np.ndarray, ids: list[str], model_id: str, *, num_s
     for i in range(num_shards):
         index = _new_index(z.shape[1], factory, trained)
         index.add(z[bounds[i]:bounds[i + 1]])
-        shards.append(_write_shard(version_root(out, version), i, index, list(ids[bounds[i]:bounds[i + 1]])))
+        shards.append(write_shard(version_root(out, version), i, index, list(ids[bounds[i]:bounds[i + 1]])))
         cal.append(calibration_distances(index, calibration, k))
     threshold = threshold_from_shards(cal, k, target_fpr) if calibration is not None and len(calibration) else None
     man = IndexManifest(z.shape[1], len(z), shards, model_id, version=version, k=k, factory=factory,
@@ -213,18 +216,6 @@ def iter_patch_parts(urls: list[str], dim: int, batch_rows: int = 1024) -> Itera
                 yield rb.column(0).to_pylist(), z.reshape(len(rb), -1, dim)
 
 
-def write_bank_shard(root: str, shard_no: int, index, ids: list[str]) -> ShardEntry:
-    """A bank shard's files (FAISS + the image id of each patch row) under the version folder."""
-    import faiss
-    import pyarrow as pa
-
-    name = f"bank/shard-{shard_no:04d}"
-    data = faiss.serialize_index(index).tobytes()
-    storage.write_bytes_atomic(storage.join(root, name + ".faiss"), data)
-    ids_sha = storage.write_table(storage.join(root, name + ".ids.parquet"), pa.table({"id": pa.array(ids, pa.string())}))
-    return ShardEntry(name + ".faiss", int(index.ntotal), storage.sha256(data), name + ".ids.parquet", ids_sha)
-
-
 def build_bank_shard_from_parts(root: str, shard_no: int, part_urls: list[str], cal_urls: list[str], dim: int) -> dict:
     """Build, write and calibrate one bank shard from the bank rows of its Parquet parts (each
     image's selected patches, chosen by the part writer). Returns its manifest entry and the
@@ -235,7 +226,7 @@ def build_bank_shard_from_parts(root: str, shard_no: int, part_urls: list[str], 
     for batch_ids, p in iter_patch_parts(part_urls, dim):
         index.add(np.ascontiguousarray(p.reshape(-1, dim)))
         ids += [i for i in batch_ids for _ in range(p.shape[1])]
-    entry = write_bank_shard(root, shard_no, index, ids)
+    entry = write_shard(root, shard_no, index, ids, folder="bank")
     cal = [nearest(index, p) for _, p in iter_patch_parts(cal_urls, dim)]
     return {"entry": asdict(entry), "cal": np.concatenate(cal) if cal else np.zeros((0, 0), np.float32)}
 

@@ -43,6 +43,10 @@ class TrainConfig:
     compile: bool = False
     steps_per_epoch: int | None = None
     knn_k: int = 2
+    # scoring of the indexes built from this run's checkpoints (recorded in each; the embedding
+    # job's default): the image score and where patch features come from (msc_dist.patches)
+    score_mode: str = "global"
+    patch_source: str = "frozen"
     eval_every: int = 1
     collapse_cos: float = 0.95
     collapse_rise: float = 0.2
@@ -120,6 +124,11 @@ HELP = {
     "compile": "torch.compile the backbone (worth it on GPUs for long runs)",
     "steps_per_epoch": "cap on optimiser steps per epoch (default: one pass over the data)",
     "knn_k": "neighbours in the kNN score",
+    "score_mode": "global | patch | combined: the image score of the indexes built from this checkpoint (recorded in it; "
+                  "the embedding job's default, its --score-mode wins): global, the kNN of the pooled feature; patch, the "
+                  "anomaly map's maximum; combined, both over their calibrated thresholds, summed",
+    "patch_source": "frozen | msc: the patch features of those indexes, from the ImageNet trunk or the fine-tuned one "
+                    "(recorded in the checkpoint; the embedding job's default)",
     "eval_every": "evaluate every N epochs",
     "collapse_cos": "collapse alarm in [-1, 1]: the mean pairwise cosine of the training views' features (logged per epoch as feature_cos, with the mean ||z - c|| as zc_norm) at or above this means the features collapsed",
     "collapse_rise": "collapse alarm relative to the start, in [0, 2] (0: off): the mean pairwise cosine of the normal training images' features, embedded unaugmented as at epoch 0 (logged as normal_cos; shares the evaluation's pass, else costs one forward pass over the normal set per epoch), risen by this much or more over its epoch-0 value means training is collapsing them. Needs no anomalies",

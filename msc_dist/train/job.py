@@ -21,6 +21,7 @@ from msc_dist.data.loader import LabelFilter, kept_counts
 from msc_dist.data.plan import steps_per_epoch
 from msc_dist.data.shards import DataError, DatasetInfo, describe
 from msc_dist.data.decode import RESIZE_MODES
+from msc_dist.patches import SCORE_MODES, SOURCES
 from msc_dist.console import init_ray
 from msc_dist.train.config import LR_SCHEDULES, ON_COLLAPSE, TrainConfig
 # Imported with the module, before Ray starts: a job's driver must not import from its working dir
@@ -55,7 +56,7 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> tuple[TrainC
     get_spec(cfg.backbone)
     check_ranges(cfg)  # TrainConfig.RANGES (batch_size >= 2: the contrastive loss needs negatives)
     for key, valid in (("resize_mode", RESIZE_MODES), ("lr_schedule", LR_SCHEDULES), ("on_collapse", ON_COLLAPSE),
-                       ("preset", tuple(TrainConfig.PRESETS))):
+                       ("preset", tuple(TrainConfig.PRESETS)), ("score_mode", SCORE_MODES), ("patch_source", SOURCES)):
         if getattr(cfg, key) not in valid:
             raise ConfigError(f"unknown {key} {getattr(cfg, key)!r}; valid: {list(valid)}")
     if not 0 <= cfg.warmup_epochs <= max(cfg.epochs, 0):

@@ -3,7 +3,7 @@ results in this folder. Run from the repository root:
 
     python infra/results/quality/tables.py TABLE [--dir DIR]
 
-TABLE: fast_sweep | mnist_digits | magnetic_tiles | view_source_scale | squash_vs_center_crop.
+TABLE: fast_sweep | mnist_digits | magnetic_tiles | view_source_scale | squash_vs_center_crop | maps.
 Each result file NAME.json is read from DIR (default: this folder) or, when DIR lacks it, from
 this folder (a line on stderr says so): a table script run with OUT=DIR writes its own runs there
 and still finds the other tables' committed runs. Means over classes use the classes that every
@@ -148,7 +148,48 @@ def squash_vs_center_crop(R: Results) -> str:
     return "\n".join(out)
 
 
+MAP_ROWS = (("global kNN, frozen", "knn"), ("global MSC (`fast`)", "msc-fast"), ("patch, frozen trunk", "patch"),
+            ("patch, MSC (`fast`) trunk", "msc-patch"))
+
+
+def maps(R: Results) -> str:
+    """maps/methods_<run>.json, each run there is: the magnetic tiles at 128 and 224 px (image
+    ROC-AUC of each method, the combined score of each patch method, pixel ROC-AUC and PRO, bank
+    bytes per image, seconds per seed) and MNIST (the mean over its digits; image level)."""
+    from msc_dist.backbones import get_spec  # run from the repository root
+
+    out = ["| data | px | method | image ROC-AUC | combined | pixel ROC-AUC | PRO (30 % FPR) | bank / image | seconds |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for run, label in (("tiles_128", "magnetic tiles"), ("tiles_224", "magnetic tiles"),
+                       ("mnist_64", "MNIST, mean of {n} digits")):
+        name = f"maps/methods_{run}"
+        if not any(os.path.exists(os.path.join(d, name + ".json")) for d in (R.folder, HERE)):
+            print(f"{name}.json: not run yet; its rows are left out", file=sys.stderr)
+            continue
+        res = R(name)
+        dim = get_spec(res["config"]["backbone"]).dim
+        classes = list(res["classes"])
+        seeds = ", ".join(str(x) for x in res["seeds"])
+        for text, m in MAP_ROWS:
+            if m not in res["classes"][classes[0]]:
+                continue
+            x = res["classes"][classes[0]][m] if len(classes) == 1 else {
+                k: mean(res, m, classes, k) for k in ("roc_auc", "combined_roc_auc", "seconds", "bank_bytes_per_image")
+                if all(k in res["classes"][c][m] for c in classes)}
+            per = x.get("bank_bytes_per_image") or 4 * dim  # global: one float32 vector
+            bank = f"{per / 1024:.0f} KiB" if per >= 1024 else f"{per:.0f} B"
+
+            def c(key, x=x):
+                return cell(x, key) if key in x else ""
+
+            out.append(f"| {label.format(n=len(classes))} (seeds {seeds}) | {res['config']['image_size']} | {text} | "
+                       f"{c('roc_auc')} | {c('combined_roc_auc')} | {c('pixel_roc_auc')} | {c('pro')} | {bank} | "
+                       f"{x['seconds']:.0f} |")
+    return "\n".join(out)
+
+
 TABLES = {
+    "maps": maps,
     "fast_sweep": fast_sweep,
     "mnist_digits": lambda R: per_class(R("mnist_digits"), R("mnist_digits_reference"), "digit"),
     "magnetic_tiles": lambda R: per_class(R("magnetic_tiles"), R("magnetic_tiles_reference"), "normal class"),
