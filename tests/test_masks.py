@@ -121,12 +121,10 @@ def _sample(tmp_path, image: bytes | None, mask: bytes | None, label=1):
 
 @pytest.fixture
 def mask_log():
-    """The lines ``msc_dist.data.masks`` logs, caught by a handler on that module's own logger
-    (pytest's caplog, on the root logger, saw none of them in the full suite although they are
-    logged: see conftest's logger repairs)."""
+    """The lines our loggers (msc_dist.*) log during the test, caught by a handler on the
+    ``msc_dist`` logger itself: pytest's caplog, on the root logger, saw none of them in the full
+    suite (only there) although they are logged; see conftest's logger repairs."""
     import logging
-
-    from msc_dist.data import masks
 
     lines: list[str] = []
 
@@ -134,14 +132,15 @@ def mask_log():
         def emit(self, record):
             lines.append(record.getMessage())
 
-    h, level, disabled = Keep(logging.DEBUG), masks.log.level, masks.log.disabled
-    masks.log.addHandler(h)
-    masks.log.disabled = False
-    masks.log.setLevel(logging.INFO)  # (also clears the loggers' isEnabledFor caches)
+    ours = logging.getLogger("msc_dist")
+    h, level, disabled = Keep(logging.DEBUG), ours.level, ours.disabled
+    ours.addHandler(h)
+    ours.disabled = False
+    ours.setLevel(logging.INFO)  # (also clears the loggers' isEnabledFor caches)
     yield lines
-    masks.log.removeHandler(h)
-    masks.log.disabled = disabled
-    masks.log.setLevel(level)
+    ours.removeHandler(h)
+    ours.disabled = disabled
+    ours.setLevel(level)
 
 
 def test_bad_masks_are_counted_skips(tmp_path, mask_log):

@@ -255,7 +255,7 @@ def patch_metrics(cfg: TrainConfig, model, prep: Prepared, device, spec, calibra
                         skips.add(s.key, e)
         s_all, y = np.concatenate(scores), np.asarray(y)
         out = summary(s_all, y, thr) | {"test_samples": int(len(s_all)), "index_size": int(index.ntotal),
-                                        "bank_bytes_per_image": int(spec.budget * index.d * 4),
+                                        "bank_bytes_per_image": int(min(spec.budget, grid[0] * grid[1]) * index.d * 4),
                                         "bank_seconds": bank_s, "patch": spec.to_dict()}
         if thr is not None and g_thr is not None:
             out["combined_roc_auc"] = summary(combined_scores(np.concatenate(g_scores), s_all, g_thr, thr), y,

@@ -179,8 +179,8 @@ def maps(R: Results) -> str:
             per = x.get("bank_bytes_per_image") or 4 * dim  # global: one float32 vector
             bank = f"{per / 1024:.0f} KiB" if per >= 1024 else f"{per:.0f} B"
 
-            def c(key, x=x):
-                return cell(x, key) if key in x else ""
+            def c(key, x=x, sd=len(res["seeds"]) > 1):
+                return cell(x, key, sd) if key in x else ""
 
             out.append(f"| {label.format(n=len(classes))} (seeds {seeds}) | {res['config']['image_size']} | {text} | "
                        f"{c('roc_auc')} | {c('combined_roc_auc')} | {c('pixel_roc_auc')} | {c('pro')} | {bank} | "
