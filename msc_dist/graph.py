@@ -212,8 +212,8 @@ def write_checked(card, fmt: str, folder: str, *, uint8: bool = True, opset: int
     model = plain(card.model)
     patch_model = None
     if patch_spec is not None:
-        patch_model = model if card.patch_extractor(patch_spec).model is card.model else \
-            plain(card.patch_extractor(patch_spec).model)
+        source = card.patch_extractor(patch_spec).model  # the card's own model (msc) or the ImageNet one (frozen)
+        patch_model = model if source is card.model else plain(source)
     module = export_module(model, uint8, patch_model, patch_spec).eval()
     example = torch.from_numpy(x[: min(2, len(x))])
     path = os.path.join(folder, FORMATS[fmt])
