@@ -64,6 +64,8 @@ class ModelCard:
     forward: Callable[[np.ndarray], np.ndarray] | None = None  # a CPU runtime's forward; None: PyTorch
     threads: int | None = None  # a CPU runtime's threads
     graph: Any = None  # a CPU runtime's ``runtime.Loaded`` (its cache folder; built or reused)
+    cache: str | None = None  # a CPU runtime's graph cache (msc_dist.runtime.cache_root)
+    _patch_graphs: dict = field(default_factory=dict, repr=False)  # PatchSpec -> a CPU runtime's Loaded
     _patch: dict = field(default_factory=dict, repr=False)  # PatchSpec -> its PatchExtractor
     _patch_lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -79,9 +81,12 @@ class ModelCard:
         """The batch forward: (B, 3, S, S) uint8 at this card's size -> (B, D) float32 unit vectors."""
         self._check_size(images)
         if self.forward is not None:
-            x = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
-            return self.forward(np.ascontiguousarray(x, dtype=np.uint8))
-        return embed_images(self.model, images, self.device).numpy()
+            return self.forward(_uint8(images))
+        return self.embed_torch(images)
+
+    def embed_torch(self, images) -> np.ndarray:
+        """``embed`` in PyTorch whatever the runtime (the reference a CPU runtime's graph is checked against)."""
+        return embed_images(self.model, torch.as_tensor(images), self.device).numpy()
 
     def patch_extractor(self, spec: PatchSpec | None = None) -> PatchExtractor:
         """The extractor of ``spec`` (default: the backbone's ``PatchSpec.default``): hooks on this
@@ -96,20 +101,38 @@ class ModelCard:
                 self._patch[spec] = PatchExtractor(model, spec)
             return self._patch[spec]
 
-    @torch.no_grad()
     def embed_with_patches(self, images, spec: PatchSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) uint8 -> (z (B, D) float32 unit vectors, patches (B, h, w, C) float32).
-        Source msc in the torch runtime: ONE forward gives both (hooks on the trunk's stages), and
-        z is exactly ``embed``'s. Source frozen (or a CPU runtime): z is ``embed``'s, the patches
-        come from one forward of the frozen ImageNet trunk in PyTorch."""
+        """(B, 3, S, S) uint8 -> (z (B, D) float32 unit vectors, patches (B, h, w, C) float32), z
+        exactly ``embed``'s. In a CPU runtime both come from one run of one graph, the checkpoint's
+        export with a ``patches`` output (``runtime.load(..., patch_spec=)``: built and checked
+        against ``embed_with_patches_torch`` the first time, then cached); else from PyTorch."""
+        self._check_size(images)
+        if self.forward is None:
+            return self.embed_with_patches_torch(images, spec)
+        spec = spec or PatchSpec.default(self.backbone)
+        with self._patch_lock:
+            loaded = self._patch_graphs.get(spec)
+        if loaded is None:
+            from msc_dist import runtime as rt
+
+            loaded = rt.load(self, self.runtime, self.cache, self.threads, patch_spec=spec)
+            with self._patch_lock:
+                loaded = self._patch_graphs.setdefault(spec, loaded)
+        return loaded.forward(_uint8(images))
+
+    @torch.no_grad()
+    def embed_with_patches_torch(self, images, spec: PatchSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``embed_with_patches`` in PyTorch whatever the runtime. Source msc: ONE forward gives
+        both (hooks on the trunk's stages). Source frozen: z from ``embed_torch``, the patches from
+        one forward of the frozen ImageNet trunk."""
         self._check_size(images)
         ext = self.patch_extractor(spec)
         x = torch.as_tensor(images)
         with autocast(self.device):
-            if ext.model is self.model and self.forward is None:
+            if ext.model is self.model:
                 z, p = ext(unit_input(x, self.device))
                 return z.float().cpu().numpy(), p.cpu().numpy()
-            z = self.embed(x)
+            z = self.embed_torch(x)
             _, p = ext(unit_input(x, self.device))
         return z, p.cpu().numpy()
 
@@ -137,6 +160,11 @@ class ModelCard:
                 "preprocess": self.preprocess.to_dict(), "runtime": self.runtime}
 
 
+def _uint8(images) -> np.ndarray:
+    x = images.cpu().numpy() if isinstance(images, torch.Tensor) else images
+    return np.ascontiguousarray(x, dtype=np.uint8)
+
+
 def load_card(url: str, device: str | torch.device = "cpu", runtime: str = "torch", *, cache: str | None = None,
               threads: int | None = None) -> ModelCard:
     """The card of a checkpoint folder, or of the checkpoint a run folder registered last
@@ -156,4 +184,5 @@ def load_card(url: str, device: str | torch.device = "cpu", runtime: str = "torc
     if chosen != "torch":
         loaded = rt.load(card, chosen, cache, threads)
         card.runtime, card.forward, card.threads, card.graph = chosen, loaded.forward, loaded.threads, loaded
+        card.cache = cache
     return card

@@ -66,7 +66,7 @@ def export_module(model, uint8: bool = True, patch_model=None, patch_spec=None):
                 return z
             if self.patch_model is not None:
                 self.patch_model(x)
-            return z, aggregate([self.feats[n] for n in self.names], patch_spec.pool)
+            return z, aggregate([self.feats[n] for n in self.names], patch_spec.pool, patch_spec.norm)
 
     return ExportModule()
 
@@ -197,10 +197,10 @@ def write_checked(card, fmt: str, folder: str, *, uint8: bool = True, opset: int
 
     images = check_images(n_check, card.preprocess)
     x = images if uint8 else (images.astype(np.float32) / 255.0)
-    ref = card.embed(torch.from_numpy(images))  # what the Scorer computes on CPU for these images
+    ref = card.embed_torch(torch.from_numpy(images))  # what the Scorer computes in PyTorch for these images
     ref_p = None
     if patch_spec is not None:
-        ref_p = card.embed_with_patches(torch.from_numpy(images), patch_spec)[1]
+        ref_p = card.embed_with_patches_torch(torch.from_numpy(images), patch_spec)[1]
     # Export a plain (contiguous, CPU, float32) copy: channels_last is a speed layout, not part of
     # the model (a copy: the card's own model keeps its layout and device).
     def plain(m):  # ... without the forward hooks of the card's PatchExtractors (the export adds its own)

@@ -10,8 +10,9 @@ no torch.distributed.
 
 Patch features: the outputs of trunk stages ``stages`` (timm's EfficientNet-Lite ``blocks.N``, the
 ResNets' ``layerN``, tiny_cnn's module N), each averaged over a ``pool`` x ``pool`` neighbourhood
-(stride 1), the coarser ones bilinearly upsampled to the finest stage's grid, concatenated along
-channels. Distances are Euclidean (not squared) in that raw feature space.
+(stride 1), the coarser ones bilinearly upsampled to the finest stage's grid, with ``norm``
+"unit" each stage's vector scaled to length 1, concatenated along channels. Distances are
+Euclidean (not squared) in that feature space.
 
 The bank keeps ``budget`` patches per normal image, chosen within the image alone by a greedy
 coreset (farthest-point selection, started at a patch drawn from ``seed`` and the image's id), so
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 SOURCES = ("frozen", "msc")
 SCORE_MODES = ("global", "patch", "combined")
 SELECTIONS = ("coreset", "random")
+NORMS = ("none", "unit")  # per stage: raw features, or each stage's patch vector scaled to unit length
 DEFAULT_BUDGET = 32
 DEFAULT_SIGMA = 4.0
 
@@ -47,6 +49,7 @@ class PatchSpec:
     seed: int = 0
     sigma: float = DEFAULT_SIGMA
     source: str = "frozen"  # frozen: the ImageNet trunk; msc: the fine-tuned checkpoint's trunk
+    norm: str = "none"  # a bank recorded without one (before 2026-12-02) is "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(int(s) for s in self.stages))
@@ -58,6 +61,8 @@ class PatchSpec:
             raise PatchError(f"PatchSpec.budget must be >= 1 patches per image, got {self.budget}")
         if float(self.sigma) < 0:
             raise PatchError(f"PatchSpec.sigma must be >= 0 px, got {self.sigma}")
+        if self.norm not in NORMS:
+            raise PatchError(f"PatchSpec.norm must be one of {list(NORMS)}, got {self.norm!r}")
         if self.source not in SOURCES:
             raise PatchError(f"PatchSpec.source must be one of {list(SOURCES)}, got {self.source!r}")
 
@@ -79,7 +84,7 @@ class PatchSpec:
         if not spec.patch_stages:
             raise PatchError(f"backbone {backbone} has no patch stages")
         over = {k: v for k, v in overrides.items() if v is not None}
-        return cls(**{"stages": spec.patch_stages, **over})
+        return cls(**{"stages": spec.patch_stages, "norm": spec.patch_norm, **over})
 
 
 def stage_names(backbone: str, stages: tuple[int, ...]) -> list[str]:
@@ -123,17 +128,18 @@ class PatchExtractor:
             maps = [self._local.feats[n] for n in self.names]
         finally:
             self._local.feats = None
-        return z.float(), aggregate(maps, self.spec.pool)
+        return z.float(), aggregate(maps, self.spec.pool, self.spec.norm)
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
 
 
-def aggregate(maps: list[torch.Tensor], pool: int) -> torch.Tensor:
+def aggregate(maps: list[torch.Tensor], pool: int, norm: str = "none") -> torch.Tensor:
     """Stage outputs (B, C_i, h_i, w_i) -> (B, h, w, sum C_i) float32 at the finest grid:
     ``pool`` x ``pool`` average (stride 1, the border averaged over what is inside), coarser grids
-    upsampled bilinearly, channels concatenated."""
+    upsampled bilinearly, ``norm`` "unit": each stage's patch vector scaled to length 1 (so every
+    stage weighs the same in the distance, whatever its channels' scale), channels concatenated."""
     h = max(m.shape[-2] for m in maps)
     w = max(m.shape[-1] for m in maps)
     out = []
@@ -143,6 +149,8 @@ def aggregate(maps: list[torch.Tensor], pool: int) -> torch.Tensor:
             m = F.avg_pool2d(m, pool, stride=1, padding=pool // 2, count_include_pad=False)
         if m.shape[-2:] != (h, w):
             m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        if norm == "unit":
+            m = F.normalize(m, dim=1, eps=1e-6)
         out.append(m)
     return torch.cat(out, dim=1).permute(0, 2, 3, 1).contiguous()
 

@@ -8,6 +8,8 @@ ONNX Runtime or OpenVINO on the CPU.
                  else torch with one log line
 
 A CPU runtime's graph is built once per (model id, image size, runtime) into a local cache folder
+(and, for anomaly maps, once more per PatchSpec: a graph with a second output ``patches``, the
+patch features of ``ModelCard.embed_with_patches``, built the first time a card is asked for them)
 (``MSC_RUNTIME_CACHE``, default ~/.cache/msc_dist/runtimes; never the checkpoint folder): exported
 and checked against the card's PyTorch forward on a few images (``export.write_checked``, the
 same check and tolerance as ``msc export``) in a temporary folder that is then renamed into
@@ -55,6 +57,7 @@ HELP = ("torch | onnxruntime | openvino | auto (torch on a GPU; on a CPU the fas
         "openvino then onnxruntime; CPU graphs are cached in $" + CACHE_ENV + ", default " + DEFAULT_CACHE + ")")
 
 Forward = Callable[[np.ndarray], np.ndarray]  # (B, 3, S, S) uint8 -> (B, D) float32 unit vectors
+# with a PatchSpec: (B, 3, S, S) uint8 -> ((B, D) float32 unit vectors, (B, h, w, C) float32 patches)
 
 
 def installed(runtime: str) -> bool:
@@ -114,9 +117,15 @@ def cache_root(cache: str | None = None) -> str:
     return os.path.abspath(os.path.expanduser(cache or os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
 
 
-def graph_folder(model_id: str, image_size: int, runtime: str, cache: str | None = None) -> str:
-    """The cache folder of one (model id, image size, runtime)."""
-    return os.path.join(cache_root(cache), f"{model_id}-{int(image_size)}px-{runtime}-v{GRAPH_VERSION}")
+def _patch_key(patch: dict | None) -> str:
+    return "" if patch is None else "-patches-" + _sha256(json.dumps(patch, sort_keys=True).encode())[:12]
+
+
+def graph_folder(model_id: str, image_size: int, runtime: str, cache: str | None = None,
+                 patch: dict | None = None) -> str:
+    """The cache folder of one (model id, image size, runtime[, PatchSpec dict])."""
+    return os.path.join(cache_root(cache),
+                        f"{model_id}-{int(image_size)}px-{runtime}{_patch_key(patch)}-v{GRAPH_VERSION}")
 
 
 class CorruptGraph(RuntimeError):
@@ -127,16 +136,19 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_verified(folder: str, model_id: str, image_size: int, runtime: str) -> dict[str, bytes]:
+def read_verified(folder: str, model_id: str, image_size: int, runtime: str,
+                  patch: dict | None = None) -> dict[str, bytes]:
     """The files of a cached graph, each checked against its recorded sha256 (the bytes returned
-    are the bytes hashed: nothing is read twice). CorruptGraph when anything does not match."""
+    are the bytes hashed: nothing is read twice), and its record against what it is asked for
+    (``patch``: the PatchSpec dict of its ``patches`` output, None: no such output). CorruptGraph
+    when anything does not match."""
     try:
         with open(os.path.join(folder, RECORD), "rb") as f:
             rec = json.loads(f.read())
         files = dict(rec["files"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CorruptGraph(f"{RECORD} unreadable: {e}") from None
-    want = {"model_id": model_id, "image_size": int(image_size), "runtime": runtime}
+    want = {"model_id": model_id, "image_size": int(image_size), "runtime": runtime, "patch": patch}
     got = {k: rec.get(k) for k in want}
     if got != want or set(files) != set(_files_of(runtime)):
         raise CorruptGraph(f"{RECORD} records {got} and files {sorted(files)}, not {want}")
@@ -169,10 +181,10 @@ def _remove(folder: str) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def build(card, runtime: str, folder: str) -> None:
-    """Export and check the card's graph for ``runtime`` in a temporary folder beside ``folder``,
-    record its sha256 sums, then rename it into place (if another process got there first, its
-    graph is kept and ours dropped)."""
+def build(card, runtime: str, folder: str, patch_spec=None) -> None:
+    """Export and check the card's graph for ``runtime`` (with ``patch_spec``: and its patch
+    features) in a temporary folder beside ``folder``, record its sha256 sums, then rename it into
+    place (if another process got there first, its graph is kept and ours dropped)."""
     from msc_dist.graph import write_checked
 
     root = os.path.dirname(folder)
@@ -181,7 +193,8 @@ def build(card, runtime: str, folder: str) -> None:
     os.makedirs(tmp)
     try:
         t0 = time.perf_counter()
-        _, diff, _ = write_checked(card, FORMAT[runtime], tmp, log=lambda m: log.info("%s: %s", runtime, m))
+        _, diff, _ = write_checked(card, FORMAT[runtime], tmp, log=lambda m: log.info("%s: %s", runtime, m),
+                                   patch_spec=patch_spec)
         files = {}
         for name in _files_of(runtime):
             with open(os.path.join(tmp, name), "rb") as f:
@@ -190,7 +203,7 @@ def build(card, runtime: str, folder: str) -> None:
             if name not in files:
                 os.remove(os.path.join(tmp, name))
         rec = {"model_id": card.model_id, "image_size": card.preprocess.image_size, "runtime": runtime,
-               "graph_version": GRAPH_VERSION, "files": files, "max_abs_diff": diff, "checkpoint": card.checkpoint,
+               "patch": None if patch_spec is None else patch_spec.to_dict(), "graph_version": GRAPH_VERSION, "files": files, "max_abs_diff": diff, "checkpoint": card.checkpoint,
                "created": time.time()}
         with open(os.path.join(tmp, RECORD), "w") as f:
             json.dump(rec, f, indent=1)
@@ -199,29 +212,31 @@ def build(card, runtime: str, folder: str) -> None:
         except OSError:  # the folder exists: another actor built it at the same time
             if not os.path.isdir(folder):
                 raise
-        log.info("runtime %s: built and checked the graph of model %s at %d px in %.1fs (max abs difference to "
+        log.info("runtime %s: built and checked the graph of model %s at %d px%s in %.1fs (max abs difference to "
                  "PyTorch %.1e): %s", runtime, card.model_id[:12], card.preprocess.image_size,
+                 "" if patch_spec is None else " with its patch features",
                  time.perf_counter() - t0, diff, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def graph_files(card, runtime: str, cache: str | None = None) -> tuple[dict[str, bytes], bool]:
-    """The verified files of the card's graph for ``runtime``, built if absent or corrupt;
-    (files, whether this call built them)."""
-    folder = graph_folder(card.model_id, card.preprocess.image_size, runtime, cache)
-    args = (folder, card.model_id, card.preprocess.image_size, runtime)
+def graph_files(card, runtime: str, cache: str | None = None, patch_spec=None) -> tuple[dict[str, bytes], bool]:
+    """The verified files of the card's graph for ``runtime`` (and ``patch_spec``), built if absent
+    or corrupt; (files, whether this call built them)."""
+    patch = None if patch_spec is None else patch_spec.to_dict()
+    folder = graph_folder(card.model_id, card.preprocess.image_size, runtime, cache, patch)
+    args = (folder, card.model_id, card.preprocess.image_size, runtime, patch)
     if os.path.isdir(folder):
         try:
             return read_verified(*args), False
         except CorruptGraph as e:
             log.warning("runtime %s: the cached graph %s is corrupt (%s): rebuilding it", runtime, folder, e)
             _remove(folder)
-    build(card, runtime, folder)
+    build(card, runtime, folder, patch_spec)
     return read_verified(*args), True
 
 
-def _onnxruntime(files: dict[str, bytes], threads: int) -> Forward:
+def _onnxruntime(files: dict[str, bytes], threads: int, patches: bool) -> Forward:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -229,13 +244,18 @@ def _onnxruntime(files: dict[str, bytes], threads: int) -> Forward:
     so.log_severity_level = 3  # errors only
     sess = ort.InferenceSession(files["model.onnx"], so, providers=["CPUExecutionProvider"])
 
-    def forward(x: np.ndarray) -> np.ndarray:
-        return sess.run(["features"], {"images": x})[0]  # thread-safe
+    if patches:
+        def forward(x: np.ndarray):
+            z, p = sess.run(["features", "patches"], {"images": x})  # thread-safe
+            return z, p
+    else:
+        def forward(x: np.ndarray) -> np.ndarray:
+            return sess.run(["features"], {"images": x})[0]  # thread-safe
 
     return forward
 
 
-def _openvino(files: dict[str, bytes], threads: int) -> Forward:
+def _openvino(files: dict[str, bytes], threads: int, patches: bool) -> Forward:
     import openvino as ov
 
     from msc_dist.graph import OPENVINO_CPU
@@ -251,7 +271,10 @@ def _openvino(files: dict[str, bytes], threads: int) -> Forward:
         if req is None:
             req = local.req = compiled.create_infer_request()
         req.infer({0: x})
-        return np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        z = np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        if not patches:
+            return z
+        return z, np.array(req.get_output_tensor(1).data, dtype=np.float32, copy=True)
 
     return forward
 
@@ -265,11 +288,13 @@ class Loaded:
     folder: str
 
 
-def load(card, runtime: str, cache: str | None = None, threads: int | None = None) -> Loaded:
-    """The batch forward of the card's model in a CPU runtime (``resolve``d first)."""
+def load(card, runtime: str, cache: str | None = None, threads: int | None = None, patch_spec=None) -> Loaded:
+    """The batch forward of the card's model in a CPU runtime (``resolve``d first); with
+    ``patch_spec`` the forward gives (features, patches) from one run of one graph."""
     if runtime not in FORMAT:
         raise ConfigError(f"runtime {runtime!r} has no cached graph; valid: {sorted(FORMAT)}")
-    files, built = graph_files(card, runtime, cache)
+    files, built = graph_files(card, runtime, cache, patch_spec)
     n = cpu_threads(threads)
-    fwd = (_onnxruntime if runtime == "onnxruntime" else _openvino)(files, n)
-    return Loaded(fwd, runtime, n, built, graph_folder(card.model_id, card.preprocess.image_size, runtime, cache))
+    fwd = (_onnxruntime if runtime == "onnxruntime" else _openvino)(files, n, patch_spec is not None)
+    patch = None if patch_spec is None else patch_spec.to_dict()
+    return Loaded(fwd, runtime, n, built, graph_folder(card.model_id, card.preprocess.image_size, runtime, cache, patch))

@@ -218,3 +218,37 @@ def test_serving_runtime_setting(built, tmp_path, monkeypatch):
     model = Model.func_or_class(index=str(idx), device="cpu", runtime=CPU[0], allow_anonymous=True)
     card = model._card(read_manifest(str(idx))[0])
     assert card.runtime == CPU[0] and not card.graph.built and card.info()["runtime"] == CPU[0]
+
+
+@pytest.mark.parametrize("source", ["frozen", "msc"])
+def test_each_runtime_gives_torchs_patch_features_and_maps_from_one_cached_graph(built, source):
+    """Anomaly maps in a CPU runtime: one graph with a second output ``patches`` (the PatchSpec's),
+    built and checked on first use, cached beside the plain graph and reused by the next card; its
+    features, patches and maps equal PyTorch's within 1e-4."""
+    from msc_dist.patches import PatchSpec, anomaly_map, bank_rows, nearest, new_bank_index
+
+    ref_card = built["torch"]
+    spec = PatchSpec.default(ref_card.backbone, source=source, budget=6)
+    normal = check_images(6, ref_card.preprocess, seed=11)
+    z_n, p_n = ref_card.embed_with_patches(torch.from_numpy(normal), spec)
+    bank = new_bank_index(p_n.shape[-1])
+    bank.add(np.ascontiguousarray(bank_rows(p_n, spec, [f"n{i}" for i in range(6)]).reshape(-1, p_n.shape[-1])))
+    x = check_images(5, ref_card.preprocess, seed=12)
+    z_ref, p_ref = ref_card.embed_with_patches(torch.from_numpy(x), spec)
+    h, w = p_ref.shape[1:3]
+    m_ref = anomaly_map(nearest(bank, p_ref.reshape(5, h * w, -1)).reshape(5, h, w), 32, spec.sigma)
+    for r in CPU:
+        card = load_card(built["ck"], "cpu", r, cache=built["cache"])
+        z, p = card.embed_with_patches(torch.from_numpy(x), spec)
+        loaded = card._patch_graphs[spec]
+        assert loaded.folder != card.graph.folder and loaded.folder.startswith(built["cache"])
+        assert p.shape == p_ref.shape and p.dtype == np.float32
+        assert np.abs(z - z_ref).max() <= 1e-4 and np.abs(z - card.embed(torch.from_numpy(x))).max() <= 1e-6, r
+        assert np.abs(p - p_ref).max() <= 1e-4 * max(1.0, np.abs(p_ref).max()), r
+        m = anomaly_map(nearest(bank, p.reshape(5, h * w, -1)).reshape(5, h, w), 32, spec.sigma)
+        assert np.abs(m - m_ref).max() <= 1e-4 * max(1.0, m_ref.max()), r
+        rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        assert np.array_equal(card.embed_arrays_with_patches(rows, spec)[1], p), r  # same graph, same bits
+        again = load_card(built["ck"], "cpu", r, cache=built["cache"])
+        again.embed_with_patches(torch.from_numpy(x[:1]), spec)
+        assert not again._patch_graphs[spec].built and again._patch_graphs[spec].folder == loaded.folder, r

@@ -151,6 +151,7 @@ class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
     exts: list[str] | None = None
     plot_dir: str | None = None
     patch_stages: list[int] | None = None
+    patch_norm: str | None = None
     patch_pool: int | None = None
     patch_budget: int | None = None
     patch_sigma: float | None = None
@@ -172,6 +173,7 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
                       "features, with pixel_roc_auc and pro where the data has masks, and combined_roc_auc: the same trunk's "
                       "global kNN and map maximum, each over its calibrated threshold, summed)",
            "patch_stages": "trunk stages of the patch methods' features (default: the backbone's)",
+           "patch_norm": "none | unit: each stage's patch vector raw or unit-length (default: the backbone's)",
            "patch_pool": "odd neighbourhood averaged around each patch (default: PatchSpec's, 3)",
            "patch_budget": "bank patches per normal image (default: PatchSpec's)",
            "patch_sigma": "Gaussian smoothing of the upsampled map, px (default: PatchSpec's)",

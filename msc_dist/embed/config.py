@@ -43,6 +43,7 @@ class EmbedConfig:
     patch_bank: bool = False
     patch_source: str | None = None
     patch_stages: list[int] | None = None
+    patch_norm: str | None = None
     patch_pool: int = 3
     patch_budget: int = 32
     patch_sigma: float = 4.0
@@ -93,7 +94,9 @@ HELP = {
     "patch_bank": "build the patch bank (anomaly maps) even with --score-mode global",
     "patch_source": "frozen | msc: patch features from the ImageNet trunk or from the fine-tuned checkpoint "
                     "(default: the checkpoint's patch_source, else frozen)",
-    "patch_stages": "trunk stages of the patch features (default: the backbone's, e.g. 3 4 for EfficientNet-Lite)",
+    "patch_stages": "trunk stages of the patch features (default: the backbone's, e.g. 4 5 for EfficientNet-Lite)",
+    "patch_norm": "none | unit: each stage's patch vector raw or scaled to length 1 (default: the backbone's, "
+                  "unit for EfficientNet-Lite)",
     "patch_pool": "odd neighbourhood (patches) averaged around each patch",
     "patch_budget": "bank patches kept per normal image (greedy coreset within the image)",
     "patch_sigma": "Gaussian smoothing of the upsampled anomaly map, in pixels",

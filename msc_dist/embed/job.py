@@ -162,7 +162,7 @@ def patch_spec_of(cfg: EmbedConfig, backbone: str) -> PatchSpec | None:
                           "--calibration-fraction in (0, 1)")
     try:
         return PatchSpec.default(backbone, stages=tuple(cfg.patch_stages) if cfg.patch_stages else None,
-                                 pool=cfg.patch_pool, budget=cfg.patch_budget, seed=cfg.seed, sigma=cfg.patch_sigma,
+                                 norm=cfg.patch_norm, pool=cfg.patch_pool, budget=cfg.patch_budget, seed=cfg.seed, sigma=cfg.patch_sigma,
                                  source=cfg.patch_source)
     except PatchError as e:
         raise ConfigError(str(e)) from None

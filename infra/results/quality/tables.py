@@ -150,41 +150,55 @@ def squash_vs_center_crop(R: Results) -> str:
 
 MAP_ROWS = (("global kNN, frozen", "knn"), ("global MSC (`fast`)", "msc-fast"), ("patch, frozen trunk", "patch"),
             ("patch, MSC (`fast`) trunk", "msc-patch"))
+PATCH_ROWS = ("patch", "msc-patch")
+
+
+def _features(r: dict) -> str:
+    """A patch row's features, from the PatchSpec it recorded (no ``norm``: raw, as before it existed)."""
+    spec = r.get("patch") or (r.get("seeds") or [{}])[0].get("patch")
+    if not spec:
+        return ""
+    return f" (blocks {'+'.join(str(x) for x in spec['stages'])}, {spec.get('norm', 'none').replace('none', 'raw')})"
 
 
 def maps(R: Results) -> str:
     """maps/methods_<run>.json, each run there is: the magnetic tiles at 128 and 224 px (image
     ROC-AUC of each method, the combined score of each patch method, pixel ROC-AUC and PRO, bank
-    bytes per image, seconds per seed) and MNIST (the mean over its digits; image level)."""
+    bytes per image, seconds per seed) and MNIST (the mean over its digits; image level). Rows of
+    maps/methods_<run>_blocks34.json (the runs with the first patch features, blocks 3 + 4 raw)
+    follow for the methods the new file lacks and for its patch rows (the before / after)."""
     from msc_dist.backbones import get_spec  # run from the repository root
 
     out = ["| data | px | method | image ROC-AUC | combined | pixel ROC-AUC | PRO (30 % FPR) | bank / image | seconds |",
            "|---|---|---|---|---|---|---|---|---|"]
     for run, label in (("tiles_128", "magnetic tiles"), ("tiles_224", "magnetic tiles"),
                        ("mnist_64", "MNIST, mean of {n} digits")):
-        name = f"maps/methods_{run}"
-        if not any(os.path.exists(os.path.join(d, name + ".json")) for d in (R.folder, HERE)):
-            print(f"{name}.json: not run yet; its rows are left out", file=sys.stderr)
-            continue
-        res = R(name)
-        dim = get_spec(res["config"]["backbone"]).dim
-        classes = list(res["classes"])
-        seeds = ", ".join(str(x) for x in res["seeds"])
-        for text, m in MAP_ROWS:
-            if m not in res["classes"][classes[0]]:
+        shown: set[str] = set()
+        for name in (f"maps/methods_{run}", f"maps/methods_{run}_blocks34"):
+            if not any(os.path.exists(os.path.join(d, name + ".json")) for d in (R.folder, HERE)):
+                print(f"{name}.json: not run yet; its rows are left out", file=sys.stderr)
                 continue
-            x = res["classes"][classes[0]][m] if len(classes) == 1 else {
-                k: mean(res, m, classes, k) for k in ("roc_auc", "combined_roc_auc", "seconds", "bank_bytes_per_image")
-                if all(k in res["classes"][c][m] for c in classes)}
-            per = x.get("bank_bytes_per_image") or 4 * dim  # global: one float32 vector
-            bank = f"{per / 1024:.0f} KiB" if per >= 1024 else f"{per:.0f} B"
+            res = R(name)
+            dim = get_spec(res["config"]["backbone"]).dim
+            classes = list(res["classes"])
+            seeds = ", ".join(str(x) for x in res["seeds"])
+            for text, m in MAP_ROWS:
+                first = res["classes"][classes[0]].get(m)
+                if first is None or (m in shown and m not in PATCH_ROWS):
+                    continue
+                shown.add(m)
+                x = first if len(classes) == 1 else {
+                    k: mean(res, m, classes, k) for k in ("roc_auc", "combined_roc_auc", "seconds", "bank_bytes_per_image")
+                    if all(k in res["classes"][c][m] for c in classes)}
+                per = x.get("bank_bytes_per_image") or 4 * dim  # global: one float32 vector
+                bank = f"{per / 1024:.0f} KiB" if per >= 1024 else f"{per:.0f} B"
 
-            def c(key, x=x, sd=len(res["seeds"]) > 1):
-                return cell(x, key, sd) if key in x else ""
+                def c(key, x=x, sd=len(res["seeds"]) > 1):
+                    return cell(x, key, sd) if key in x else ""
 
-            out.append(f"| {label.format(n=len(classes))} (seeds {seeds}) | {res['config']['image_size']} | {text} | "
-                       f"{c('roc_auc')} | {c('combined_roc_auc')} | {c('pixel_roc_auc')} | {c('pro')} | {bank} | "
-                       f"{x['seconds']:.0f} |")
+                out.append(f"| {label.format(n=len(classes))} (seeds {seeds}) | {res['config']['image_size']} | "
+                           f"{text}{_features(first)} | {c('roc_auc')} | {c('combined_roc_auc')} | "
+                           f"{c('pixel_roc_auc')} | {c('pro')} | {bank} | {x['seconds']:.0f} |")
     return "\n".join(out)
 
 

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--stages", type=int, nargs="+", default=None, help="default: the backbone's patch_stages")
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--norm", default=None, help="none | unit (default: the backbone's patch_norm)")
     ap.add_argument("--sigma", type=float, default=4.0)
     ap.add_argument("--pool", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
               {"backbone": a.backbone, "image_size": a.size, "resize_mode": "squash", "normal_classes": ["MT_Free"]},
               {"epoch": 0})
     card = load_card(ck)
-    spec = PatchSpec.default(a.backbone, stages=tuple(a.stages) if a.stages else None, pool=a.pool, sigma=a.sigma,
+    spec = PatchSpec.default(a.backbone, stages=tuple(a.stages) if a.stages else None, norm=a.norm, pool=a.pool, sigma=a.sigma,
                              seed=a.seed, source="msc")  # a 0-epoch checkpoint: its trunk is the frozen one
 
     def embed(split_name):
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     configs.append(("patch-all", "coreset", h * w))
     for name, method, budget in configs:
         t1 = time.perf_counter()
-        s = PatchSpec(spec.stages, spec.pool, budget, spec.seed, spec.sigma, spec.source)
+        s = PatchSpec(spec.stages, spec.pool, budget, spec.seed, spec.sigma, spec.source, spec.norm)
         rows = bank_rows(keep_p, s, keep_keys, method)
         index = new_bank_index(c)
         index.add(np.ascontiguousarray(rows.reshape(-1, c)))
