@@ -8,6 +8,7 @@ both build through it. Nothing here loads a checkpoint: the card is passed in.""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -22,6 +23,22 @@ INPUTS = ("uint8", "float")
 class ExportError(RuntimeError):
     """The exported model does not reproduce the PyTorch model."""
 
+
+
+_CORE: list = []  # one OpenVINO Core per process, never destroyed
+_CORE_LOCK = threading.Lock()
+
+
+def openvino_core():
+    """The process's OpenVINO Core, for its whole life, as OpenVINO recommends: a Core per graph
+    loads and unloads the CPU plugin with each, and a later fork of the process (subprocess, Ray)
+    then died of SIGSEGV (seen in the full test suite after many graphs were built and dropped)."""
+    import openvino as ov
+
+    with _CORE_LOCK:
+        if not _CORE:
+            _CORE.append(ov.Core())
+        return _CORE[0]
 
 def export_module(model, uint8: bool = True, patch_model=None, patch_spec=None):
     """images -> unit features: the Scorer's input scaling, then the FeatureModel (which holds the
@@ -134,7 +151,7 @@ def _export_openvino(module, example, path: str, opset: int) -> None:
 def _run_openvino(path: str, x: np.ndarray):
     import openvino as ov
 
-    compiled = ov.Core().compile_model(path, "CPU", OPENVINO_CPU)
+    compiled = openvino_core().compile_model(path, "CPU", OPENVINO_CPU)
     res = compiled(x)
     return _one_or_two([np.array(res[o]) for o in compiled.outputs])
 

@@ -256,11 +256,9 @@ def _onnxruntime(files: dict[str, bytes], threads: int, patches: bool) -> Forwar
 
 
 def _openvino(files: dict[str, bytes], threads: int, patches: bool) -> Forward:
-    import openvino as ov
+    from msc_dist.graph import OPENVINO_CPU, openvino_core
 
-    from msc_dist.graph import OPENVINO_CPU
-
-    core = ov.Core()
+    core = openvino_core()
     model = core.read_model(files["model.xml"], files["model.bin"])
     compiled = core.compile_model(model, "CPU", {**OPENVINO_CPU, "INFERENCE_NUM_THREADS": threads,
                                                  "PERFORMANCE_HINT": "LATENCY"})
