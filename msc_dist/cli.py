@@ -75,6 +75,7 @@ def _embed(cfg, explicit) -> int:
     m = asdict(out.manifest)
     _print_json({**({"detector": cfg.detector} if cfg.detector else {}), "out": out.out, "rows": out.rows,
                  "corrupt": out.corrupt, "index_count": m["count"], "threshold": m["threshold"], "model_id": m["model_id"],
+                 "images_per_s": round(out.images_per_s, 2), "runtime": out.runtime,
                  **({"mlflow_version": out.registered} if cfg.tracking_uri else {})})
     if out.tracking_error:
         print(f"error: published, but not registered in MLflow: {out.tracking_error}", file=sys.stderr)

@@ -13,6 +13,8 @@ import pytest
     (["train", "--backbone", "resnet18", "--random-init", "--synthetic", "--image-size", "32", "--batch-size", "4",
       "--steps", "1", "--warmup", "1", "--loader-workers", "0"], "images_per_s", {"synthetic": True, "pretrained": False, "view_source_size": 64}),  # views cut from 2 x 32
     (["embed", "--image-size", "32", "--images", "64", "--batch-size", "32", "--loader-workers", "0"], "images_per_s", {}),
+    (["embed", "--image-size", "32", "--images", "64", "--batch-size", "32", "--loader-workers", "0", "--random-init",
+      "--job"], "job_images_per_s", {"job_over_torch": 1.0, "job_rounds": [pytest.approx(0, abs=1e9)]}),  # msc embed's own rate beside
     (["load", "--image-size", "32", "--images", "64", "--batch-size", "16", "--loader-workers", "1"], "images_per_s",
      {"images": 64}),  # every image, once
     (["search", "--n", "3000", "--d", "64", "--queries", "300", "--num-shards", "3"], "queries_per_s", {}),

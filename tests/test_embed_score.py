@@ -41,6 +41,9 @@ def test_embeddings_by_id_and_index(embedded):
     ids = table["id"].to_pylist()
     assert len(ids) == len(set(ids)) == res.rows == len(keys) == 96
     assert sorted(ids) == sorted(keys)
+    # the rate it prints: its index pass alone, within the whole job's time; the runtime resolved
+    assert res.runtime == "torch" and 0 < res.embed_seconds < res.seconds
+    assert res.images_per_s == pytest.approx(96 / res.embed_seconds)
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
     assert emb.shape == (96, 1280) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
     ck = embedded["checkpoint"]

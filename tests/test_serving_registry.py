@@ -242,3 +242,55 @@ def test_requests_in_flight_across_a_remove_end_in_200_or_404_never_an_error(fle
     assert any(code == 200 and t1 > removed_at[0] for _, t1, code, _ in answers)  # in flight at the removal: finished
     first_404 = min(t1 for _, t1, code, _ in answers if code == 404)
     assert not [a for a in answers if a[2] == 200 and a[0] > first_404 + 2.0]  # replicas poll every 1 s
+
+
+def test_a_detector_slower_to_load_than_the_deadline_gets_503_and_its_load_goes_on(fleet, tmp_path):
+    """A cold detector whose load outlasts request_timeout_s: a real slow load, not a hook (an
+    onnxruntime replica with an empty graph cache exports and checks the checkpoint's graph on
+    first use; the deadline is set well under the time that build took in this process). The
+    first requests get 503 with Retry-After, never a 500; the load is not restarted by them (one
+    load, one graph in the cache) and the first request after it ends gets 200 with the detector's
+    own score."""
+    from ray import serve
+
+    from msc_dist import registry
+    from msc_dist.card import load_card
+    from msc_dist.index import version_root
+    from msc_dist.scorer import open_scorer
+    from serving.app import build_app
+
+    t0 = time.perf_counter()  # what one cold build of this kind of graph costs here
+    load_card(tiny_checkpoint(tmp_path / "probe", image_size=32, resize_mode="squash", seed=7), "cpu", "onnxruntime",
+              cache=str(tmp_path / "probe-cache"))
+    build_s = time.perf_counter() - t0
+    deadline_s = round(max(0.3, build_s / 4), 2)
+    reg, cache, name = tmp_path / "registry", tmp_path / "cache", "slow-line"
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="squash", seed=8)
+    man = tiny_index(registry.root(str(reg), name), ck, fleet["normals"])
+    want = [r.score for r in open_scorer(version_root(registry.root(str(reg), name), man.version)).score_bytes(fleet["queries"])]
+    url = fleet["url"].rsplit("/", 1)[0] + "/slow"
+    env = {"env_vars": {"MSC_RUNTIME_CACHE": str(cache)}}
+    serve.run(build_app({"registry": str(reg), "runtime": "onnxruntime", "request_timeout_s": deadline_s,
+                         "retry_after_s": 2, "allow_anonymous": True, "api_key_env": "MSC_TEST_NO_SUCH_VAR",
+                         "model_options": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.25, "runtime_env": env}},
+                         "gateway_options": {"ray_actor_options": {"num_cpus": 0.25}}}),
+              name="slow", route_prefix="/slow")
+    try:
+        answers, t_start = [], time.time()
+        with httpx.Client(timeout=60) as c:
+            while time.time() < t_start + 120:
+                r = _score(c, url, name, fleet["queries"][2])
+                answers.append((r.status_code, r.headers.get("retry-after"), r.json()))
+                if r.status_code == 200:
+                    break
+                time.sleep(0.05)
+        codes = [a[0] for a in answers]
+        assert codes[0] == 503 and codes[-1] == 200 and set(codes) == {503, 200}, (build_s, deadline_s, answers[:3])
+        assert all(a[1] == "2" and f"timed out after {deadline_s}s" in a[2]["error"]["message"]
+                   for a in answers if a[0] == 503), answers[:3]
+        assert abs(answers[-1][2][0]["score"] - want[2]) < 1e-4 and answers[-1][2][0]["index_version"] == man.version
+        stats = serve.get_deployment_handle("Model", app_name="slow").stats.remote().result(timeout_s=30)
+        assert stats["loads"] == 1 and stats["held"] == [name], (stats, len(answers))  # never restarted by a retry
+        assert len([p for p in cache.iterdir() if p.is_dir()]) == 1, list(cache.iterdir())  # one graph, built once
+    finally:
+        serve.delete("slow")

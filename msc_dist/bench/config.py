@@ -52,6 +52,7 @@ class BenchEmbedConfig(borrow(TrainConfig, ("data", "backbone", "image_size", "l
     random_init: bool = False
     runtime: list[str] = field(default_factory=lambda: ["torch"])
     rounds: int = 1
+    job: bool = False
 
     RANGES: ClassVar[dict[str, Range]] = {"batch_size": BATCH_RANGE, "images": Range(1, 10_000_000)}
 
@@ -61,7 +62,9 @@ EMBED = {**{k: TRAIN_HELP[k] for k in ("backbone", "image_size", "loader_workers
          "device": DEVICE_HELP, "images": "demo images to generate when --data is absent",
          "random_init": "random weights (throughput only; no weights needed)",
          "runtime": "one or more runtimes, timed in turn in each round (one JSON line each): " + RUNTIME_HELP,
-         "rounds": "timed passes over the images per runtime (the median is reported)"}
+         "rounds": "timed passes over the images per runtime (the median is reported)",
+         "job": "also run the embedding job itself (msc embed, on the local Ray) on the same images with each runtime "
+                "in each round: job_images_per_s, the rate its index pass prints"}
 
 
 @dataclass

@@ -16,15 +16,18 @@ from msc_dist.data.loader import LabelFilter
 
 def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_images: int, loader_workers: int,
                 data: str | None = None, pretrained: bool = True, decode_on_device: str = "auto",
-                runtimes: list[str] | None = None, rounds: int = 1, cache: str | None = None) -> dict | list[dict]:
+                runtimes: list[str] | None = None, rounds: int = 1, cache: str | None = None,
+                job: bool = False) -> dict | list[dict]:
     """Images/s of shard reading + decoding + H2D + forward (bf16 + channels_last on GPU); JPEGs
     decode on the GPU there (``decode_on_device`` auto). The model is written as a checkpoint and
     loaded as the jobs load it (``load_card``), once per runtime (``msc_dist.runtime``); with
     several runtimes each round times them in turn (alternated: a shared machine's load falls on
     all alike) and each gets one row (medians over ``rounds``), with ``model_images_per_s``: the
     forward alone on one in-memory batch, the rate the end-to-end path can at most reach. The
-    graphs go to a temporary cache unless ``cache`` or $MSC_RUNTIME_CACHE names one.
-    One runtime: one dict; several: one dict each."""
+    graphs go to a temporary cache unless ``cache`` or $MSC_RUNTIME_CACHE names one. ``job``: each
+    round also runs the embedding job (``embed.job.main``, the local Ray, one actor of its default
+    CPUs) on the same shards with each runtime and the same graph cache: ``job_images_per_s``, the
+    rate of its index pass. One runtime: one dict; several: one dict each."""
     from msc_dist import checkpoint as ckpt
     from msc_dist.card import load_card
     from msc_dist.runtime import driver_cache
@@ -44,9 +47,10 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
         ckpt.save(ck, model.state_dict(), torch.nn.functional.normalize(torch.ones(model.dim), dim=0),
                   {"backbone": backbone, "image_size": image_size, "resize_mode": cfg.resize_mode}, {"epoch": 0})
         cards, load_s = {}, {}
+        cache = cache or driver_cache() or os.path.join(tmp, "runtimes")
         for r in runtimes:
             t0 = time.perf_counter()
-            cards[r] = load_card(ck, dev, r, cache=cache or driver_cache() or os.path.join(tmp, "runtimes"))
+            cards[r] = load_card(ck, dev, r, cache=cache)
             load_s[r] = time.perf_counter() - t0
         torch.backends.cudnn.benchmark = True
         x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (batch_size, 3, image_size, image_size),
@@ -71,13 +75,17 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
             raw(card, 1)
         rates = {r: [] for r in runtimes}
         model_rates = {r: [] for r in runtimes}
+        job_rates = {r: [] for r in runtimes}
         n = 0
-        for _ in range(rounds):
+        for i in range(rounds):
             for r, card in cards.items():
                 t0 = time.perf_counter()
                 n = run(card)
                 rates[r].append(n / (time.perf_counter() - t0))
                 model_rates[r].append(raw(card))
+                if job:
+                    job_rates[r].append(_job_rate(ck, data or os.path.join(tmp, "train"), os.path.join(tmp, f"job-{i}-{r}"),
+                                                  r, batch_size, str(dev), cache))
     rows = []
     for r, card in cards.items():
         ips, mips = float(np.median(rates[r])), float(np.median(model_rates[r]))
@@ -86,10 +94,36 @@ def bench_embed(backbone: str, image_size: int, batch_size: int, device: str, n_
                      "images": n, "images_per_s": ips, "model_images_per_s": mips, "path_over_model": ips / mips,
                      "rounds": [round(v, 2) for v in rates[r]], "threads": card.threads or torch.get_num_threads(),
                      "load_s": load_s[r], "pretrained": pretrained, "torch": torch.__version__})
+        if job:
+            rows[-1].update(job_images_per_s=float(np.median(job_rates[r])), job_rounds=[round(v, 2) for v in job_rates[r]],
+                            job_over_path=float(np.median(job_rates[r])) / ips)
     if "torch" in rates:
         for row in rows:
             row["over_torch"] = row["images_per_s"] / float(np.median(rates["torch"]))
+            if job:
+                row["job_over_torch"] = row["job_images_per_s"] / float(np.median(job_rates["torch"]))
     return rows[0] if len(rows) == 1 else rows
+
+
+def _job_rate(checkpoint: str, data: str, out: str, runtime: str, batch_size: int, device: str, cache: str) -> float:
+    """The embedding job's own images/s (its index pass, as it prints them) on ``data``, every
+    label normal, with ``runtime``; its actors take their graphs from ``cache``."""
+    from msc_dist.data.shards import describe
+    from msc_dist.embed.config import EmbedConfig
+    from msc_dist.embed.job import main
+    from msc_dist.runtime import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = cache  # the driver hands its actors this cache (runtime.driver_cache)
+    try:
+        cfg = EmbedConfig(checkpoint=checkpoint, data=data, out=out, runtime=runtime, batch_size=batch_size,
+                          use_gpu=device.startswith("cuda"), normal_classes=list(describe(data, scan=False).classes))
+        return main(cfg).images_per_s
+    finally:
+        if before is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = before
 
 
 def _unit_rows(rng, n: int, d: int) -> np.ndarray:

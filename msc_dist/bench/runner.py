@@ -20,7 +20,7 @@ def run(name: str, cfg) -> dict:
 
         return bench_embed(cfg.backbone, cfg.image_size, cfg.batch_size, device, cfg.images, cfg.loader_workers,
                            cfg.data, pretrained=not cfg.random_init, decode_on_device=cfg.decode_on_device,
-                           runtimes=cfg.runtime, rounds=cfg.rounds)
+                           runtimes=cfg.runtime, rounds=cfg.rounds, job=cfg.job)
     if name == "load":
         from msc_dist.bench.embed_search import bench_load
 

@@ -245,8 +245,15 @@ class EmbedOutcome:
     out: str
     bytes_read_ratio: float | None = None
     seconds: float = 0.0
+    embed_seconds: float = 0.0  # the index pass alone (read, decode, forward, write), as its progress bar
+    runtime: str = "torch"  # what ran the actors' forward (auto resolved)
     registered: str | None = None  # the MLflow model version (--tracking-uri)
     tracking_error: str | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        """Samples of the index pass per second (the progress bar's rate at its end)."""
+        return (self.rows + self.corrupt) / self.embed_seconds if self.embed_seconds else 0.0
 
 
 def main(cfg: EmbedConfig) -> EmbedOutcome:
@@ -275,7 +282,7 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     info = describe(data, scan=False)
     normal = resolve_labels(cfg.normal_classes or tcfg.get("normal_classes") or ["0"], info.classes)
     pre = preprocess_of(tcfg)  # the model card's preprocessing: every image of both passes
-    resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
+    chosen = resolve_runtime(cfg.runtime, "cuda" if cfg.use_gpu else "cpu")  # fails before Ray starts
     cfg = scoring_of(cfg, tcfg)
     pspec = patch_spec_of(cfg, tcfg["backbone"])  # so does a bad patch option
     init_ray(cfg.ray_address)
@@ -307,7 +314,8 @@ def main(cfg: EmbedConfig) -> EmbedOutcome:
     ratio = st.bytes_read_ratio
     log.info("published index %s: %d vectors in %d shard(s), threshold %s; read %.2fx the stored bytes",
              version, man.count, len(man.shards), man.threshold, ratio or float("nan"))
-    out = EmbedOutcome(man, st.rows, st.corrupt, cfg.out, ratio, time.perf_counter() - t0)
+    out = EmbedOutcome(man, st.rows, st.corrupt, cfg.out, ratio, time.perf_counter() - t0, st.seconds,
+                       chosen)
     if cfg.tracking_uri:
         out.registered, out.tracking_error = _register(cfg, man)
     return out
