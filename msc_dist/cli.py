@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -184,27 +185,35 @@ def _serve(cfg, explicit) -> int:
     from serving import app as serving_app
 
     init_ray(cfg.ray_address)
-    serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
+    # A supervisor's stop (SIGTERM: systemd, Kubernetes, kill) drains like Ctrl-C, from here on;
+    # without this, the handler that ray.init installs logs the signal and aborts the process.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serve.run(serving_app.build_app(cfg.app_args()), name="msc", route_prefix="/", blocking=False)
-    except RuntimeError as e:  # a deployment failed to start: Serve's status says why
-        print(f"error: the app did not start: {_deploy_failure(e)}", file=sys.stderr)
-        serve.shutdown()
-        return 1
-    if cfg.registry:
-        print(f"serving the {len(found['detectors'])} detector(s) of registry {cfg.registry} (default: "
-              f"{found['default'] or 'none'}; at most {cfg.max_detectors_per_replica} a replica) on "
-              f"http://{cfg.host}:{cfg.port} (POST /v1/detectors/NAME/score, GET /v1/detectors; {found['auth']}; "
-              "Ctrl-C stops)", flush=True)
-    else:
-        print(f"serving index version {found['version']} of {cfg.index} ({found['vectors']} vectors, model "
-              f"{found['model_id'][:12]}, {found['preprocess']}) on http://{cfg.host}:{cfg.port} (POST /v1/score; "
-              f"{found['auth']}; Ctrl-C stops)", flush=True)
-    try:
+        serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
+        try:
+            serve.run(serving_app.build_app(cfg.app_args()), name="msc", route_prefix="/", blocking=False)
+        except RuntimeError as e:  # a deployment failed to start: Serve's status says why
+            print(f"error: the app did not start: {_deploy_failure(e)}", file=sys.stderr)
+            serve.shutdown()
+            return 1
+        if cfg.registry:
+            print(f"serving the {len(found['detectors'])} detector(s) of registry {cfg.registry} (default: "
+                  f"{found['default'] or 'none'}; at most {cfg.max_detectors_per_replica} a replica) on "
+                  f"http://{cfg.host}:{cfg.port} (POST /v1/detectors/NAME/score, GET /v1/detectors; {found['auth']}; "
+                  "Ctrl-C stops)", flush=True)
+        else:
+            print(f"serving index version {found['version']} of {cfg.index} ({found['vectors']} vectors, model "
+                  f"{found['model_id'][:12]}, {found['preprocess']}) on http://{cfg.host}:{cfg.port} (POST /v1/score; "
+                  f"{found['auth']}; Ctrl-C stops)", flush=True)
         wait_forever()
     except KeyboardInterrupt:
+        print("stopping: draining requests in flight", flush=True)
         serve.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def wait_forever() -> None:

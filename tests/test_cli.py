@@ -132,10 +132,15 @@ def _tiny_served_index(tmp_path):
     return ck, str(tmp_path / "idx")
 
 
-def test_serve_deploys_the_serving_app_with_its_builder(monkeypatch, capsys, tmp_path):
+def test_serve_deploys_the_serving_app_with_its_builder(monkeypatch, capsys, tmp_path, request):
     """msc serve = serve run serving/config.yaml from Python: the app's own build_app, no shell,
     after its start-up checks; --config takes every AppConfig key (allow_anonymous included)."""
+    import signal
+
     from ray import serve
+
+    before = signal.getsignal(signal.SIGTERM)  # msc serve takes SIGTERM over; this process gets its own back
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, before))
 
     import msc_dist.cli
     import msc_dist.console
@@ -193,3 +198,40 @@ def test_serve_without_a_key_exits_at_once_with_the_reason_on_one_line(tmp_path)
         assert p.returncode == 2 and len(lines) == 1 and words in lines[0], (p.returncode, p.stderr[-2000:])
         assert took < 10 or words != "no API key", took  # the key is checked before anything heavy loads
         assert "serving" not in p.stdout
+
+
+def test_msc_serve_drains_and_exits_0_on_sigterm(tmp_path):
+    """A supervisor's stop (SIGTERM: systemd, Kubernetes, kill) ends msc serve as Ctrl-C does:
+    Serve is shut down and the process exits 0, not the abort (SIGABRT) of the handler that
+    ray.init installs; the port is free afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    ck, idx = _tiny_served_index(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user's
+    p = subprocess.Popen([sys.executable, "-m", "msc_dist", "serve", "--checkpoint", ck, "--index", idx, "--device", "cpu",
+                          "--allow-anonymous", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        deadline, up = time.time() + 240, False
+        while time.time() < deadline and p.poll() is None and not up:
+            try:
+                up = httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert up, (p.poll(), p.stderr.read()[-3000:] if p.poll() is not None else "not up in 240 s")
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, (p.returncode, err[-3000:])
+    assert "stopping: draining requests in flight" in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/v1/model", timeout=5)
