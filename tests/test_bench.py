@@ -213,3 +213,21 @@ def test_bench_embed_scale_with_the_patch_bank(tmp_path):
     assert res["bank_shards"] == res["index_shards"] == 2
     assert res["bank_patches"] == 6 * res["index_count"] and res["bank_patches_per_image"] == 6
     assert res["bank_bytes_per_image"] == 6 * res["bank_dimension"] * 4 and res["driver_peak_rss_mb"] > 0
+
+
+def test_bench_serve_detectors_reports_loads_and_evictions_of_its_timed_run(tmp_path):
+    """bench serve --detectors: one multiplexed app over a registry of N copies; the warm-up loads
+    what the replicas can hold, so the timed run's own loads and evictions come from the detectors
+    beyond that (3 detectors, 1 replica of at most 2)."""
+    from conftest import noise_images, tiny_checkpoint, tiny_index
+
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="squash", seed=1)
+    tiny_index(tmp_path / "idx", ck, {f"n{i}": b for i, b in enumerate(noise_images(16, seed=3))})
+    r = subprocess.run([sys.executable, "-m", "msc_dist.bench", "serve", "--checkpoint", ck, "--index", str(tmp_path / "idx"),
+                        "--detectors", "3", "--max-detectors-per-replica", "2", "--replicas", "1", "--concurrency", "2",
+                        "--seconds", "3", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["detectors"] == 3 and res["warmed_detectors"] == 2 and res["errors"] == 0 and res["images_per_s"] > 0
+    assert res["run_loads"] > 0 and res["run_evictions"] > 0  # round-robin over 3 with room for 2
+    assert res["loads"] >= res["run_loads"] + 2 and res["evictions"] >= res["run_evictions"]

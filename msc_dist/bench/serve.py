@@ -213,17 +213,30 @@ def bench_serve_detectors(checkpoint: str, index: str, detectors: int, max_per_r
     imgs = _images(32, max(96, size))
     bodies = [({"url": f"{base}/{names[j % len(names)]}/score", "content": imgs[j % len(imgs)],
                 "headers": {"content-type": "image/jpeg"}}, 1) for j in range(max(len(names), len(imgs)))]
-    _load(f"{base}/{names[0]}/score", bodies[:1], 1, 2.0)  # warm-up: one detector, the Gateway and the Model up
-    runs = [_load(base, bodies, c, seconds) for c in concurrencies]
+    # Warm-up: the Gateway and the Model up, then one request to each detector that the replicas can
+    # hold together, so that the timed runs see the steady state (loads only where the set exceeds it).
+    warm = min(len(names), replicas * max_per_replica)
+    for name in names[:warm]:
+        _load(f"{base}/{name}/score", [b for b in bodies if b[0]["url"].endswith(f"/{name}/score")][:1], 1, 0.5)
     model = serve.get_deployment_handle("Model", app_name="bench")
-    stats = {}
-    for _ in range(50 * max(1, replicas)):
-        s = model.stats.remote().result(timeout_s=60)
-        stats[s["replica"]] = s
-        if len(stats) >= replicas:
-            break
+
+    def replica_stats() -> dict:
+        stats = {}
+        for _ in range(50 * max(1, replicas)):
+            s = model.stats.remote().result(timeout_s=60)
+            stats[s["replica"]] = s
+            if len(stats) >= replicas:
+                break
+        return stats
+
+    before = replica_stats()
+    runs = [_load(base, bodies, c, seconds) for c in concurrencies]
+    stats = replica_stats()
     serve.shutdown()
     tmp.cleanup()
+    for key in ("loads", "evictions"):  # the timed runs' own
+        for r, s in stats.items():
+            s[f"run_{key}"] = s[key] - before.get(r, {}).get(key, 0)
     loads = sum(s["loads"] for s in stats.values())
     best = max(runs, key=lambda r: r["images_per_s"])
     return {"bench": "serve", "detectors": detectors, "max_detectors_per_replica": max_per_replica, "replicas": replicas,
@@ -231,4 +244,6 @@ def bench_serve_detectors(checkpoint: str, index: str, detectors: int, max_per_r
             "images_per_s": best["images_per_s"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"],
             "cold_load_s": sum(s["load_s"] for s in stats.values()) / loads if loads else None,
             "loads": loads, "evictions": sum(s["evictions"] for s in stats.values()),
+            "warmed_detectors": warm, "run_loads": sum(s["run_loads"] for s in stats.values()),
+            "run_evictions": sum(s["run_evictions"] for s in stats.values()),
             "errors": sum(r["errors"] for r in runs), "runs": runs}
