@@ -6,6 +6,7 @@ loop's ``collapse_rise`` alarm) against the test ROC-AUC, for runs of ``bench qu
     python infra/results/quality/natural/collapse_plot.py \\
         --run "natural, dog (bad)" infra/results/quality/natural/lite0_fast_dog.json dog msc-fast \\
         --run "tiles 128 px (good)" infra/results/quality/natural/tiles128_fast_epochs.json MT_Free msc-fast \\
+        --run "MNIST digit 8, 64 px" infra/results/quality/natural/digit8_fast_epochs.json 8 msc-fast \\
         --out infra/results/quality/natural/collapse_signal.png
 
 Each --run: LABEL FILE CLASS METHOD; every seed of the run is one line. The dashed line is the
