@@ -147,7 +147,10 @@ def test_bench_quality_on_an_image_folder_over_seeds_with_both_loops_and_a_plot(
     assert res["seeds"] == [0, 1] and len(per["msc-fast"]["seeds"]) == 2
     fast = TrainConfig.PRESETS["fast"]
     for run in per["msc-fast"]["seeds"]:
-        assert [e for e, _ in run["epoch_auc"]] == list(range(fast["epochs"] + 1))
+        ran = [e for e, _ in run["epoch_auc"]]
+        # the preset's epochs, unless its collapse alarm stopped the run (noise this small collapses)
+        assert ran == list(range(len(ran))) and 1 < len(ran) <= fast["epochs"] + 1
+        assert len(ran) == fast["epochs"] + 1 or (run["epochs"][-1]["collapsed"] and fast["on_collapse"] == "stop")
         assert run["test_samples"] == 8 + 16 - 11 and run["epochs"][1]["lr"] == pytest.approx(fast["lr"])
     assert per["msc-fast"]["seeds"][0]["epochs"][1]["loss"] != per["msc-fast"]["seeds"][1]["epochs"][1]["loss"]  # seeds differ
     aucs = [r["roc_auc"] for r in per["msc-fast"]["seeds"]]

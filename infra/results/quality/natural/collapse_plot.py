@@ -10,7 +10,7 @@ loop's ``collapse_rise`` alarm) against the test ROC-AUC, for runs of ``bench qu
         --out infra/results/quality/natural/collapse_signal.png
 
 Each --run: LABEL FILE CLASS METHOD; every seed of the run is one line. The dashed line is the
-alarm's threshold (``--collapse-rise``, the TrainConfig default 0.2)."""
+alarm's threshold (``--collapse-rise``, the `fast` preset's 0.17)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", nargs=4, action="append", metavar=("LABEL", "FILE", "CLASS", "METHOD"), required=True)
-    ap.add_argument("--collapse-rise", type=float, default=0.2)
+    ap.add_argument("--collapse-rise", type=float, default=0.17)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     fig, axes = plt.subplots(2, len(a.run), figsize=(5 * len(a.run), 6), sharex="col", squeeze=False)
@@ -40,10 +40,11 @@ def main(argv=None) -> int:
             start = ep[0]["normal_cos"]
             auc_ax.plot(x, [e.get("roc_auc") for e in ep], marker="o", label=f"seed {i}")
             sig_ax.plot(x, [e["normal_cos"] - start for e in ep], marker="o", label=f"seed {i}")
-            flagged = [e["epoch"] for e in ep if e.get("collapsed")]
+            # where the alarm at --collapse-rise fires: the first such epoch stops an on_collapse stop run
+            flagged = [e for e in ep if e["epoch"] > 0 and e["normal_cos"] - start >= a.collapse_rise]
             if flagged:
-                sig_ax.scatter(flagged, [next(e["normal_cos"] - start for e in ep if e["epoch"] == f0) for f0 in flagged],
-                               s=90, facecolors="none", edgecolors="red", zorder=3)
+                sig_ax.scatter([flagged[0]["epoch"]], [flagged[0]["normal_cos"] - start], s=90, facecolors="none",
+                               edgecolors="red", zorder=3)
         sig_ax.axhline(a.collapse_rise, ls="--", c="red", lw=1, label=f"collapse_rise {a.collapse_rise}")
         auc_ax.set_title(label)
         auc_ax.set_ylabel("test ROC-AUC")
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
         sig_ax.grid(alpha=0.3)
         auc_ax.legend(fontsize=8)
         sig_ax.legend(fontsize=8)
-    fig.suptitle("Collapse signal vs test ROC-AUC per epoch (red circles: alarm)")
+    fig.suptitle("Collapse signal vs test ROC-AUC per epoch (red circle: where the alarm stops the run; "
+                 "it keeps the epoch before)")
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
