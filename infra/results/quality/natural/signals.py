@@ -16,8 +16,11 @@ per epoch, the test ROC-AUC (which needs the anomalies) beside candidate signals
 - eff_rank: the effective rank (exp of the entropy of the normalised singular values) of the
   centred normal training features.
 
-The held-out normals are the test set's normals (the study's convenience: a rule in the product
-would hold out a part of the training normals). Run from the repository root, e.g.:
+The held-out normals are the test set's normals (the study's convenience). On MNIST they are
+written by other people than the training digits, so ``gap`` and ``locality`` here also measure
+that shift: with a seeded tenth of the training normals held out instead (tried in the loop,
+reverted), ``locality`` no longer rose for digit 9 (README.md in this folder). Run from the
+repository root, e.g.:
 
     python infra/results/quality/natural/signals.py --data ../shared/datasets/cifar10-subset \
         --exts jpg --image-size 64 --classes dog deer --lr 1e-3 --json-out OUT.json
