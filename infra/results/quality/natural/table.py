@@ -18,7 +18,7 @@ ROWS = (
     ("`knn` (frozen)", "knn", ("lite0_knn.json",)),
     ("`fast` before the rule (seeds 0-2)", "msc-fast", ("lite0_fast_rest.json", "lite0_fast_dog.json")),
     ("`fast` now (seed 0)", "msc-fast", ("lite0_fast_stop.json",)),
-    ("`paper`", "msc", ("lite0_paper_dog.json", "lite0_paper_rest.json")),
+    ("`paper`", "msc", ("lite0_paper_dog.json", "lite0_paper_rest.json", "lite0_paper_rest2.json")),
 )
 
 
