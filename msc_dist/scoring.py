@@ -26,29 +26,20 @@ def knn_from_similarities(sims):
     return d.sum(1) if isinstance(d, torch.Tensor) else d.sum(axis=1), d
 
 
-def top_similarities(queries: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 4096,
-                     bank_chunk: int = 1 << 18) -> torch.Tensor:
-    """(Q, k) float32: each query's k largest inner products with the bank rows, descending.
-    Chunked over queries and bank rows, so memory stays at chunk x bank_chunk whatever N is."""
-    if bank.shape[0] < k:
-        raise ValueError(f"need at least k={k} normal features, have {bank.shape[0]}")
-    out = []
-    for q in queries.float().split(chunk):
-        top = None
-        for b in bank.split(bank_chunk):
-            sims = q @ b.float().T  # (q, n)
-            top = sims if top is None else torch.cat([top, sims], dim=1)
-            top = top.topk(min(k, top.shape[1]), dim=1).values
-        out.append(top)
-    return torch.cat(out) if out else torch.zeros((0, k))
-
-
 def knn_score(queries: torch.Tensor, bank: torch.Tensor, k: int = 2, chunk: int = 4096) -> torch.Tensor:
     """The paper's score: sum of squared L2 distances to the k nearest bank features.
 
     queries: (Q, D), bank: (N, D), both L2-normalised, so ||q - b||^2 = 2 - 2 q.b and the k
-    nearest are the k largest inner products. Returns (Q,) float32."""
-    return knn_from_similarities(top_similarities(queries, bank, k, chunk))[0]
+    nearest are the k largest inner products. Returns (Q,) float32. Chunked over queries to
+    bound memory at chunk x N."""
+    if bank.shape[0] < k:
+        raise ValueError(f"need at least k={k} normal features, have {bank.shape[0]}")
+    out = []
+    for q in queries.split(chunk):
+        sims = q.float() @ bank.float().T  # (q, N)
+        top = sims.topk(k, dim=1).values  # (q, k)
+        out.append(knn_from_similarities(top)[0])
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def roc_auc(scores: np.ndarray, is_anomaly: np.ndarray) -> float:
