@@ -120,6 +120,22 @@ def test_bench_quality_reference_loop_runs_the_same_protocol(tmp_path):
     assert [e for e, _ in per["msc"]["epoch_auc"]] == [0, 1]
 
 
+def test_bench_quality_methods_named_after_a_preset_train_with_its_values():
+    """msc-fast and msc-natural: the preset's values over the given settings (its keys win), the
+    rest of the settings kept; msc: the settings as given."""
+    from msc_dist.bench.quality import METHODS, method_config
+    from msc_dist.train.config import TrainConfig
+
+    base = TrainConfig(image_size=32, batch_size=8, epochs=1, lr=1e-4, loader_workers=0, seed=5)
+    for name in ("fast", "natural"):
+        assert f"msc-{name}" in METHODS
+        cfg = method_config(base, f"msc-{name}")
+        preset = TrainConfig.PRESETS[name]
+        assert cfg.preset == name and {k: getattr(cfg, k) for k in preset} == preset
+        assert (cfg.image_size, cfg.batch_size, cfg.seed) == (32, 8, 5)
+    assert method_config(base, "msc") == base and method_config(base, "knn").epochs == 0
+
+
 def test_bench_quality_on_an_image_folder_over_seeds_with_both_loops_and_a_plot(tmp_path):
     """An image folder (a class per subfolder, as the magnetic tiles): a seeded 70/30 split of the
     normal class, the other classes anomalies; each method once per seed with mean and spread;

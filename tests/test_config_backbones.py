@@ -26,6 +26,10 @@ def test_presets_sit_between_the_defaults_and_the_yaml_and_flags(tmp_path):
     cfg = parse(TrainConfig, ["--preset", "fast"], "t")
     assert cfg.preset == "fast" and {k: getattr(cfg, k) for k in fast} == fast
     assert cfg.epochs <= TrainConfig().epochs / 3  # the point of the preset: a third of the paper's time
+    natural = TrainConfig.PRESETS["natural"]  # the same budget, and the same stop, for natural images
+    cfg = parse(TrainConfig, ["--preset", "natural", "--seed", "3"], "t")
+    assert cfg.preset == "natural" and {k: getattr(cfg, k) for k in natural} == natural and cfg.seed == 3
+    assert cfg.epochs <= TrainConfig().epochs / 3 and (cfg.collapse_rise, cfg.on_collapse) == (0.17, "stop")
     y = tmp_path / "c.yaml"
     y.write_text("preset: fast\nepochs: 4\n")
     cfg = parse(TrainConfig, ["--config", str(y), "--lr", "3e-4"], "t")
@@ -34,7 +38,7 @@ def test_presets_sit_between_the_defaults_and_the_yaml_and_flags(tmp_path):
     assert {k: getattr(TrainConfig(), k) for k in TrainConfig.PRESETS["paper"]} == TrainConfig.PRESETS["paper"]
     r = subprocess.run([sys.executable, "-m", "msc_dist.train", "--preset", "quick", "--data", "/nonexistent"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "valid presets: ['fast', 'paper']" in r.stderr
+    assert r.returncode == 2 and "valid presets: ['fast', 'natural', 'paper']" in r.stderr
 
 
 def test_unknown_config_key_lists_valid_keys():

@@ -329,6 +329,6 @@ def test_bench_quality_msc_patch_takes_the_named_patch_model(tmp_path):
     assert 1 <= len(trained) <= TrainConfig.PRESETS["fast"]["epochs"], logs
     assert len(trained) == TrainConfig.PRESETS["fast"]["epochs"] or "stopped (on_collapse stop)" in trained[-1], logs
     assert not [m for m in logs if m.startswith("class good msc: ")]
-    with pytest.raises(ValueError, match="valid: \\['msc', 'msc-fast', 'msc-noangular'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['msc', 'msc-fast', 'msc-natural', 'msc-noangular'\\]"):
         bench_quality(str(tmp_path / "src"), ["good"], base, ["msc-patch"], "cpu", log=logs.append,
                       patch_model="msc-big")

@@ -171,7 +171,7 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "eval_every": "ROC-AUC every N epochs; 0: final metrics only",
            "data": "MNIST-format npz, or an image folder with a subfolder per class (required)",
            "classes": "normal classes to run in turn (default: all)",
-           "methods": "knn | msc | msc-fast | msc-noangular | patch | msc-patch (msc-fast: the fast preset's values "
+           "methods": "knn | msc | msc-fast | msc-natural | msc-noangular | patch | msc-patch (msc-fast / msc-natural: that preset's values "
                       "over these settings; patch / msc-patch: anomaly maps from the frozen / the msc trunk's patch "
                       "features, with pixel_roc_auc and pro where the data has masks, and combined_roc_auc: the same trunk's "
                       "global kNN and map maximum, each over its calibrated threshold, summed)",
@@ -180,7 +180,7 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "patch_pool": "odd neighbourhood averaged around each patch (default: PatchSpec's, 3)",
            "patch_budget": "bank patches per normal image (default: PatchSpec's)",
            "patch_sigma": "Gaussian smoothing of the upsampled map, px (default: PatchSpec's)",
-           "patch_model": "msc | msc-fast | msc-noangular: the trained method whose model msc-patch takes (trained "
+           "patch_model": "msc | msc-fast | msc-natural | msc-noangular: the trained method whose model msc-patch takes (trained "
                           "once for both when both run)",
            "device": DEVICE_HELP,
            "seeds": "train each method once per seed; mean and spread reported (default: --seed alone)",
