@@ -5,13 +5,16 @@ per class (mean over the seeds each file ran) for the frozen kNN, `fast` before 
 "Below kNN" compares each row with the frozen kNN of its own backbone. Run from the repository
 root:
 
-    python infra/results/quality/natural/table.py
+    python infra/results/quality/natural/table.py            # the natural-image table
+    python infra/results/quality/natural/table.py --presets  # each preset on the three kinds of data
+    python infra/results/quality/natural/table.py --backbones  # Lite0/1/2: frozen kNN and images/s
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = ("automobile", "bird", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -25,8 +28,9 @@ ROWS = (
     ("`paper`", (("lite0_paper_dog.json", "msc"), ("lite0_paper_rest.json", "msc"), ("lite0_paper_rest2.json", "msc"),
                  ("lite0_paper_rest3.json", "msc")), LITE0_KNN),
     # the lr sweep at 3e-5 (constant, 6 epochs: the preset's schedule, evaluated every epoch) and msc-natural
-    ("`natural` (seed 0)", (("sweep_natural_3e-5_constant.json", "msc"), ("lite0_natural_rest.json", "msc-natural")),
-     LITE0_KNN),
+    ("`natural`", (("sweep_natural_3e-5_constant.json", "msc"), ("lite0_natural_rest.json", "msc-natural"),
+                   ("lite0_natural_dog12.json", "msc-natural"), ("lite0_natural_seeds12_a.json", "msc-natural"),
+                   ("lite0_natural_seeds12_b.json", "msc-natural")), LITE0_KNN),
     ("Lite1 `knn` (frozen, seed 0)", (("lite1_knn.json", "knn"),), (("lite1_knn.json", "knn"),)),
     ("Lite2 `knn` (frozen, seed 0)", (("lite2_knn.json", "knn"),), (("lite2_knn.json", "knn"),)),
 )
@@ -71,5 +75,71 @@ def main() -> int:
     return 0
 
 
+Q = os.path.dirname(HERE)
+# kind of data -> preset -> (file, method) pairs, as ROWS; files outside this folder are named from it
+KINDS = {
+    "MNIST, 10 digits": {
+        "knn": (("../mnist_digits.json", "knn"),), "paper": (("../mnist_digits.json", "msc"),),
+        "fast": (("../mnist_digits.json", "msc-fast"),), "natural": (("mnist_digits_natural.json", "msc-natural"),)},
+    "magnetic tiles": {
+        "knn": (("../magnetic_tiles.json", "knn"),), "paper": (("../magnetic_tiles.json", "msc"),),
+        "fast": (("../magnetic_tiles.json", "msc-fast"),), "natural": (("magnetic_tiles_natural.json", "msc-natural"),)},
+    "natural, 8 classes": {
+        "knn": LITE0_KNN, "paper": ROWS[3][1], "fast": ROWS[2][1], "natural": ROWS[4][1]},
+}
+
+
+def presets() -> int:
+    """Seed 0 of every class on every kind (the seed every preset ran): the mean over classes,
+    the classes more than 0.005 below the frozen kNN, and training seconds against `paper`'s."""
+    print("| data (seed 0) | `knn` | `paper` | `fast` | `natural` | below kNN by > 0.005 "
+          "(paper / fast / natural) | training s, paper / fast / natural |")
+    print("|---" * 7 + "|")
+    for kind, rows in KINDS.items():
+        runs = {p: {c: r[0] for c, r in per_class(src).items() if 0 in r} for p, src in rows.items()}
+        classes = sorted(runs["knn"])
+        cells, below, secs = [], [], []
+        for p in ("knn", "paper", "fast", "natural"):
+            got = runs[p]
+            if set(got) != set(classes):
+                cells.append(f"({len(got)} of {len(classes)})")
+            else:
+                cells.append(f"{sum(got[c]['roc_auc'] for c in classes) / len(classes):.4f}")
+            if p != "knn":
+                low = [c for c in classes if c in got and got[c]["roc_auc"] < runs["knn"][c]["roc_auc"] - 0.005]
+                below.append(", ".join(low) or "none")
+                t = [got[c]["train_seconds"] for c in classes if c in got]
+                secs.append(f"{sum(t) / len(t):.0f}" if t else "")
+        print(f"| {kind} | " + " | ".join(cells) + f" | {' / '.join(below)} | {' / '.join(secs)} |")
+    return 0
+
+
+def backbones() -> int:
+    """Frozen kNN (seed 0) of each backbone: the mean over the eight classes at 64 px, dog at 64 and
+    128 px; and embedding images/s on this CPU (backbone_speed.log, the mean of its rounds)."""
+    speed: dict[tuple[str, int], list[float]] = {}
+    with open(os.path.join(HERE, "backbone_speed.log")) as f:
+        for line in f:
+            r = json.loads(line)
+            speed.setdefault((r["backbone"], r["image_size"]), []).append(r["images_per_s"])
+    native = {"lite0": 224, "lite1": 240, "lite2": 260}
+    print("| backbone | kNN mean, 8 classes, 64 px | dog 64 px | dog 128 px | images/s 64 px | 128 px | native |")
+    print("|---" * 7 + "|")
+    for b, n in native.items():
+        at64 = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn.json", "knn"),)).items() if 0 in r}
+        at128 = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn_128px.json", "knn"),)).items() if 0 in r}
+        mean64 = f"{sum(at64.values()) / len(at64):.4f}" if len(at64) == len(CLASSES) else f"({len(at64)} of 8)"
+
+        def ips(size: int, b=b) -> str:
+            v = speed.get((f"efficientnet_{b}", size), [])
+            return f"{sum(v) / len(v):.0f}" if v else ""
+
+        dog128 = f"{at128['dog']:.4f}" if "dog" in at128 else ""
+        print(f"| efficientnet_{b} | {mean64} | {at64.get('dog', 0):.4f} | {dog128} | {ips(64)} | {ips(128)} | "
+              f"{ips(n)} ({n} px) |")
+    return 0
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    modes = {"--presets": presets, "--backbones": backbones}
+    raise SystemExit(modes[sys.argv[1]]() if sys.argv[1:2] and sys.argv[1] in modes else main())
