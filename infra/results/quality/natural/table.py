@@ -32,6 +32,7 @@ ROWS = (
                    ("lite0_natural_dog12.json", "msc-natural"), ("lite0_natural_seeds12_a.json", "msc-natural"),
                    ("lite0_natural_seeds12_b.json", "msc-natural")), LITE0_KNN),
     ("Lite1 `knn` (frozen, seed 0)", (("lite1_knn.json", "knn"),), (("lite1_knn.json", "knn"),)),
+    ("Lite1 `natural` (seed 0)", (("lite1_natural.json", "msc-natural"),), (("lite1_knn.json", "knn"),)),
     ("Lite2 `knn` (frozen, seed 0)", (("lite2_knn.json", "knn"),), (("lite2_knn.json", "knn"),)),
 )
 
