@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from msc_dist.config import ConfigError, add_config_args, config_from_args
+from msc_dist.config import ConfigError, HelpFormatter, add_config_args, config_from_args
 
 
 @dataclass
@@ -344,7 +344,8 @@ def _fill(parser: argparse.ArgumentParser, verb: Verb, path: str) -> None:
     if verb.sub is not None:
         sub = parser.add_subparsers(dest=f"_{path}_cmd", required=True, metavar="COMMAND")
         for name, v in verb.sub.items():
-            sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()])
+            sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()],
+                                formatter_class=HelpFormatter)
             _fill(sp, v, f"{path}_{name}".replace("-", "_"))
         return
     cls, help_text = verb.load()
@@ -355,10 +356,11 @@ def _fill(parser: argparse.ArgumentParser, verb: Verb, path: str) -> None:
 def build_parser(prog: str = "msc") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 epilog="msc VERB --help lists the verb's flags with their defaults.",
-                                parents=[_common()])
+                                parents=[_common()], formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="_verb_name", required=True, metavar="VERB")
     for name, v in VERBS.items():
-        sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()])
+        sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()],
+                                formatter_class=HelpFormatter)
         _fill(sp, v, name)
     return p
 
@@ -368,7 +370,7 @@ def verb_parser(path: list[str], prog: str) -> argparse.ArgumentParser:
     verb = VERBS[path[0]]
     for name in path[1:]:
         verb = verb.sub[name]
-    p = argparse.ArgumentParser(prog=prog, description=verb.summary, parents=[_common()])
+    p = argparse.ArgumentParser(prog=prog, description=verb.summary, parents=[_common()], formatter_class=HelpFormatter)
     _fill(p, verb, "_".join(path))
     return p
 

@@ -288,10 +288,23 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, parser: argparse.Argu
     return cfg, explicit | set(flags)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Flag help wrapped at spaces only: a name with a hyphen (``msc-noangular``, ``--eval-every``)
+    or a default such as ``['knn', 'msc-fast']`` is never split across two lines."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+class RawDescriptionFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """HelpFormatter with the description printed as written."""
+
+
 def parser_for(cls: type, description: str, help_text: dict[str, str] | None = None,
                prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=RawDescriptionFormatter)
     add_config_args(parser, cls, help_text)
     return parser
 
