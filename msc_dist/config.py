@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -293,8 +294,6 @@ class HelpFormatter(argparse.HelpFormatter):
     or a default such as ``['knn', 'msc-fast']`` is never split across two lines."""
 
     def _split_lines(self, text: str, width: int) -> list[str]:
-        import textwrap
-
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 

@@ -45,16 +45,17 @@ from msc_dist import checkpoint as ckpt
 from msc_dist.train.config import TrainConfig
 from msc_dist.train.loop import DataPlan, embed_counts, format_epoch, run_worker
 
-# msc-fast / msc-natural: that TrainConfig.PRESETS entry over the given settings (its keys win
-# over the flags).
+# msc-PRESET (msc-fast, msc-natural): that TrainConfig.PRESETS entry over the given settings (its
+# keys win over the flags); msc itself is the settings as given (paper's by default).
 # patch / msc-patch: anomaly maps from the frozen / the fine-tuned (msc) trunk's patch features.
-METHODS = ("knn", "msc", "msc-fast", "msc-natural", "msc-noangular", "patch", "msc-patch")
+PRESET_METHODS = {f"msc-{name}": name for name in TrainConfig.PRESETS if name != "paper"}
+METHODS = ("knn", "msc", *PRESET_METHODS, "msc-noangular", "patch", "msc-patch")
 PATCH_METHODS = {"patch": "frozen", "msc-patch": "msc"}  # method -> PatchSpec.source
 LOOPS = ("ours", "reference")
 METRICS = ("roc_auc", "average_precision", "f1_at_threshold", "fpr_at_threshold", "fpr_at_95_tpr")
 PIXEL_METRICS = ("pixel_roc_auc", "pro")  # patch methods on data with masks
 PATCH_METRICS = ("combined_roc_auc",) + PIXEL_METRICS  # patch methods (combined: with a calibration hold-out)
-PATCH_MODELS = ("msc", "msc-fast", "msc-natural", "msc-noangular")  # the trained method whose trunk msc-patch takes
+PATCH_MODELS = ("msc", *PRESET_METHODS, "msc-noangular")  # the trained method whose trunk msc-patch takes
 
 
 def method_config(base: TrainConfig, method: str) -> TrainConfig:
@@ -62,8 +63,8 @@ def method_config(base: TrainConfig, method: str) -> TrainConfig:
         return dataclasses.replace(base, epochs=0)
     if method == "msc-noangular":
         return dataclasses.replace(base, angular_weight=0.0)
-    if method in ("msc-fast", "msc-natural"):
-        preset = method.removeprefix("msc-")
+    if method in PRESET_METHODS:
+        preset = PRESET_METHODS[method]
         return dataclasses.replace(base, **TrainConfig.PRESETS[preset], preset=preset)
     return base
 
