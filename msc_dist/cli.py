@@ -340,13 +340,21 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
+def _parser(**kw) -> argparse.ArgumentParser:
+    """Every msc parser: the common flags, flag help wrapped at spaces only."""
+    return argparse.ArgumentParser(parents=[_common()], formatter_class=HelpFormatter, **kw)
+
+
+def _add_verb(sub, name: str, verb: "Verb") -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=verb.summary, description=verb.summary, parents=[_common()],
+                          formatter_class=HelpFormatter)
+
+
 def _fill(parser: argparse.ArgumentParser, verb: Verb, path: str) -> None:
     if verb.sub is not None:
         sub = parser.add_subparsers(dest=f"_{path}_cmd", required=True, metavar="COMMAND")
         for name, v in verb.sub.items():
-            sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()],
-                                formatter_class=HelpFormatter)
-            _fill(sp, v, f"{path}_{name}".replace("-", "_"))
+            _fill(_add_verb(sub, name, v), v, f"{path}_{name}".replace("-", "_"))
         return
     cls, help_text = verb.load()
     add_config_args(parser, cls, help_text)
@@ -354,14 +362,11 @@ def _fill(parser: argparse.ArgumentParser, verb: Verb, path: str) -> None:
 
 
 def build_parser(prog: str = "msc") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                epilog="msc VERB --help lists the verb's flags with their defaults.",
-                                parents=[_common()], formatter_class=HelpFormatter)
+    p = _parser(prog=prog, description=__doc__.split("\n\n")[0],
+                epilog="msc VERB --help lists the verb's flags with their defaults.")
     sub = p.add_subparsers(dest="_verb_name", required=True, metavar="VERB")
     for name, v in VERBS.items():
-        sp = sub.add_parser(name, help=v.summary, description=v.summary, parents=[_common()],
-                                formatter_class=HelpFormatter)
-        _fill(sp, v, name)
+        _fill(_add_verb(sub, name, v), v, name)
     return p
 
 
@@ -370,7 +375,7 @@ def verb_parser(path: list[str], prog: str) -> argparse.ArgumentParser:
     verb = VERBS[path[0]]
     for name in path[1:]:
         verb = verb.sub[name]
-    p = argparse.ArgumentParser(prog=prog, description=verb.summary, parents=[_common()], formatter_class=HelpFormatter)
+    p = _parser(prog=prog, description=verb.summary)
     _fill(p, verb, "_".join(path))
     return p
 

@@ -240,7 +240,7 @@ def _class_plan(tmp_path, data: str, normal: str, **kw) -> DataPlan:
     return DataPlan(kept_counts(prep.train, LabelFilter(frozenset([prep.label]))), [prep.label], None)
 
 
-def test_fast_presets_alarm_stops_it_on_natural_images_and_lets_it_train_on_digits(tmp_path):
+def test_collapse_stop_halts_fast_on_natural_images_not_natural_there_nor_fast_on_digits(tmp_path):
     """Issue 26: the `fast` preset (lr 1e-3) hurts on natural images, and its collapse_rise alarm
     (0.17, on_collapse stop) sees it from the normal images alone: on the natural set's dog class
     (1,750 training images) normal_cos rises about 0.19 in the first epoch, so the run stops there
