@@ -165,6 +165,7 @@ def maps(R: Results) -> str:
     """maps/methods_<run>.json, each run there is: the magnetic tiles at 128 and 224 px (image
     ROC-AUC of each method, the combined score of each patch method, pixel ROC-AUC and PRO, bank
     bytes per image, seconds per seed) and MNIST (the mean over its digits; image level). Rows of
+    maps/methods_<run>_msc.json (the trained methods, where they ran apart from the others) and
     maps/methods_<run>_blocks34.json (the runs with the first patch features, blocks 3 + 4 raw)
     follow for the methods the new file lacks and for its patch rows (the before / after)."""
     from msc_dist.backbones import get_spec  # run from the repository root
@@ -174,7 +175,8 @@ def maps(R: Results) -> str:
     for run, label in (("tiles_128", "magnetic tiles"), ("tiles_224", "magnetic tiles"),
                        ("mnist_64", "MNIST, mean of {n} digits")):
         shown: set[str] = set()
-        for name in (f"maps/methods_{run}", f"maps/methods_{run}_blocks34"):
+        # _msc: the trained methods where they ran apart (seed by seed, merged with merge_seeds.py)
+        for name in (f"maps/methods_{run}", f"maps/methods_{run}_msc", f"maps/methods_{run}_blocks34"):
             if not any(os.path.exists(os.path.join(d, name + ".json")) for d in (R.folder, HERE)):
                 print(f"{name}.json: not run yet; its rows are left out", file=sys.stderr)
                 continue
