@@ -2,6 +2,7 @@
 runtimes.sh writes. Run from the repository root:
 
     python infra/results/runtimes/table.py [--dir DIR]
+    python infra/results/runtimes/table.py --int8    # int8_probe.py's table
 
 DIR (default: this folder) holds embed_224px.jsonl, embed_64px.jsonl and serve_224px.jsonl; the
 embedding job's rates come from the embed rows (`bench embed --job`) or, where those have none,
@@ -57,10 +58,40 @@ def serve_table(folder: str) -> str:
     return "\n".join(out)
 
 
+INT8_RUNS = (("MNIST, 10 digits", 64, "int8_mnist_64px.jsonl"), ("magnetic tiles", 64, "int8_tiles_64px.jsonl"),
+             ("magnetic tiles (squash)", 224, "int8_tiles_224px.jsonl"))
+
+
+def int8_table(folder: str) -> str:
+    """int8_probe.py's rows: the frozen kNN's ROC-AUC with the float32 and the int8 OpenVINO graph
+    (mean over classes, the worst class's difference) and the forward's images/s of each."""
+    out = ["| data | px | float32 ROC-AUC | int8 ROC-AUC | difference (worst class) | smallest cosine, int8 to float32 "
+           "| float32 / int8 images/s, 1 thread (x) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, size, name in INT8_RUNS:
+        got = rows(folder, name)
+        cls = [r for r in got if r.get("probe") == "int8"]
+        speed = {r["graph"]: r for r in got if r.get("probe") == "int8-speed"}
+        if not cls:
+            continue
+        mean = {k: sum(r[k] for r in cls) / len(cls) for k in ("fp32_roc_auc", "int8_roc_auc", "roc_auc_diff")}
+        worst = min(cls, key=lambda r: r["roc_auc_diff"])
+        tag = f" ({worst['class']}: {worst['roc_auc_diff']:+.4f})" if len(cls) > 1 else ""
+        rate = (f"{speed['fp32']['images_per_s']:.0f} / {speed['int8']['images_per_s']:.0f} "
+                f"({speed['int8']['int8_over_fp32']:.1f})" if {"fp32", "int8"} <= set(speed) else "")
+        out.append(f"| {label} | {size} | {mean['fp32_roc_auc']:.4f} | {mean['int8_roc_auc']:.4f} | "
+                   f"{mean['roc_auc_diff']:+.4f}{tag} | {min(r['feature_cos_min'] for r in cls):.3f} | {rate} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=HERE)
+    p.add_argument("--int8", action="store_true", help="the int8 probe's table (int8_probe.py) instead")
     a = p.parse_args()
+    if a.int8:
+        print(int8_table(a.dir))
+        return
     print(embed_table(a.dir))
     print()
     print(serve_table(a.dir))
