@@ -28,6 +28,9 @@ class Results:
     def __init__(self, folder: str):
         self.folder = folder
 
+    def has(self, name: str) -> bool:
+        return any(os.path.exists(os.path.join(d, name + ".json")) for d in (self.folder, HERE))
+
     def __call__(self, name: str) -> dict:
         path = os.path.join(self.folder, name + ".json")
         if not os.path.exists(path):
@@ -129,9 +132,11 @@ def view_source_scale(R: Results) -> str:
                                  ("magnetic tiles", "view_source_scale_1_tiles", "magnetic_tiles",
                                   "magnetic_tiles_reference")):
         a, b, r = R(one), R(two), R(ref)
-        cs = common(a, b, r)
+        # <one>_fast: `fast` at scale 1 rerun alone (under its collapse rule), where it was
+        af = R(one + "_fast") if R.has(one + "_fast") else a
+        cs = common(a, b, r, af)
         out.append(f"| {label.format(n=len(cs))} | {mean(a, 'msc', cs):.4f} | {mean(b, 'msc', cs):.4f} | "
-                   f"{mean(r, 'msc', cs):.4f} | {mean(a, 'msc-fast', cs):.4f} | {mean(b, 'msc-fast', cs):.4f} |")
+                   f"{mean(r, 'msc', cs):.4f} | {mean(af, 'msc-fast', cs):.4f} | {mean(b, 'msc-fast', cs):.4f} |")
     return "\n".join(out)
 
 
@@ -175,16 +180,17 @@ def maps(R: Results) -> str:
     for run, label in (("tiles_128", "magnetic tiles"), ("tiles_224", "magnetic tiles"),
                        ("mnist_64", "MNIST, mean of {n} digits")):
         shown: set[str] = set()
+        rows: list[tuple[int, int, str]] = []  # (blocks34 last, MAP_ROWS order, row): one order at every size
         # _msc: the trained methods where they ran apart (seed by seed, merged with merge_seeds.py)
         for name in (f"maps/methods_{run}", f"maps/methods_{run}_msc", f"maps/methods_{run}_blocks34"):
-            if not any(os.path.exists(os.path.join(d, name + ".json")) for d in (R.folder, HERE)):
+            if not R.has(name):
                 print(f"{name}.json: not run yet; its rows are left out", file=sys.stderr)
                 continue
             res = R(name)
             dim = get_spec(res["config"]["backbone"]).dim
             classes = list(res["classes"])
             seeds = ", ".join(str(x) for x in res["seeds"])
-            for text, m in MAP_ROWS:
+            for order, (text, m) in enumerate(MAP_ROWS):
                 first = res["classes"][classes[0]].get(m)
                 if first is None or (m in shown and m not in PATCH_ROWS):
                     continue
@@ -198,9 +204,11 @@ def maps(R: Results) -> str:
                 def c(key, x=x, sd=len(res["seeds"]) > 1):
                     return cell(x, key, sd) if key in x else ""
 
-                out.append(f"| {label.format(n=len(classes))} (seeds {seeds}) | {res['config']['image_size']} | "
-                           f"{text}{_features(first)} | {c('roc_auc')} | {c('combined_roc_auc')} | "
-                           f"{c('pixel_roc_auc')} | {c('pro')} | {bank} | {x['seconds']:.0f} |")
+                rows.append((name.endswith("_blocks34"), order,
+                             f"| {label.format(n=len(classes))} (seeds {seeds}) | {res['config']['image_size']} | "
+                             f"{text}{_features(first)} | {c('roc_auc')} | {c('combined_roc_auc')} | "
+                             f"{c('pixel_roc_auc')} | {c('pro')} | {bank} | {x['seconds']:.0f} |"))
+        out += [row for *_, row in sorted(rows)]
     return "\n".join(out)
 
 
