@@ -200,7 +200,10 @@ def _gradient_png(w: int, h: int) -> bytes:
 
 def test_decoding_does_not_block_the_event_loop(serving):
     """Four requests of four 10 MP PNGs each (a few seconds of decoding) run while /healthz is
-    polled on the same Gateway replica: it keeps answering at once."""
+    polled on the same Gateway replica: it keeps answering. Decoded on the event loop, a probe
+    waits for at least one request's decode (measured on 2 cores: worst probe 0.89-1.59 s);
+    decoded off it, the worst probe took 0.06-0.33 s alone and 0.50 s once in a CI run (the four
+    decode threads compete for the 2 cores), hence the 0.75 s bound."""
     url = serving["url"]
     heavy = _gradient_png(3160, 3160)  # ~40 KB, ~0.2 s to decode
     files = [("f", (f"{i}.png", heavy, "image/png")) for i in range(4)]
@@ -225,7 +228,7 @@ def test_decoding_does_not_block_the_event_loop(serving):
             codes = [f.result().status_code for f in futs]
             took = time.perf_counter() - t0
     assert codes == [200] * 4, codes
-    assert busy < max(0.5, 3 * idle), f"/healthz took {busy:.2f}s while decoding ({took:.1f}s for the uploads; idle {idle:.2f}s)"
+    assert busy < max(0.75, 3 * idle), f"/healthz took {busy:.2f}s while decoding ({took:.1f}s for the uploads; idle {idle:.2f}s)"
 
 
 def test_images_are_scored_only_by_the_version_they_were_decoded_for(serving, images):
