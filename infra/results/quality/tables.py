@@ -169,10 +169,11 @@ def _features(r: dict) -> str:
 def maps(R: Results) -> str:
     """maps/methods_<run>.json, each run there is: the magnetic tiles at 128 and 224 px (image
     ROC-AUC of each method, the combined score of each patch method, pixel ROC-AUC and PRO, bank
-    bytes per image, seconds per seed) and MNIST (the mean over its digits; image level). Rows of
-    maps/methods_<run>_msc.json (the trained methods, where they ran apart from the others) and
-    maps/methods_<run>_blocks34.json (the runs with the first patch features, blocks 3 + 4 raw)
-    follow for the methods the new file lacks and for its patch rows (the before / after)."""
+    bytes per image, seconds per seed) and MNIST (the mean over its digits; image level).
+    maps/methods_<run>_msc.json (the trained methods, where they ran apart from the others) adds
+    the methods the main file lacks; maps/methods_<run>_blocks34.json (the first patch features,
+    blocks 3 + 4 raw) adds its patch rows after all others (the before / after). Each group is in
+    MAP_ROWS order, so every size lists its methods alike."""
     from msc_dist.backbones import get_spec  # run from the repository root
 
     out = ["| data | px | method | image ROC-AUC | combined | pixel ROC-AUC | PRO (30 % FPR) | bank / image | seconds |",
@@ -180,7 +181,7 @@ def maps(R: Results) -> str:
     for run, label in (("tiles_128", "magnetic tiles"), ("tiles_224", "magnetic tiles"),
                        ("mnist_64", "MNIST, mean of {n} digits")):
         shown: set[str] = set()
-        rows: list[tuple[int, int, str]] = []  # (blocks34 last, MAP_ROWS order, row): one order at every size
+        rows: list[tuple[bool, int, str]] = []  # (blocks34 last, MAP_ROWS order, row): one order at every size
         # _msc: the trained methods where they ran apart (seed by seed, merged with merge_seeds.py)
         for name in (f"maps/methods_{run}", f"maps/methods_{run}_msc", f"maps/methods_{run}_blocks34"):
             if not R.has(name):

@@ -93,6 +93,7 @@ def main() -> int:
     return 0
 
 
+SOURCES = {label: sources for label, sources, _ in ROWS}  # the natural-set rows of KINDS, by label
 Q = os.path.dirname(HERE)
 # kind of data -> preset -> (file, method) pairs, as ROWS; files outside this folder are named from it
 KINDS = {
@@ -103,9 +104,10 @@ KINDS = {
         "knn": (("../magnetic_tiles.json", "knn"),), "paper": (("../magnetic_tiles.json", "msc"),),
         "fast": (("../magnetic_tiles.json", "msc-fast"),), "natural": (("magnetic_tiles_natural.json", "msc-natural"),)},
     "natural, 8 classes": {
-        "knn": LITE0_KNN, "paper": ROWS[3][1], "fast": ROWS[2][1], "natural": ROWS[4][1]},
+        "knn": LITE0_KNN, "paper": SOURCES["`paper`"], "fast": SOURCES["`fast` now"], "natural": SOURCES["`natural`"]},
     "natural, 8 classes, Lite1": {
-        "knn": LITE1_KNN, "paper": ROWS[7][1], "fast": ROWS[6][1], "natural": ROWS[8][1]},
+        "knn": LITE1_KNN, "paper": SOURCES["Lite1 `paper`"], "fast": SOURCES["Lite1 `fast` now"],
+        "natural": SOURCES["Lite1 `natural`"]},
 }
 
 
