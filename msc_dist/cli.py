@@ -19,6 +19,7 @@ the same code. Ray's own log lines stay off the console unless ``--verbose``."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from msc_dist.config import ConfigError, HelpFormatter, add_config_args, config_from_args
+from msc_dist.config import HelpFormatter, add_config_args, config_from_args
 
 
 @dataclass
@@ -235,11 +236,11 @@ def _deploy_failure(e: Exception) -> str:
     return (lines[-1] if lines else type(e).__name__)[:500]
 
 
-def _bench_cfg(name: str):
+def _table_cfg(module: str, table: str, name: str):
+    """Verb ``name``'s config class and help from ``module.table`` (rows of (class, help, ...)),
+    imported only when the verb is used."""
     def load():
-        from msc_dist.bench.config import BENCHES
-
-        cls, help_text, _ = BENCHES[name]
+        cls, help_text, _ = getattr(importlib.import_module(module), table)[name]
         return cls, help_text
 
     return load
@@ -255,16 +256,6 @@ def _bench(name: str):
         return 0
 
     return run
-
-
-def _data_cfg(name: str):
-    def load():
-        from msc_dist.data.config import COMMANDS
-
-        cls, help_text, _ = COMMANDS[name]
-        return cls, help_text
-
-    return load
 
 
 def _data(name: str):
@@ -323,9 +314,11 @@ VERBS: dict[str, Verb] = {
     "detectors": Verb("the detector registry: list, show, remove, default", None, None,
                       {n: Verb(s, _detectors_cfg(n), _detectors(n)) for n, s in DETECTOR_SUMMARIES.items()}),
     "bench": Verb("benchmarks, one JSON line each", None, None,
-                  {n: Verb(s, _bench_cfg(n), _bench(n)) for n, s in BENCH_SUMMARIES.items()}),
+                  {n: Verb(s, _table_cfg("msc_dist.bench.config", "BENCHES", n), _bench(n))
+                   for n, s in BENCH_SUMMARIES.items()}),
     "data": Verb("shards: make-shards, demo, describe", None, None,
-                 {n: Verb(s, _data_cfg(n), _data(n)) for n, s in DATA_SUMMARIES.items()}),
+                 {n: Verb(s, _table_cfg("msc_dist.data.config", "COMMANDS", n), _data(n))
+                  for n, s in DATA_SUMMARIES.items()}),
 }
 
 

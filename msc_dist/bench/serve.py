@@ -75,6 +75,26 @@ def _load(url: str, bodies: list[tuple[dict, int]], concurrency: int, seconds: f
     return out
 
 
+def _start(cpus: float) -> int:
+    """Local Ray with at least ``cpus`` logical CPUs (every replica the bench asks for, even on a
+    smaller machine) and Serve's HTTP proxy on a free loopback port, which it returns."""
+    import ray
+    from ray import serve
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(np.ceil(cpus))))
+    port = _port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def _replica_options(replicas: int, device: str) -> dict:
+    """The app's Model and Gateway options: ``replicas`` of each (at least one Gateway), one CPU
+    each (and one GPU a Model on cuda), deep queues so that the clients measure, not the queue."""
+    return {"model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
+                              "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0}},
+            "gateway_options": {"num_replicas": max(1, replicas), "ray_actor_options": {"num_cpus": 1}}}
+
+
 def _resharded(index: str, n: int, workdir: str) -> str:
     """The live version of ``index`` when it has at least ``n`` shards, else a copy of it split
     into ``n`` shards (same vectors, ids, model id, k and threshold) under ``workdir``."""
@@ -93,7 +113,6 @@ def _resharded(index: str, n: int, workdir: str) -> str:
 
 def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: float, files_per_request: int,
                 replicas: int, device: str, index_shards: int = 0, runtime: str = "torch") -> dict:
-    import ray
     from ray import serve
 
     sys.path.insert(0, os.getcwd())
@@ -105,12 +124,7 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
 
     tcfg = load(resolve(os.path.expanduser(checkpoint))).config
     size, backbone = int(tcfg["image_size"]), tcfg["backbone"]
-    # Logical CPUs for every replica asked below (shards included), even on a smaller machine.
-    need = replicas + max(1, replicas) + 0.5 * index_shards
-    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))))
-    port = _port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    gpu = device == "cuda"
+    port = _start(replicas + max(1, replicas) + 0.5 * index_shards)
     import tempfile
 
     tmp = tempfile.TemporaryDirectory()
@@ -122,9 +136,7 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
     serve.run(build_app({"checkpoint": checkpoint, "index": index, "device": device, "runtime": runtime,
                          "max_files": max(16, files_per_request),
                          "allow_anonymous": True, **sharding,  # loopback only: throughput, not auth
-                         "model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
-                                           "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0}},
-                         "gateway_options": {"num_replicas": max(1, replicas), "ray_actor_options": {"num_cpus": 1}}}),
+                         **_replica_options(replicas, device)}),
               name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/score"
     imgs = _images(32, max(96, size))
@@ -186,7 +198,6 @@ def bench_serve_detectors(checkpoint: str, index: str, detectors: int, max_per_r
     """Single-image requests spread evenly over ``detectors`` detectors of one multiplexed app."""
     import tempfile
 
-    import ray
     from ray import serve
 
     sys.path.insert(0, os.getcwd())
@@ -198,16 +209,10 @@ def bench_serve_detectors(checkpoint: str, index: str, detectors: int, max_per_r
     size, backbone = int(tcfg["image_size"]), tcfg["backbone"]
     tmp = tempfile.TemporaryDirectory()
     names = _registry_of(checkpoint, index, detectors, tmp.name)
-    need = replicas + max(1, replicas)
-    ray.init(ignore_reinit_error=True, include_dashboard=False, num_cpus=max(os.cpu_count() or 1, int(np.ceil(need))))
-    port = _port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    gpu = device == "cuda"
+    port = _start(replicas + max(1, replicas))
     serve.run(build_app({"registry": os.path.join(tmp.name, "registry"), "max_detectors_per_replica": max_per_replica,
                          "device": device, "runtime": runtime, "allow_anonymous": True, "request_timeout_s": 60,
-                         "model_options": {"num_replicas": replicas, "max_ongoing_requests": 256, "max_queued_requests": -1,
-                                           "ray_actor_options": {"num_cpus": 1, "num_gpus": 1 if gpu else 0}},
-                         "gateway_options": {"num_replicas": max(1, replicas), "ray_actor_options": {"num_cpus": 1}}}),
+                         **_replica_options(replicas, device)}),
               name="bench", route_prefix="/")
     base = f"http://127.0.0.1:{port}/v1/detectors"
     imgs = _images(32, max(96, size))
