@@ -36,8 +36,9 @@ ROWS = (
                    ("lite0_natural_dog12.json", "msc-natural"), ("lite0_natural_seeds12_a.json", "msc-natural"),
                    ("lite0_natural_seeds12_b.json", "msc-natural")), LITE0_KNN),
     ("Lite1 `knn` (frozen)", LITE1_KNN, LITE1_KNN),
-    ("Lite1 `fast` now", (("lite1_fast_a.json", "msc-fast"), ("lite1_fast_b.json", "msc-fast")), LITE1_KNN),
-    ("Lite1 `paper`", (("lite1_paper_a.json", "msc"), ("lite1_paper_b.json", "msc")), LITE1_KNN),
+    ("Lite1 `fast` now", tuple((f"lite1_fast_{x}.json", "msc-fast") for x in ("a", "b", "seeds12_a", "seeds12_b")),
+     LITE1_KNN),
+    ("Lite1 `paper`", tuple((f"lite1_paper_{x}.json", "msc") for x in ("a", "b", "seeds12_a", "seeds12_b")), LITE1_KNN),
     ("Lite1 `natural`", (("lite1_natural.json", "msc-natural"),)
      + tuple((f"lite1_natural_seeds12_{x}.json", "msc-natural") for x in "abcd"), LITE1_KNN),
     ("Lite2 `knn` (frozen)", (("lite2_knn.json", "knn"),), (("lite2_knn.json", "knn"),)),
@@ -140,16 +141,18 @@ def presets() -> int:
 
 
 def backbones() -> int:
-    """Frozen kNN (seed 0) of each backbone: the mean over the eight classes at 64 px, dog at 64 and
-    128 px; and embedding images/s on this CPU (backbone_speed.log, the mean of its rounds)."""
+    """Frozen kNN (seed 0) of each backbone: the mean over the eight classes at 64 px, dog at 64 px,
+    128 px and the backbone's native size; and embedding images/s on this CPU (backbone_speed.log,
+    the mean of its rounds)."""
     speed: dict[tuple[str, int], list[float]] = {}
     with open(os.path.join(HERE, "backbone_speed.log")) as f:
         for line in f:
             r = json.loads(line)
             speed.setdefault((r["backbone"], r["image_size"]), []).append(r["images_per_s"])
     native = {"lite0": 224, "lite1": 240, "lite2": 260}
-    print("| backbone | kNN mean, 8 classes, 64 px | dog 64 px | dog 128 px | images/s 64 px | 128 px | native |")
-    print("|---" * 7 + "|")
+    print("| backbone | kNN mean, 8 classes, 64 px | dog 64 px | dog 128 px | dog native | images/s 64 px | 128 px "
+          "| native |")
+    print("|---" * 8 + "|")
     for b, n in native.items():
         at64 = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn.json", "knn"),)).items() if 0 in r}
         at128 = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn_128px.json", "knn"),)).items() if 0 in r}
@@ -159,8 +162,10 @@ def backbones() -> int:
             v = speed.get((f"efficientnet_{b}", size), [])
             return f"{sum(v) / len(v):.0f}" if v else ""
 
+        atn = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn_{n}px.json", "knn"),)).items() if 0 in r}
         dog128 = f"{at128['dog']:.4f}" if "dog" in at128 else ""
-        print(f"| efficientnet_{b} | {mean64} | {at64.get('dog', 0):.4f} | {dog128} | {ips(64)} | {ips(128)} | "
+        dogn = f"{atn['dog']:.4f} ({n} px)" if "dog" in atn else ""
+        print(f"| efficientnet_{b} | {mean64} | {at64.get('dog', 0):.4f} | {dog128} | {dogn} | {ips(64)} | {ips(128)} | "
               f"{ips(n)} ({n} px) |")
     return 0
 
