@@ -140,6 +140,11 @@ def presets() -> int:
     return 0
 
 
+def seed0_knn(*files: str) -> dict[str, float]:
+    """class -> the frozen kNN's seed-0 ROC-AUC, merged over ``files`` (later files win)."""
+    return {c: r[0]["roc_auc"] for c, r in per_class(tuple((f, "knn") for f in files)).items() if 0 in r}
+
+
 def backbones() -> int:
     """Frozen kNN (seed 0) of each backbone: the mean over the eight classes at 64 and 128 px (where
     every class ran), dog at 64 px, 128 px and the backbone's native size; and embedding images/s
@@ -154,9 +159,9 @@ def backbones() -> int:
           "| 128 px | native |")
     print("|---" * 9 + "|")
     for b, n in native.items():
-        at64 = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn.json", "knn"),)).items() if 0 in r}
-        files128 = tuple((f"{b}_knn_128px{x}.json", "knn") for x in ("", "_rest_a", "_rest_b"))
-        at128 = {c: r[0]["roc_auc"] for c, r in per_class(files128).items() if 0 in r}
+        at64 = seed0_knn(f"{b}_knn.json")
+        at128 = seed0_knn(*(f"{b}_knn_128px{x}.json" for x in ("", "_rest_a", "_rest_b")))
+        atn = seed0_knn(f"{b}_knn_{n}px.json")
         mean64, mean128 = (f"{sum(a.values()) / len(a):.4f}" if len(a) == len(CLASSES) else f"({len(a)} of 8)"
                            for a in (at64, at128))
 
@@ -164,12 +169,10 @@ def backbones() -> int:
             v = speed.get((f"efficientnet_{b}", size), [])
             return f"{sum(v) / len(v):.0f}" if v else ""
 
-        atn = {c: r[0]["roc_auc"] for c, r in per_class(((f"{b}_knn_{n}px.json", "knn"),)).items() if 0 in r}
         dog128 = f"{at128['dog']:.4f}" if "dog" in at128 else ""
         dogn = f"{atn['dog']:.4f} ({n} px)" if "dog" in atn else ""
         print(f"| efficientnet_{b} | {mean64} | {mean128} | {at64.get('dog', 0):.4f} | {dog128} | {dogn} | {ips(64)} "
-              f"| {ips(128)} | "
-              f"{ips(n)} ({n} px) |")
+              f"| {ips(128)} | {ips(n)} ({n} px) |")
     return 0
 
 
