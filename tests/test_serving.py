@@ -200,10 +200,13 @@ def _gradient_png(w: int, h: int) -> bytes:
 
 def test_decoding_does_not_block_the_event_loop(serving):
     """Four requests of four 10 MP PNGs each (a few seconds of decoding) run while /healthz is
-    polled on the same Gateway replica: it keeps answering. Decoded on the event loop, a probe
-    waits for at least one request's decode (measured on 2 cores: worst probe 0.89-1.59 s);
-    decoded off it, the worst probe took 0.06-0.33 s alone and 0.50 s once in a CI run (the four
-    decode threads compete for the 2 cores), hence the 0.75 s bound."""
+    polled on the same Gateway replica: it keeps answering. What is bounded is the loop's stall,
+    the time the 15 probes took beyond their idle time: decoded on the event loop, every probe
+    that arrives during a request's decode waits for it, so the probes together wait for most of
+    the decoding (measured on 2 cores: 2.6 s, the slow probes 0.51 / 0.71 / 1.18 s); decoded off
+    it, one scheduler spike of 0.38 s and 0.2 s of small delays (a worst probe of 0.50 s once in
+    a CI run: the four decode threads compete for the 2 cores). Hence the 1.25 s bound, which a
+    single slow probe cannot reach and a blocked loop cannot stay under."""
     url = serving["url"]
     heavy = _gradient_png(3160, 3160)  # ~40 KB, ~0.2 s to decode
     files = [("f", (f"{i}.png", heavy, "image/png")) for i in range(4)]
@@ -211,15 +214,15 @@ def test_decoding_does_not_block_the_event_loop(serving):
         c.post(f"{url}/v1/score", files=files[:1])  # warm: the Gateway has fetched the image size
 
         def probe(n):
-            worst = 0.0
+            took = []
             for _ in range(n):
                 t = time.perf_counter()
                 assert c.get(f"{url}/healthz").status_code == 200
-                worst = max(worst, time.perf_counter() - t)
+                took.append(time.perf_counter() - t)
                 time.sleep(0.05)
-            return worst
+            return took
 
-        idle = probe(10)
+        idle = float(np.median(probe(10)))
         with ThreadPoolExecutor(4) as ex:
             t0 = time.perf_counter()
             futs = [ex.submit(lambda: httpx.post(f"{url}/v1/score", files=files, timeout=60)) for _ in range(4)]
@@ -228,7 +231,9 @@ def test_decoding_does_not_block_the_event_loop(serving):
             codes = [f.result().status_code for f in futs]
             took = time.perf_counter() - t0
     assert codes == [200] * 4, codes
-    assert busy < max(0.75, 3 * idle), f"/healthz took {busy:.2f}s while decoding ({took:.1f}s for the uploads; idle {idle:.2f}s)"
+    stall = sum(busy) - len(busy) * idle
+    assert stall < 1.25, (f"/healthz stalled {stall:.2f}s while decoding ({took:.1f}s for the uploads; idle probe "
+                          f"{idle:.3f}s; probes {[round(x, 2) for x in busy]})")
 
 
 def test_images_are_scored_only_by_the_version_they_were_decoded_for(serving, images):
