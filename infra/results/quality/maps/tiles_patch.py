@@ -12,6 +12,10 @@ white = defect) squashed to S x S like their images (nearest neighbour); normal 
 with empty masks. Methods: ``global`` (kNN, k = 2, of the pooled vector), ``patch`` at each
 --budgets with a greedy coreset and with a random subset per image, ``patch-all`` (every normal
 patch in the bank), and ``combined`` (each score over its calibrated threshold, summed).
+``--per-type`` adds, per defect type, image and pixel ROC-AUC of that type's test images against
+the normal ones, its share of defect pixels, and the pooled pixel ROC-AUC without that type's
+images (which type holds the pooled figure down), and for the coreset banks the pixel ROC-AUC of
+the map lifted by its image's global score (map / patch threshold + global / global threshold).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pool", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--per-type", action="store_true",
+                    help="also image and pixel ROC-AUC of each defect type against the normal test images")
     ap.add_argument("--out", default=None, help="JSON results (default: print only)")
     a = ap.parse_args(argv)
 
@@ -135,10 +141,30 @@ def main(argv=None) -> int:
             comb = combined_scores(g_test, p_test, tg, tp)
             r["combined_image_roc_auc"] = roc_auc(comb, y)
             r["thresholds"] = {"global": tg, "patch": tp}
+            if a.per_type:  # the map lifted by its image's global score, both over their thresholds
+                lifted = m_test / tp + (g_test / tg)[:, None, None]
+                r["combined_pixel_roc_auc"] = roc_auc(lifted.reshape(-1), masks.reshape(-1))
+        if a.per_type:  # each defect type against the normal test images: which type holds the figure down
+            r["per_type"] = {}
+            for t, cls in enumerate(info["test"].classes):
+                if t == normal:
+                    continue
+                sel = (te_y == t) | (te_y == normal)
+                r["per_type"][cls] = {"images": int((te_y == t).sum()), "image_roc_auc": roc_auc(p_test[sel], y[sel]),
+                                      "pixel_roc_auc": roc_auc(m_test[sel].reshape(-1), masks[sel].reshape(-1)),
+                                      "defect_pixel_share": float(masks[te_y == t].mean()),
+                                      "pooled_pixel_roc_auc_without": roc_auc(m_test[te_y != t].reshape(-1),
+                                                                              masks[te_y != t].reshape(-1))}
         res[name] = r
         print(f"{name}: image {r['image_roc_auc']:.4f} pixel {r['pixel_roc_auc']:.4f}"
               + (f" combined {r['combined_image_roc_auc']:.4f}" if "combined_image_roc_auc" in r else "")
               + f" ({r['bank_patches']} patches, {r['bank_bytes_per_image']} B/image, {r['seconds']:.0f}s)", flush=True)
+        if a.per_type:
+            print("  per type (image / pixel / pooled pixel without it): "
+                  + ", ".join(f"{k} {v['image_roc_auc']:.3f} / {v['pixel_roc_auc']:.3f} / "
+                              f"{v['pooled_pixel_roc_auc_without']:.3f}" for k, v in r["per_type"].items())
+                  + (f"; lifted map pixel {r['combined_pixel_roc_auc']:.4f}" if "combined_pixel_roc_auc" in r else ""),
+                  flush=True)
 
     out = {"data": "magnetic-tile", "split": "make-shards --exts jpg --normal-class MT_Free --train-fraction 0.7 --seed 0",
            "image_size": a.size, "resize_mode": "squash", "backbone": a.backbone, "patch": spec.to_dict(),
