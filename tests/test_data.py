@@ -73,6 +73,76 @@ def test_stream_partitions_exactly_across_ranks_and_loader_workers(tmp_path):
     assert sorted(seen) == keys
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_thread_loader_gives_the_dataloaders_batches_in_its_order(tmp_path, train):
+    """CPU devices decode in threads (ThreadLoader), GPUs in DataLoader worker processes: the
+    same batches, pixels and order either way (shards of uneven sizes: the workers end at
+    different batches; a corrupt sample: its key travels in the same batch)."""
+    write_shards(tmp_path, [7, 20, 33, 3], corrupt={"k000009"}, label_fn=lambda i: i % 2)
+    counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
+    stream = ShardStream(counts, LabelFilter(None), 16, 4, train=train, seed=3, shuffle_buffer=8, resize_mode="squash")
+
+    def batches(loader, n=40):
+        out = []
+        for b in loader:  # a training stream never ends: the first n batches
+            out.append(b)
+            if len(out) == n:
+                break
+        return out
+
+    procs, threads = batches(make_loader(stream, 3)), batches(make_loader(stream, 3, threads=True))
+    assert len(procs) == len(threads) >= (40 if train else 15)
+    for p, t in zip(procs, threads):
+        assert p["keys"] == t["keys"] and p["corrupt"] == t["corrupt"] and p["sources"] == t["sources"]
+        assert torch.equal(p["labels"], t["labels"]) and torch.equal(p["images"], t["images"])
+    assert any(b["corrupt"] == ["k000009"] for b in threads)
+
+
+def test_thread_loader_raises_worker_errors_and_stops_its_threads_early(tmp_path, monkeypatch):
+    import threading
+
+    from msc_dist.data import loader as loader_mod
+
+    write_shards(tmp_path, [40, 40])
+    counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
+    stream = ShardStream(counts, LabelFilter(None), 16, 4, train=True, resize_mode="squash")
+    it = iter(make_loader(stream, 2, threads=True))
+    assert len(next(it)["keys"]) == 4
+    assert any(t.name.startswith("msc-loader-") for t in threading.enumerate())
+    it.close()  # the consumer stops (the training loop's last step): every thread ends
+    assert not any(t.name.startswith("msc-loader-") for t in threading.enumerate())
+
+    def broken(*a, **k):
+        raise OSError("shard unreadable")
+
+    monkeypatch.setattr(loader_mod, "iter_samples", broken)
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(make_loader(ShardStream(counts, LabelFilter(None), 16, 4, resize_mode="squash"), 2, threads=True))
+    assert not any(t.name.startswith("msc-loader-") for t in threading.enumerate())
+
+
+def test_cpu_devices_decode_in_threads_and_gpus_in_processes(tmp_path, monkeypatch):
+    import msc_dist.train.loop as loop
+    from msc_dist.data.loader import ThreadLoader
+    from msc_dist.train.config import TrainConfig
+
+    write_shards(tmp_path, [8])
+    counts = kept_counts(describe(str(tmp_path)), LabelFilter(None))
+    made = []
+
+    def recording(*a, **k):
+        made.append(make_loader(*a, **k))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "make_loader", recording)
+    cfg = TrainConfig(image_size=16, batch_size=4, loader_workers=2, resize_mode="squash")
+    got = [k for b in loop.loader_for(cfg, counts, LabelFilter(None), torch.device("cpu"), train=False) for k in b["keys"]]
+    assert isinstance(made[0], ThreadLoader) and sorted(got) == [f"k{i:06d}" for i in range(8)]
+    if torch.cuda.is_available():
+        loop.loader_for(cfg, counts, LabelFilter(None), torch.device("cuda"), train=False)
+        assert not isinstance(made[1], ThreadLoader)
+
+
 def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
     keys = write_shards(tmp_path, [10], corrupt={"k000003"})
     # Plus a non-image member and a decompression bomb.

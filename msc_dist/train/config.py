@@ -114,7 +114,7 @@ HELP = {
     "normal_classes": "labels (ints or class names from shards.json) that count as normal",
     "image_size": "square input side in pixels",
     "resize_mode": "center_crop | squash: how every embedded image (center, kNN bank, evaluation, embedding job, scoring, serving) becomes S x S: center_crop resizes the shorter side to S*256/224 and takes the central S x S (the paper's); squash resizes the whole image to S x S (nothing cut off; aspect ratio lost). Training views are random crops of the whole image either way. Recorded in the checkpoint: indexes and servers use the checkpoint's mode",
-    "loader_workers": "DataLoader worker processes per training worker",
+    "loader_workers": "loader workers per training worker: DataLoader worker processes on a GPU, decode threads of the training process on a CPU (the same batches in the same order; 0: decode in the step's own thread)",
     "shuffle_buffer": "per-loader-worker shuffle buffer (samples)",
     "max_pixels": "images above this many pixels are skipped as corrupt (decompression bombs)",
     "decode_on_device": "auto | on | off: loader workers hand encoded bytes and JPEGs are decoded and resized in batches on the training device (auto: on GPUs)",

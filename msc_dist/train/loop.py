@@ -95,8 +95,10 @@ def device_batches(cfg: TrainConfig, loader, device: torch.device, size: int, re
 
 def loader_for(cfg: TrainConfig, counts, keep: LabelFilter, device: torch.device, *, train: bool, epoch: int = 0):
     on = decode_on_device(cfg, device)
+    # A GPU is fed by worker processes; on a CPU the forward shares the cores with the decoders,
+    # and threads of this process decode without copying each batch between processes.
     loader = make_loader(_stream(cfg, counts, keep, train=train, epoch=epoch, encoded=on), cfg.loader_workers,
-                         device.type == "cuda" and not on)
+                         device.type == "cuda" and not on, threads=device.type == "cpu")
     return device_batches(cfg, loader, device, *loader_view(cfg, train))
 
 
