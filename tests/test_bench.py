@@ -1,6 +1,7 @@
 """The benchmark module runs and reports numbers (figures themselves go in notes, not asserts)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -250,3 +251,26 @@ def test_bench_serve_detectors_reports_loads_and_evictions_of_its_timed_run(tmp_
     assert res["detectors"] == 3 and res["warmed_detectors"] == 2 and res["errors"] == 0 and res["images_per_s"] > 0
     assert res["run_loads"] > 0 and res["run_evictions"] > 0  # round-robin over 3 with room for 2
     assert res["loads"] >= res["run_loads"] + 2 and res["evictions"] >= res["run_evictions"]
+
+
+def test_bench_serve_reports_the_ratio_to_offline_embedding_and_what_each_side_may_use(tmp_path):
+    """Plain bench serve (no detectors, no index shards): single and multi-image requests all
+    answered, the serving / offline ratio is the best multi-image rate over the offline rate, and
+    the line says what each side may use: the Model replica its 1 reserved CPU, the offline
+    embedding every CPU of the process (README: "What limits serving here")."""
+    from conftest import noise_images, tiny_checkpoint, tiny_index
+
+    ck = tiny_checkpoint(tmp_path / "ck", image_size=32, resize_mode="squash", seed=2)
+    tiny_index(tmp_path / "idx", ck, {f"n{i}": b for i, b in enumerate(noise_images(16, seed=4))})
+    r = subprocess.run([sys.executable, "-m", "msc_dist.bench", "serve", "--checkpoint", ck, "--index", str(tmp_path / "idx"),
+                        "--replicas", "1", "--concurrency", "1", "2", "--files-per-request", "4", "--seconds", "2",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["bench"] == "serve" and res["files_per_request"] == 4 and res["index_shards"] == 0
+    assert [m["concurrency"] for m in res["single"]] == [m["concurrency"] for m in res["multi"]] == [1, 2]
+    assert all(m["errors"] == 0 and m["images_per_s"] > 0 for m in res["single"] + res["multi"])
+    best = max(m["images_per_s"] for m in res["multi"])
+    assert res["images_per_s"] == best and res["offline_embed_images_per_s"] > 0
+    assert abs(res["multi_over_offline"] - best / res["offline_embed_images_per_s"]) < 1e-9
+    assert res["model_cpus_per_replica"] == 1 and res["offline_cpus"] == len(os.sched_getaffinity(0))

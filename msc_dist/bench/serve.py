@@ -129,14 +129,14 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
 
     tmp = tempfile.TemporaryDirectory()
     index = os.path.expanduser(index)
-    sharding = {}
+    sharding, options = {}, _replica_options(replicas, device)
     if index_shards > 0:
         index = _resharded(index, index_shards, tmp.name)
         sharding = {"index_shards": index_shards, "shard_options": {"ray_actor_options": {"num_cpus": 0.5}}}
     serve.run(build_app({"checkpoint": checkpoint, "index": index, "device": device, "runtime": runtime,
                          "max_files": max(16, files_per_request),
                          "allow_anonymous": True, **sharding,  # loopback only: throughput, not auth
-                         **_replica_options(replicas, device)}),
+                         **options}),
               name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/score"
     imgs = _images(32, max(96, size))
@@ -160,7 +160,11 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
     out = {"bench": "serve", "runtime": runtime, "backbone": backbone, "image_size": size, "device": offline["device"], "replicas": replicas,
            "index_shards": index_shards, "files_per_request": files_per_request,
            "images_per_s": best["images_per_s"], "p50_ms": best["p50_ms"], "p99_ms": best["p99_ms"], **res,
-           "offline_embed_images_per_s": offline["images_per_s"], "multi_over_offline": best["images_per_s"] / offline["images_per_s"]}
+           "offline_embed_images_per_s": offline["images_per_s"], "multi_over_offline": best["images_per_s"] / offline["images_per_s"],
+           # what each side may use: a Model replica its reserved CPUs (its forward's threads), the
+           # offline embedding every CPU of this process (README: "What limits serving here")
+           "model_cpus_per_replica": options["model_options"]["ray_actor_options"]["num_cpus"],
+           "offline_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
     if index_shards > 0:
         runs = res["single"] + res["multi"]
         out["max_score_diff"] = max(r["max_score_diff"] for r in runs if r["requests_per_s"] > 0)
