@@ -119,6 +119,7 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
     from serving.app import build_app
 
     from msc_dist.bench.embed_search import bench_embed
+    from msc_dist.runtime import cpu_threads
 
     from msc_dist.checkpoint import load, resolve
 
@@ -164,7 +165,7 @@ def bench_serve(checkpoint: str, index: str, concurrencies: list[int], seconds: 
            # what each side may use: a Model replica its reserved CPUs (its forward's threads), the
            # offline embedding every CPU of this process (README: "What limits serving here")
            "model_cpus_per_replica": options["model_options"]["ray_actor_options"]["num_cpus"],
-           "offline_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+           "offline_cpus": cpu_threads()}
     if index_shards > 0:
         runs = res["single"] + res["multi"]
         out["max_score_diff"] = max(r["max_score_diff"] for r in runs if r["requests_per_s"] > 0)

@@ -197,10 +197,11 @@ class ThreadLoader:
     reads the same planned ranges as DataLoader worker i, and the batches come round-robin over
     the workers still running, as the DataLoader's do, so the two give the same batches in the
     same order. For CPU devices: Pillow decodes and resizes with the GIL released, so the
-    threads overlap the forward, and nothing is copied between processes. With worker processes
-    on a 2-core CPU the path from shards to ONNX Runtime / OpenVINO features ran at 0.43-0.66 of
-    the forward alone, with threads at 0.85-1.0 (README, CPU inference runtimes). An error in a
-    worker is raised in the consumer; a consumer that stops early stops the threads."""
+    threads overlap the forward, and nothing is copied between processes. On a 2-core CPU at
+    224 px the path from shards to ONNX Runtime / OpenVINO features ran at 0.84 / 0.66 of the
+    forward alone with worker processes, 0.87 / 0.88 with threads (README, "The loader on a
+    CPU"). An error in a worker is raised in the consumer; a consumer that stops early stops the
+    threads."""
 
     def __init__(self, stream: ShardStream, num_workers: int, prefetch: int = PREFETCH):
         if num_workers < 1:
