@@ -256,6 +256,73 @@ def test_make_shards_from_real_magnetic_tiles_skips_masks_and_splits(tmp_path):
     assert decode_image(s.data, 64, resize_mode="squash").shape == (64, 64, 3)
 
 
+def _grouped_folder(root, n_groups=12, per_group=3, n_bad=4):
+    """good/: n_groups parts photographed per_group times each (p<G>_v<V>.jpg); bad/: n_bad images."""
+    groups = {}
+    for g in range(n_groups):
+        for v in range(per_group):
+            rel = f"good/p{g:02d}_v{v}.jpg"
+            (root / "good").mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(_jpeg(g * 10 + v))
+            groups[rel] = f"part-{g}"
+    (root / "bad").mkdir(parents=True)
+    for i in range(n_bad):
+        (root / "bad" / f"b{i}.jpg").write_bytes(_jpeg(1000 + i))
+    return groups
+
+
+def test_make_shards_splits_by_group_so_no_part_is_on_both_sides(tmp_path):
+    from msc_dist.bench.quality import prepare
+    from msc_dist.data.__main__ import run
+    from msc_dist.data.config import MakeShardsConfig
+
+    groups = _grouped_folder(tmp_path / "src")
+    gfile = tmp_path / "groups.json"
+    gfile.write_text(json.dumps(groups))
+    part = lambda rel: groups[rel]
+
+    # by image (no groups), most parts have photos on both sides: the bank holds their siblings
+    make_shards(str(tmp_path / "src"), str(tmp_path / "img"), normal_class="good", seed=0)
+    split = json.loads((tmp_path / "img" / "split.json").read_text())
+    good_test = [r for r in split["test"] if r.startswith("good/")]
+    assert {part(r) for r in split["train"]} & {part(r) for r in good_test}
+
+    res = run("make-shards", MakeShardsConfig(src=str(tmp_path / "src"), out=str(tmp_path / "grp"), normal_class="good",
+                                              seed=0, groups=str(gfile)))
+    split = json.loads((tmp_path / "grp" / "split.json").read_text())
+    good_test = [r for r in split["test"] if r.startswith("good/")]
+    assert not {part(r) for r in split["train"]} & {part(r) for r in good_test}
+    assert len(split["train"]) == res["train"]["samples"] == 27  # round(0.7 * 36) = 25, within one group of 3
+    assert res["test"]["samples"] == 9 + 4  # the rest of the normal class and every other image
+    assert split["split_by"] == {"groups": "groups.json", "train_groups": 9, "test_groups": 3}
+    make_shards(str(tmp_path / "src"), str(tmp_path / "again"), normal_class="good", seed=0, groups=str(gfile))
+    assert json.loads((tmp_path / "again" / "split.json").read_text()) == split  # seeded
+    make_shards(str(tmp_path / "src"), str(tmp_path / "s1"), normal_class="good", seed=1, groups=str(gfile))
+    assert json.loads((tmp_path / "s1" / "split.json").read_text())["train"] != split["train"]
+    # bench quality and msc evaluate draw the same split from the same file
+    prep = prepare(str(tmp_path / "src"), "good", str(tmp_path / "q"), groups=str(gfile))
+    assert prep.train.count == 27 and prep.test.count == 13
+    from msc_dist.config import ConfigError
+    from msc_dist.evaluate.config import EvalConfig
+    from msc_dist.evaluate.job import prepare_split
+
+    prepare_split(EvalConfig(data=str(tmp_path / "src"), groups=str(gfile)), "good", str(tmp_path / "ev"))
+    assert json.loads((tmp_path / "ev" / "split.json").read_text())["train"] == split["train"]
+    with pytest.raises(ConfigError, match="own train/test split"):  # never silently ignored
+        prepare_split(EvalConfig(data=str(tmp_path / "grp"), groups=str(gfile)), "good", str(tmp_path / "ev2"))
+
+    # fail closed: a normal image without a group, no normal class, a file that is not a JSON object
+    del groups["good/p03_v1.jpg"]
+    gfile.write_text(json.dumps(groups))
+    with pytest.raises(DataError, match="1 of the 36 normal images have no group.*p03_v1"):
+        make_shards(str(tmp_path / "src"), str(tmp_path / "bad1"), normal_class="good", groups=str(gfile))
+    with pytest.raises(DataError, match="--normal-class"):
+        make_shards(str(tmp_path / "src"), str(tmp_path / "bad2"), groups=str(gfile))
+    gfile.write_text("[1, 2]")
+    with pytest.raises(DataError, match="JSON object"):
+        make_shards(str(tmp_path / "src"), str(tmp_path / "bad3"), normal_class="good", groups=str(gfile))
+
+
 def test_demo_set_is_labelled_and_deterministic(tmp_path):
     from msc_dist.data.demo import make_demo
 

@@ -152,6 +152,7 @@ class BenchQualityConfig(borrow(TrainConfig, QUALITY_KEYS, "_QualityFields")):
     max_train: int | None = None
     max_test: int | None = None
     exts: list[str] | None = None
+    groups: str | None = None
     plot_dir: str | None = None
     patch_stages: list[int] | None = None
     patch_norm: str | None = None
@@ -187,6 +188,7 @@ QUALITY = {**{k: TRAIN_HELP[k] for k in QUALITY_KEYS},
            "max_train": "seeded subset of the normal training images per class (npz only)",
            "max_test": "seeded subset of the test images (npz only)",
            "exts": "image extensions of a folder's images (the magnetic tiles: jpg; their masks are png)",
+           "groups": "a folder's normal class split by whole groups: JSON {image path: group id} (see msc data make-shards --groups)",
            "plot_dir": "write the ROC-AUC per epoch of each class here (PNG)",
            "time_budget": "seconds; no new class starts after it", "json_out": "also write the result here",
            "loop": "ours (the product's training loop) | reference (the paper's procedure written plainly)"}

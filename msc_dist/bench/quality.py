@@ -80,8 +80,10 @@ class Prepared:
 
 
 def prepare(data: str, normal: str, out: str, max_train: int | None = None, max_test: int | None = None,
-            exts: list[str] | None = None) -> Prepared:
+            exts: list[str] | None = None, groups: str | None = None) -> Prepared:
     if data.endswith(".npz"):
+        if groups:
+            raise ValueError("groups apply to image folders (an npz keeps its own train/test split)")
         d = np.load(data)
         label = int(normal)
         rng = np.random.default_rng(label)  # the same subsets for every method, seed and loop
@@ -98,7 +100,7 @@ def prepare(data: str, normal: str, out: str, max_train: int | None = None, max_
                  x_test=d["x_test"][te], y_test=d["y_test"][te], idx_test=idx_te)
         info = from_npz(sub, out, 2000, normal)
         return Prepared(normal, label, info["train"], info["test"])
-    info = make_shards(data, out, exts, 1000, normal, 0.7, 0)
+    info = make_shards(data, out, exts, 1000, normal, 0.7, 0, groups=groups)
     if max_train or max_test:
         raise ValueError("max_train / max_test apply to npz data only (image folders are split 70/30)")
     return Prepared(normal, resolve_label(normal, info["test"].classes), info["train"], info["test"])
@@ -356,7 +358,7 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
                   time_budget_s: float | None = None, log=print, on_class=None, loop: str = "ours",
                   seeds: list[int] | None = None, max_train: int | None = None, max_test: int | None = None,
                   exts: list[str] | None = None, plot_dir: str | None = None, patch: dict | None = None,
-                  patch_model: str = "msc") -> dict:
+                  patch_model: str = "msc", groups: str | None = None) -> dict:
     """Each class in turn as the normal one; stops starting new classes once the budget is spent.
     ``on_class(partial_result)`` runs after every class, so a killed run keeps what it finished.
     ``loop``: ours (the product's training loop) or reference (the paper's, written plainly).
@@ -377,7 +379,8 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
         torch.backends.cudnn.benchmark = True
     seeds = list(seeds) if seeds else [base.seed]
     t0, per_class = time.perf_counter(), {}
-    extra = {"loop": loop, "seeds": seeds, "max_train": max_train, "max_test": max_test}
+    extra = {"loop": loop, "seeds": seeds, "max_train": max_train, "max_test": max_test,
+             "split_by": "groups" if groups else "image"}
     if "msc-patch" in methods:
         extra["patch_model"] = patch_model
     res = _result(data, per_class, methods, base, device, t0) | extra
@@ -386,7 +389,7 @@ def bench_quality(data: str, classes: list[str], base: TrainConfig, methods: lis
             log(f"time budget spent: stopping before class {c}")
             break
         with tempfile.TemporaryDirectory(prefix="msc-quality-") as tmp:
-            prep = prepare(data, c, tmp, max_train, max_test, exts)
+            prep = prepare(data, c, tmp, max_train, max_test, exts, groups)
             extra_kw = {"patch": patch, "patch_model": patch_model} if loop == "ours" else {}
             runs = [run(prep, dataclasses.replace(base, seed=s), methods, dev, log=log, **extra_kw) for s in seeds]
         per_class[c] = {m: _over_seeds([r[m] for r in runs]) for m in methods}

@@ -71,7 +71,7 @@ def run(name: str, cfg) -> dict:
         return bench_quality(cfg.data, classes, base, cfg.methods, device, cfg.time_budget,
                              log=lambda m: print(m, file=sys.stderr, flush=True), on_class=save, loop=cfg.loop,
                              seeds=cfg.seeds, max_train=cfg.max_train, max_test=cfg.max_test, exts=cfg.exts,
-                             plot_dir=cfg.plot_dir,
+                             plot_dir=cfg.plot_dir, groups=cfg.groups,
                              patch={"stages": cfg.patch_stages, "norm": cfg.patch_norm, "pool": cfg.patch_pool, "budget": cfg.patch_budget,
                                     "sigma": cfg.patch_sigma}, patch_model=cfg.patch_model)
     if name == "embed-scale":

@@ -15,7 +15,7 @@ def run(cmd: str, cfg) -> dict:
         if not cfg.src or not cfg.out:
             raise ConfigError("--from and --out are required")
         res = make_shards(cfg.src, cfg.out, cfg.exts, cfg.per_shard, cfg.normal_class, cfg.train_fraction, cfg.seed,
-                          cfg.masks)
+                          cfg.masks, cfg.groups)
         return {k: {"samples": v.count, "shards": len(v.shards), "labels": _labels(v), "masks": v.mask_count}
                 for k, v in res.items()}
     if cmd == "demo":

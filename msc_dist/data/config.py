@@ -18,6 +18,7 @@ class MakeShardsConfig:
     train_fraction: float = 0.7
     seed: int = 0
     masks: bool = True
+    groups: str | None = None
 
     RANGES: ClassVar[dict[str, Range]] = {"per_shard": Range(1, 10_000_000),
                                           "train_fraction": Range(0, 1, lo_open=True, hi_open=True), "seed": SEED_RANGE}
@@ -32,6 +33,8 @@ MAKE_SHARDS_HELP = {
     "train_fraction": "fraction of the normal class that trains, for folders",
     "seed": "seed of the split",
     "masks": "pack NAME.png beside an image NAME.jpg|jpeg|webp as its pixel mask (KEY.mask.png, white = defect)",
+    "groups": "JSON {image path relative to --from: group id}: split the normal class by whole groups (the photos of "
+              "one part together), so no part is both in the bank and in test; every normal image needs a group",
 }
 
 

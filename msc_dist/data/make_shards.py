@@ -40,13 +40,51 @@ def _resolve_class(name: str | None, classes: list[str]) -> int | None:
     return None if name is None else resolve_label(name, classes)
 
 
-def _split(items: list, normal: int | None, fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded split: ``fraction`` of the normal items to train, the rest plus every other class to test."""
+def load_groups(url: str) -> dict[str, str]:
+    """A groups file: a JSON object {image path relative to the source folder: group id}."""
+    import json
+
+    try:
+        groups = json.loads(storage.read_bytes(url))
+    except (OSError, ValueError) as e:
+        raise DataError(f"groups file {url!r}: {e}") from e
+    if not isinstance(groups, dict) or not all(isinstance(v, (str, int)) for v in groups.values()):
+        raise DataError(f"groups file {url!r} must be a JSON object {{image path relative to the source folder: "
+                        "group id (a string or an integer)}")
+    return {os.path.normpath(k): str(v) for k, v in groups.items()}
+
+
+def _split(items: list, normal: int | None, fraction: float, seed: int,
+           groups: dict[str, str] | None = None) -> tuple[list, list]:
+    """Seeded split: ``fraction`` of the normal items to train, the rest plus every other class to
+    test. With ``groups`` (image path -> group id) whole groups are drawn, in a seeded order, until
+    the training side holds ``fraction`` of the normal items (to within one group), so no group
+    (the photos of one part, its exposures or views) is on both sides."""
     norm = [it for it in items if it[-1] == normal]
     rng = random.Random(seed)
-    rng.shuffle(norm)
     n_train = int(round(fraction * len(norm)))
-    train = sorted(norm[:n_train])
+    if groups is None:
+        rng.shuffle(norm)
+        train = sorted(norm[:n_train])
+    else:
+        missing = [it[0] for it in norm if os.path.normpath(it[0]) not in groups]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(norm)} normal images have no group in the groups file "
+                            f"(e.g. {missing[0]!r}): give every normal image a group")
+        members: dict[str, list] = {}
+        for it in norm:
+            members.setdefault(groups[os.path.normpath(it[0])], []).append(it)
+        order = sorted(members)
+        rng.shuffle(order)
+        train = []
+        for g in order:
+            if len(train) >= n_train:
+                break
+            train += members[g]
+        if len(train) == len(norm):
+            raise DataError(f"the split by group leaves no normal image to test: {len(members)} group(s), "
+                            f"train_fraction {fraction}")
+        train.sort()
     test = sorted(set(items) - set(train))
     return train, test
 
@@ -72,7 +110,7 @@ def _folder_items(folder: str, src: str, exts: list[str], label: int, masks: boo
 
 
 def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_class: str | None,
-                train_fraction: float, seed: int, masks: bool = True) -> dict[str, DatasetInfo]:
+                train_fraction: float, seed: int, masks: bool = True, groups: str | None = None) -> dict[str, DatasetInfo]:
     if not os.path.isdir(src):
         raise DataError(f"{src!r} is not a folder")
     classes = sorted(d for d in os.listdir(src) if os.path.isdir(os.path.join(src, d)))
@@ -85,7 +123,11 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
     if not items:
         raise DataError(f"no images with extensions {exts} under {src!r}")
     normal = _resolve_class(normal_class, classes)
-    splits = {"": items} if normal is None else dict(zip(("train", "test"), _split(items, normal, train_fraction, seed)))
+    if groups is not None and normal is None:
+        raise DataError("groups split the normal class: give --normal-class too")
+    group_of = load_groups(groups) if groups is not None else None
+    splits = {"": items} if normal is None else dict(zip(("train", "test"),
+                                                         _split(items, normal, train_fraction, seed, group_of)))
     out_info = {}
     for name, its in splits.items():
         with ShardWriter(storage.join(out, name) if name else out, per_shard, classes) as w:
@@ -99,15 +141,20 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
                 w.write(sample_key(rel), image, "jpg" if ext == "jpeg" else ext, label, m)
         out_info[name or "all"] = w.close()
     if normal is not None:
-        _write_split_record(out, normal_class, train_fraction, seed, splits)
+        _write_split_record(out, normal_class, train_fraction, seed, splits, groups, group_of)
     return out_info
 
 
-def _write_split_record(out, normal_class, fraction, seed, splits) -> None:
+def _write_split_record(out, normal_class, fraction, seed, splits, groups=None, group_of=None) -> None:
     import json
 
     rec = {"normal_class": normal_class, "train_fraction": fraction, "seed": seed,
            "train": [r for r, *_ in splits["train"]], "test": [r for r, *_ in splits["test"]]}
+    if group_of is not None:
+        side = {"train": {group_of[os.path.normpath(r)] for r in rec["train"]},
+                "test": {group_of[os.path.normpath(r)] for r in rec["test"] if os.path.normpath(r) in group_of}}
+        rec["split_by"] = {"groups": os.path.basename(groups), "train_groups": len(side["train"]),
+                           "test_groups": len(side["test"] - side["train"])}
     storage.write_bytes_atomic(storage.join(out, "split.json"), json.dumps(rec, indent=0).encode())
 
 
@@ -132,8 +179,10 @@ def from_npz(src: str, out: str, per_shard: int, normal_class: str | None) -> di
 
 def make_shards(src: str, out: str, exts: list[str] | None = None, per_shard: int = 1000,
                 normal_class: str | None = None, train_fraction: float = 0.7, seed: int = 0,
-                masks: bool = True) -> dict[str, DatasetInfo]:
+                masks: bool = True, groups: str | None = None) -> dict[str, DatasetInfo]:
     if src.endswith(".npz"):
+        if groups is not None:
+            raise DataError("groups apply to image folders (an npz keeps its own train/test split)")
         return from_npz(src, out, per_shard, normal_class)
     return from_folder(src, out, [e.lower() for e in (exts or IMAGE_EXTS)], per_shard, normal_class, train_fraction,
-                       seed, masks)
+                       seed, masks, groups)

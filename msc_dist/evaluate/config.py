@@ -28,6 +28,7 @@ class EvalConfig(_EvalTrainFields):
     out: str = os.path.join("~", "msc_runs", "eval")
     exts: list[str] | None = None
     train_fraction: float = 0.7
+    groups: str | None = None
     calibration_fraction: float = 0.1
     target_fpr: float = 0.05
     gallery_k: int = 6
@@ -49,6 +50,7 @@ HELP = {
     "out": "run folder: results.md, results.json, split files, plots/",
     "exts": "image extensions to take from a folder (e.g. jpg: the tiles' .png masks are never images)",
     "train_fraction": "fraction of the normal class that trains, for sets without a split",
+    "groups": "JSON {image path: group id}: a folder's normal class split by whole groups (see msc data make-shards --groups)",
     "seed": "seed of the split (written to the run folder) and of training",
     "calibration_fraction": "normal training samples held out of the index to set the threshold",
     "target_fpr": "false-positive rate on held-out normals that the threshold is set for",

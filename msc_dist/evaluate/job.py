@@ -45,13 +45,15 @@ def list_classes(data: str) -> list[str]:
 def prepare_split(cfg: EvalConfig, normal: str, out: str) -> tuple[str, str, dict[str, str]]:
     """Shards for one normal class: (train dir, test dir, key -> source path for masks).
     Sets without a given split get a seeded one, written to OUT/split.json."""
+    if cfg.groups and (cfg.data.endswith(".npz") or os.path.isdir(os.path.join(cfg.data, "train"))):
+        raise ConfigError("--groups splits an image folder's normal class; this set has its own train/test split")
     if cfg.data.endswith(".npz"):
         from_npz(cfg.data, out, 2000, normal)
         return os.path.join(out, "train"), os.path.join(out, "test"), {}
     if os.path.isdir(os.path.join(cfg.data, "train")):
         return os.path.join(cfg.data, "train"), os.path.join(cfg.data, "test"), {}
     from_folder(cfg.data, out, [e.lower() for e in (cfg.exts or ["jpg", "jpeg", "png", "webp"])], 1000, normal,
-                cfg.train_fraction, cfg.seed)
+                cfg.train_fraction, cfg.seed, groups=cfg.groups)
     split = json.load(open(os.path.join(out, "split.json")))
     sources = {sample_key(r): os.path.join(cfg.data, r) for r in split["test"]}
     return os.path.join(out, "train"), os.path.join(out, "test"), sources
