@@ -3,7 +3,8 @@ results in this folder. Run from the repository root:
 
     python infra/results/quality/tables.py TABLE [--dir DIR]
 
-TABLE: fast_sweep | mnist_digits | magnetic_tiles | view_source_scale | squash_vs_center_crop | maps.
+TABLE: fast_sweep | mnist_digits | magnetic_tiles | view_source_scale | squash_vs_center_crop | maps |
+maps_split | maps_scale.
 Each result file NAME.json is read from DIR (default: this folder) or, when DIR lacks it, from
 this folder (a line on stderr says so): a table script run with OUT=DIR writes its own runs there
 and still finds the other tables' committed runs. Means over classes use the classes that every
@@ -213,8 +214,57 @@ def maps(R: Results) -> str:
     return "\n".join(out)
 
 
+def maps_split(R: Results) -> str:
+    """The magnetic tiles split by image (maps/methods_tiles_<px>[_msc].json, make-shards' seeded split)
+    against split by physical tile (maps/bytile_tiles_<px>[_msc].json, ``--groups tile_groups.json``):
+    each method's image ROC-AUC, and the patch method's pixel ROC-AUC and PRO, mean ± std over
+    the seeds of the by-tile file."""
+    out = ["| px | method | image ROC-AUC, split by image | split by tile | pixel ROC-AUC, by image | by tile | "
+           "PRO, by image | by tile |", "|---|---|---|---|---|---|---|---|"]
+    for px in (128, 224):
+        if not R.has(f"maps/bytile_tiles_{px}"):
+            print(f"maps/bytile_tiles_{px}.json: not run yet; its rows are left out", file=sys.stderr)
+            continue
+        tile = [R(n) for n in (f"maps/bytile_tiles_{px}", f"maps/bytile_tiles_{px}_msc") if R.has(n)]
+        img = [R(n) for n in (f"maps/methods_tiles_{px}", f"maps/methods_tiles_{px}_msc") if R.has(n)]
+        for text, m in MAP_ROWS:
+            t = next((r["classes"]["MT_Free"][m] for r in tile if m in r["classes"]["MT_Free"]), None)
+            if t is None:
+                continue
+            i = next((r["classes"]["MT_Free"][m] for r in img if m in r["classes"]["MT_Free"]), {})
+            cells = [f"{cell(x, k)}" if k in x else "" for k in ("roc_auc", "pixel_roc_auc", "pro") for x in (i, t)]
+            out.append(f"| {px} | {text} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def maps_scale(R: Results) -> str:
+    """maps/scale_tiles_*.json (tiles_scale.py): squash against one pixel scale for every tile, frozen
+    Lite0, split by image and by tile; the seed draws the split (by tile), the hold-out and the coreset."""
+    out = ["| resize | split (seed) | pixels / tile (median) | global kNN | patch: image ROC-AUC | pixel ROC-AUC (224 x 224 grid) "
+           "| pixel ROC-AUC (own pixels) | normal test tiles: median map | defect-free pixels of defective tiles over "
+           "the median Uneven defect pixel |", "|---|---|---|---|---|---|---|---|---|"]
+    names = sorted((f[:-5] for f in set(os.listdir(os.path.join(HERE, "maps"))) | set(
+        os.listdir(os.path.join(R.folder, "maps")) if os.path.isdir(os.path.join(R.folder, "maps")) else [])
+        if f.startswith("scale_tiles_") and f.endswith(".json")))
+    rows = []
+    for n in names:
+        d = R(f"maps/{n}")
+        r, surf = d["results"], d["results"]["surface"]["classes"]
+        defect = [v["defect_free_pixels_above_uneven_median"] for k, v in surf.items() if k != "MT_Free"]
+        by_tile = d.get("split_by", "image") != "image"
+        seed = d["patch"]["seed"]
+        rows.append(((by_tile, d["mode"] != "squash 224", d["mode"], seed),
+                     f"| {d['mode']} | {'tile' if by_tile else 'image'} ({seed}) | {d['median_pixels_per_tile']:,} | "
+                     f"{r['global_image_roc_auc']:.4f} | {r['patch_image_roc_auc']:.4f} | {r['pixel_roc_auc']:.4f} | "
+                     f"{r['pixel_roc_auc_own_pixels']:.4f} | {surf['MT_Free']['image_median_p10_p50_p90'][1]:.3f} | "
+                     f"{min(defect):.2f}-{max(defect):.2f} (normal tiles {surf['MT_Free']['defect_free_pixels_above_uneven_median']:.3f}) |"))
+    return "\n".join(out + [row for _, row in sorted(rows)])
+
+
 TABLES = {
     "maps": maps,
+    "maps_split": maps_split,
+    "maps_scale": maps_scale,
     "fast_sweep": fast_sweep,
     "mnist_digits": lambda R: per_class(R("mnist_digits"), R("mnist_digits_reference"), "digit"),
     "magnetic_tiles": lambda R: per_class(R("magnetic_tiles"), R("magnetic_tiles_reference"), "normal class"),
