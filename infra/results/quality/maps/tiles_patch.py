@@ -33,6 +33,26 @@ import torch
 from PIL import Image
 
 
+def frozen_tiles(data: str, tmp: str, backbone: str, size: int, seed: int, groups: str | None = None):
+    """make-shards' split of the tiles into ``tmp`` (MT_Free normal, 70/30, seeded; by whole
+    ``groups`` when given) and the frozen ImageNet backbone as a 0-epoch checkpoint's model card
+    (squash to ``size``): (the split's DatasetInfo by name, split.json, the card)."""
+    from msc_dist import checkpoint as ckpt
+    from msc_dist.backbones import build_model
+    from msc_dist.card import load_card
+    from msc_dist.data.make_shards import make_shards
+
+    info = make_shards(data, os.path.join(tmp, "shards"), ["jpg"], 1000, "MT_Free", 0.7, seed, groups=groups)
+    with open(os.path.join(tmp, "shards", "split.json")) as f:
+        split = json.load(f)
+    model = build_model(backbone)
+    ck = os.path.join(tmp, "ck")
+    ckpt.save(ck, model.state_dict(), torch.nn.functional.normalize(torch.ones(model.dim), dim=0),
+              {"backbone": backbone, "image_size": size, "resize_mode": "squash", "normal_classes": ["MT_Free"]},
+              {"epoch": 0})
+    return info, split, load_card(ck)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="../shared/datasets/magnetic-tile")
@@ -50,10 +70,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON results (default: print only)")
     a = ap.parse_args(argv)
 
-    from msc_dist import checkpoint as ckpt
-    from msc_dist.backbones import build_model
-    from msc_dist.card import load_card
-    from msc_dist.data.make_shards import make_shards
     from msc_dist.data.shards import iter_samples
     from msc_dist.embed.workers import held_out
     from msc_dist.index import threshold_at_fpr
@@ -63,15 +79,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="tiles_patch_")
-    info = make_shards(a.data, os.path.join(tmp, "shards"), ["jpg"], 1000, "MT_Free", 0.7, a.seed)
-    split = json.load(open(os.path.join(tmp, "shards", "split.json")))
+    info, split, card = frozen_tiles(a.data, tmp, a.backbone, a.size, a.seed)
     normal = info["test"].classes.index("MT_Free")
-    model = build_model(a.backbone)
-    ck = os.path.join(tmp, "ck")
-    ckpt.save(ck, model.state_dict(), torch.nn.functional.normalize(torch.ones(model.dim), dim=0),
-              {"backbone": a.backbone, "image_size": a.size, "resize_mode": "squash", "normal_classes": ["MT_Free"]},
-              {"epoch": 0})
-    card = load_card(ck)
     spec = PatchSpec.default(a.backbone, stages=tuple(a.stages) if a.stages else None, norm=a.norm, pool=a.pool, sigma=a.sigma,
                              seed=a.seed, source="msc")  # a 0-epoch checkpoint: its trunk is the frozen one
 

@@ -62,11 +62,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from scipy.ndimage import gaussian_filter
+    from tiles_patch import frozen_tiles  # this folder's: the same split and frozen card
 
-    from msc_dist import checkpoint as ckpt
-    from msc_dist.backbones import build_model
-    from msc_dist.card import load_card
-    from msc_dist.data.make_shards import make_shards, sample_key
+    from msc_dist.data.make_shards import sample_key
     from msc_dist.embed.workers import held_out
     from msc_dist.features import unit_input
     from msc_dist.patches import PatchSpec, nearest, new_bank_index, select_patches
@@ -75,14 +73,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="tiles_scale_")
-    make_shards(a.data, os.path.join(tmp, "shards"), ["jpg"], 1000, "MT_Free", 0.7, a.seed, groups=a.groups)
-    split = json.load(open(os.path.join(tmp, "shards", "split.json")))
-    model = build_model(a.backbone)
-    ck = os.path.join(tmp, "ck")
-    ckpt.save(ck, model.state_dict(), F.normalize(torch.ones(model.dim), dim=0),
-              {"backbone": a.backbone, "image_size": a.squash or a.grid, "resize_mode": "squash",
-               "normal_classes": ["MT_Free"]}, {"epoch": 0})
-    card = load_card(ck)
+    _, split, card = frozen_tiles(a.data, tmp, a.backbone, a.squash or a.grid, a.seed, a.groups)
     spec = PatchSpec.default(a.backbone, sigma=a.sigma, seed=a.seed, budget=a.budget, source="msc")  # 0 epochs: frozen
     ext = card.patch_extractor(spec)
 
