@@ -13,7 +13,7 @@ Ray, the frozen ImageNet backbone as a 0-epoch checkpoint, its model card's patc
 default stages, pool and norm), the embedding job's hashed-id hold-out (10 %, seed 0), the greedy
 coreset of ``--budget`` patches per image, ``patches.nearest``, the map bilinear to the image's
 pixels and smoothed (sigma ``--sigma`` px), the image score the map's maximum. The split is
-``msc data make-shards DATA OUT --exts jpg --normal-class MT_Free --train-fraction 0.7 --seed 0``.
+``msc data make-shards DATA OUT --exts jpg --normal-class MT_Free --train-fraction 0.7 --seed SEED``.
 
 Pixel ROC-AUC two ways: ``pixel_roc_auc`` on the S x S grid of the committed protocol (each map
 resized to S x S, the mask squashed to it with nearest neighbour; every image weighs the same),
@@ -147,11 +147,13 @@ def main(argv=None) -> int:
             "defect_free_pixels_above_uneven_median": float((maps[(cls == t)[:, None, None] & ~masks] > uneven).mean())}
         for t in sorted(set(cls))}}
     areas = np.array([h * w for h, w in tr_shapes + te_shapes])
-    out = {"data": "magnetic-tile", "split": "make-shards --exts jpg --normal-class MT_Free --train-fraction 0.7 --seed 0",
+    split_cmd = f"make-shards --exts jpg --normal-class MT_Free --train-fraction 0.7 --seed {a.seed}"
+    out = {"data": "magnetic-tile", "split": split_cmd + (f" --groups {os.path.basename(a.groups)}" if a.groups else ""),
+           "split_by": "tile (tile_groups.json)" if a.groups else "image",
            "mode": f"squash {a.squash}" if a.squash else f"scale {a.scale}", "evaluation_grid": a.grid,
            "median_pixels_per_tile": int(np.median(areas)), "backbone": a.backbone, "patch": spec.to_dict(),
            "train_images": len(train), "bank_images": int((~cal).sum()), "bank_patches": int(index.ntotal),
-           "split_by": "tile (tile_groups.json)" if a.groups else "image", "test_images": len(test), "test_defective": int(y.sum()), "embed_seconds": t_embed,
+           "test_images": len(test), "test_defective": int(y.sum()), "embed_seconds": t_embed,
            "seconds": time.perf_counter() - t0, "results": res,
            "command": "python infra/results/quality/maps/tiles_scale.py " + " ".join(argv or sys.argv[1:])}
     print(json.dumps({k: v for k, v in res.items() if k != "per_type"}, indent=1), flush=True)
