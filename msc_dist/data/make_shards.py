@@ -141,20 +141,19 @@ def from_folder(src: str, out: str, exts: list[str], per_shard: int, normal_clas
                 w.write(sample_key(rel), image, "jpg" if ext == "jpeg" else ext, label, m)
         out_info[name or "all"] = w.close()
     if normal is not None:
-        _write_split_record(out, normal_class, train_fraction, seed, splits, groups, group_of)
+        _write_split_record(out, normal_class, train_fraction, seed, splits, groups, group_of, normal)
     return out_info
 
 
-def _write_split_record(out, normal_class, fraction, seed, splits, groups=None, group_of=None) -> None:
+def _write_split_record(out, normal_class, fraction, seed, splits, groups=None, group_of=None, normal=None) -> None:
     import json
 
     rec = {"normal_class": normal_class, "train_fraction": fraction, "seed": seed,
            "train": [r for r, *_ in splits["train"]], "test": [r for r, *_ in splits["test"]]}
-    if group_of is not None:
-        side = {"train": {group_of[os.path.normpath(r)] for r in rec["train"]},
-                "test": {group_of[os.path.normpath(r)] for r in rec["test"] if os.path.normpath(r) in group_of}}
-        rec["split_by"] = {"groups": os.path.basename(groups), "train_groups": len(side["train"]),
-                           "test_groups": len(side["test"] - side["train"])}
+    if group_of is not None:  # the normal class's groups on each side (every normal image has one)
+        rec["split_by"] = {"groups": os.path.basename(groups), **{
+            f"{name}_groups": len({group_of[os.path.normpath(it[0])] for it in splits[name] if it[-1] == normal})
+            for name in ("train", "test")}}
     storage.write_bytes_atomic(storage.join(out, "split.json"), json.dumps(rec, indent=0).encode())
 
 
